@@ -1,0 +1,84 @@
+"""The `oftsurgery` command line: a thin layer over the library.
+
+Each command lives in `oftsurgery/commands/<name>.py` and is imported only when it runs (or when
+`--help` lists it), so `oftsurgery --help` never imports torch or gptqmodel. Library errors
+(`OftSurgeryError`) become one line on stderr and the error's exit code; a traceback is shown only
+when OFTSURGERY_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from oftsurgery.errors import OftSurgeryError, exit_code
+
+# command name -> module under oftsurgery.commands that defines a click command called `command`
+COMMANDS = {
+    "inspect": "inspect",
+    "attach": "attach",
+    "extract": "extract",
+    "merge": "merge",
+    "verify": "verify",
+    "push": "push",
+    "demo": "demo",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._module_exists(name)]
+
+    @staticmethod
+    def _module_exists(name: str) -> bool:
+        return importlib.util.find_spec(f"oftsurgery.commands.{COMMANDS[name]}") is not None
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS or not self._module_exists(name):
+            return None
+        return importlib.import_module(f"oftsurgery.commands.{COMMANDS[name]}").command
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("OFTSURGERY_DEBUG", "") not in ("", "0", "false", "no")
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="oftsurgery")
+def cli() -> None:
+    """Attach, extract and merge OFT adapters on GPTQ/AWQ quantized checkpoints.
+
+    Fine-tune a 4-bit model with OFT, then fold the rotations back into the quantized
+    weights without losing the fine-tune, verify it, and publish it.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI, turning library errors into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="oftsurgery", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except OftSurgeryError as exc:
+        if debug_enabled():
+            raise
+        click.echo(f"Error: {_one_line(str(exc))}", err=True)
+        sys.exit(exit_code(exc))
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted.", err=True)
+        sys.exit(130)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())

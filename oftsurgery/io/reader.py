@@ -1,0 +1,204 @@
+"""Stream tensors by name out of a Hugging Face checkpoint directory.
+
+A checkpoint is `config.json` plus either one `model.safetensors` or shards listed in
+`model.safetensors.index.json`. Only safetensors are read (never pickle). Shard headers are parsed
+up front, so a truncated or corrupt file, or an index naming a missing shard, is reported before
+any work; tensors are then memory-mapped one at a time, so memory is bounded by the largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from oftsurgery.errors import InvalidCheckpointError, UnsupportedFormatError
+
+if TYPE_CHECKING:
+    import torch
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's place in a checkpoint, read from its shard's header (no data loaded)."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """Parse and sanity-check a safetensors header; return (metadata, tensors).
+
+    Checks the file is long enough for every tensor it declares, which catches truncated downloads.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise InvalidCheckpointError(f"{path} is truncated (shorter than a safetensors header).")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100_000_000):
+                raise InvalidCheckpointError(f"{path} is not a valid safetensors file (header length {header_len}).")
+            header = json.loads(fh.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidCheckpointError(f"{path} is not a valid safetensors file (unreadable header).") from None
+    except OSError as exc:
+        raise InvalidCheckpointError(f"{path} cannot be read ({exc.strerror or exc}).") from None
+    if not isinstance(header, dict):
+        raise InvalidCheckpointError(f"{path} is not a valid safetensors file (header is not an object).")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data_len = size - 8 - header_len
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InvalidCheckpointError(f"{path} has a malformed entry for tensor {name!r}.") from None
+        if end > data_len:
+            raise InvalidCheckpointError(
+                f"{path} is truncated: tensor {name!r} ends at byte {end} but the file holds {data_len} data bytes."
+            )
+        n = 1
+        for dim in shape:
+            n *= dim
+        if dtype in _DTYPE_BYTES and end - start != n * _DTYPE_BYTES[dtype]:
+            raise InvalidCheckpointError(f"{path} is corrupt: tensor {name!r} has the wrong byte length.")
+        tensors[name] = TensorInfo(name, path.name, dtype, shape, end - start)
+    return metadata, tensors
+
+
+class CheckpointReader:
+    """Read-only view of a checkpoint directory: config, tensor names, shapes, and tensors by name.
+
+    >>> reader = CheckpointReader("path/to/model")     # doctest: +SKIP
+    >>> w = reader.get("model.layers.0.self_attn.q_proj.qweight")
+    """
+
+    def __init__(self, path: str | Path, allow_pickle: bool = False):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InvalidCheckpointError(f"{self.path} does not exist.")
+        if not self.path.is_dir():
+            raise InvalidCheckpointError(f"{self.path} is not a directory; a checkpoint is a directory with config.json.")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise InvalidCheckpointError(f"{self.path} has no config.json; it is not a Hugging Face checkpoint directory.")
+        try:
+            self.config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidCheckpointError(f"{config_path} is not valid JSON ({exc}).") from None
+        self.shard_metadata: dict[str, dict[str, Any]] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._index_metadata: dict[str, Any] = {}
+        self._open: tuple[str, Any] | None = None
+        self._scan(allow_pickle)
+
+    def _scan(self, allow_pickle: bool) -> None:
+        index = self.path / INDEX_FILE
+        single = self.path / SINGLE_FILE
+        if index.is_file():
+            try:
+                data = json.loads(index.read_text(encoding="utf-8"))
+                weight_map: dict[str, str] = data["weight_map"]
+                self._index_metadata = data.get("metadata") or {}
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                raise InvalidCheckpointError(f"{index} is not a valid safetensors index (needs a weight_map).") from None
+            files = sorted(set(weight_map.values()))
+            for file in files:
+                if not (self.path / file).is_file():
+                    raise InvalidCheckpointError(f"{index} names the shard {file}, which is missing.")
+        elif single.is_file():
+            files, weight_map = [SINGLE_FILE], None
+        else:
+            pickles = [p for p in PICKLE_FILES if (self.path / p).exists()]
+            if pickles:
+                if not allow_pickle:
+                    raise UnsupportedFormatError(
+                        f"{self.path} holds only pickle weights ({pickles[0]}); oftsurgery loads safetensors only. "
+                        "Convert it first, or pass --allow-pickle if you trust its source."
+                    )
+                raise UnsupportedFormatError(
+                    f"{self.path} holds pickle weights ({pickles[0]}); convert them to safetensors with "
+                    "`oftsurgery convert-pickle` first."
+                )
+            raise InvalidCheckpointError(f"{self.path} has no model.safetensors and no {INDEX_FILE}.")
+        for file in files:
+            metadata, tensors = read_safetensors_header(self.path / file)
+            self.shard_metadata[file] = metadata
+            for name, info in tensors.items():
+                if name in self.tensors:
+                    raise InvalidCheckpointError(f"Tensor {name!r} appears in two shards of {self.path}.")
+                self.tensors[name] = info
+        if weight_map is not None:
+            missing = [n for n, f in weight_map.items() if n not in self.tensors or self.tensors[n].file != f]
+            if missing:
+                raise InvalidCheckpointError(
+                    f"{self.path / INDEX_FILE} lists {len(missing)} tensor(s) not found in their shard "
+                    f"(first: {missing[0]!r})."
+                )
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def files(self) -> list[str]:
+        return sorted(self.shard_metadata)
+
+    @property
+    def total_size(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def get(self, name: str) -> "torch.Tensor":
+        """Load one tensor (a copy, safe to keep after the next call)."""
+        from safetensors import safe_open
+
+        info = self.tensors.get(name)
+        if info is None:
+            raise KeyError(f"{name!r} is not in {self.path}")
+        if self._open is None or self._open[0] != info.file:
+            self._open = (info.file, safe_open(str(self.path / info.file), framework="pt", device="cpu"))
+        try:
+            return self._open[1].get_tensor(name).clone()
+        except Exception as exc:  # safetensors raises its own error types
+            raise InvalidCheckpointError(f"Tensor {name!r} in {info.file} cannot be read ({exc}).") from None
+
+    def get_many(self, names: list[str]) -> dict[str, "torch.Tensor"]:
+        return {n: self.get(n) for n in names}
+
+    def iter_tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
+        """All tensors, shard by shard in file order (each shard opened once)."""
+        for file in self.files:
+            for name in [n for n, info in self.tensors.items() if info.file == file]:
+                yield name, self.get(name)
+
+    def side_files(self) -> list[Path]:
+        """Files that travel with the weights (tokenizer, generation config, chat template…)."""
+        return [
+            p
+            for p in sorted(self.path.iterdir())
+            if p.is_file() and p.name not in self.shard_metadata and p.name != INDEX_FILE and p.suffix != ".safetensors"
+        ]
