@@ -70,6 +70,10 @@ def parse_quant_config(raw: dict[str, Any], source: str = "") -> QuantConfig:
     method = str(_first(raw, "quant_method", "method", default="")).lower()
     if not method:
         raise UnsupportedFormatError(f"{where} names no quantization method (no quant_method/method key).")
+    if method not in ("gptq", "awq"):
+        raise UnsupportedFormatError(
+            f"{where} uses quantization method {method!r}; oftsurgery supports only plain GPTQ and AWQ (GEMM)."
+        )
     bits = _first(raw, "bits", "w_bit")
     try:
         bits = int(bits)
@@ -81,11 +85,7 @@ def parse_quant_config(raw: dict[str, Any], source: str = "") -> QuantConfig:
 
     if method == "gptq":
         return _parse_gptq(raw, where, bits, group_size)
-    if method == "awq":
-        return _parse_awq(raw, where, bits, group_size)
-    raise UnsupportedFormatError(
-        f"{where} uses quantization method {method!r}; oftsurgery supports only plain GPTQ and AWQ (GEMM)."
-    )
+    return _parse_awq(raw, where, bits, group_size)
 
 
 def _parse_gptq(raw: dict[str, Any], where: str, bits: int, group_size: int) -> QuantConfig:

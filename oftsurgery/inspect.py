@@ -1,0 +1,138 @@
+"""`inspect`: describe a quantized checkpoint without loading its weights.
+
+Everything here comes from `config.json`, the quantization config and the safetensors headers, so
+it answers in well under a second even for large checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oftsurgery.errors import InvalidCheckpointError
+from oftsurgery.io.reader import CheckpointReader
+from oftsurgery.quant.config import QuantConfig, load_quant_config
+
+
+@dataclass
+class QuantLayerInfo:
+    name: str
+    kind: str
+    in_features: int
+    out_features: int
+    has_bias: bool
+
+
+@dataclass
+class CheckpointSummary:
+    path: str
+    model_type: str | None
+    method: str
+    bits: int
+    group_size: int
+    sym: bool
+    desc_act: bool
+    format: str
+    num_quantized_layers: int
+    layers_by_kind: dict[str, int]
+    shapes_by_kind: dict[str, list[list[int]]]
+    total_size_bytes: int
+    num_tensors: int
+    files: list[str]
+    layers: list[QuantLayerInfo] = field(default_factory=list)
+
+    def to_dict(self, with_layers: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        if not with_layers:
+            data.pop("layers")
+        return data
+
+
+def find_quantized_prefixes(names) -> list[str]:
+    """Module paths that carry a packed quantized linear (qweight + qzeros + scales)."""
+    names = set(names)
+    return sorted(
+        n[: -len(".qweight")]
+        for n in names
+        if n.endswith(".qweight") and {n[:-7] + "qzeros", n[:-7] + "scales"} <= names
+    )
+
+
+def linear_shape(shapes: dict[str, tuple[int, ...]], prefix: str, qcfg: QuantConfig) -> tuple[int, int]:
+    """(in_features, out_features) of a packed layer, from its tensor shapes alone."""
+    qweight = shapes[f"{prefix}.qweight"]
+    out_features = shapes[f"{prefix}.scales"][1]
+    if qcfg.is_awq:
+        in_features = qweight[0]
+    elif f"{prefix}.g_idx" in shapes:
+        in_features = shapes[f"{prefix}.g_idx"][0]
+    else:
+        in_features = qweight[0] * 32 // qcfg.bits
+    return in_features, out_features
+
+
+def summarize_checkpoint(path: str | Path) -> CheckpointSummary:
+    """Read a checkpoint's metadata and describe its quantization and quantized layers."""
+    reader = CheckpointReader(path)
+    qcfg = load_quant_config(path)
+    shapes = {name: info.shape for name, info in reader.tensors.items()}
+    prefixes = find_quantized_prefixes(shapes)
+    if not prefixes:
+        raise InvalidCheckpointError(
+            f"{path} declares {qcfg.method.upper()} quantization but holds no packed layers (no .qweight/.qzeros/.scales)."
+        )
+    layers = []
+    for prefix in prefixes:
+        in_f, out_f = linear_shape(shapes, prefix, qcfg)
+        layers.append(QuantLayerInfo(prefix, prefix.rsplit(".", 1)[-1], in_f, out_f, f"{prefix}.bias" in shapes))
+    kinds = Counter(layer.kind for layer in layers)
+    kind_shapes: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    for layer in layers:
+        kind_shapes[layer.kind].add((layer.out_features, layer.in_features))
+    return CheckpointSummary(
+        path=str(Path(path)),
+        model_type=reader.config.get("model_type"),
+        method=qcfg.method,
+        bits=qcfg.bits,
+        group_size=qcfg.group_size,
+        sym=qcfg.sym,
+        desc_act=qcfg.desc_act,
+        format=qcfg.format,
+        num_quantized_layers=len(layers),
+        layers_by_kind=dict(sorted(kinds.items())),
+        shapes_by_kind={k: [list(s) for s in sorted(v)] for k, v in sorted(kind_shapes.items())},
+        total_size_bytes=reader.total_size,
+        num_tensors=len(reader.tensors),
+        files=reader.files,
+        layers=layers,
+    )
+
+
+def format_size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GB"
+
+
+def render_summary(summary: CheckpointSummary) -> str:
+    group = "per-channel (-1)" if summary.group_size == -1 else str(summary.group_size)
+    lines = [
+        f"checkpoint   {summary.path}",
+        f"model type   {summary.model_type or 'unknown'}",
+        f"method       {summary.method.upper()} ({summary.format})",
+        f"bits         {summary.bits}",
+        f"group size   {group}",
+        f"symmetric    {'yes' if summary.sym else 'no'}",
+        f"desc_act     {'yes' if summary.desc_act else 'no'}",
+        f"size         {format_size(summary.total_size_bytes)} in {len(summary.files)} file(s), {summary.num_tensors} tensors",
+        f"quantized linear layers: {summary.num_quantized_layers}",
+    ]
+    width = max(len(k) for k in summary.layers_by_kind)
+    for kind, count in summary.layers_by_kind.items():
+        shapes = ", ".join(f"{o}x{i}" for o, i in summary.shapes_by_kind[kind])
+        lines.append(f"  {kind:<{width}}  {count:>4}  [out x in] {shapes}")
+    return "\n".join(lines)
