@@ -62,6 +62,12 @@ class MissingDependencyError(OftSurgeryError):
     exit_code = 10
 
 
+class CalibrationError(OftSurgeryError):
+    """Calibration text cannot be read, is too short, or the named dataset cannot be loaded."""
+
+    exit_code = 11
+
+
 class InterruptedError_(OftSurgeryError):
     """The work was interrupted (Ctrl-C / SIGTERM); temporary files were removed."""
 

@@ -1,0 +1,341 @@
+"""The streaming merge: read → dequantize → rotate → requantize → pack → write.
+
+Tensors are read and written in decoder-layer order, so memory holds one decoder layer (plus, in
+calibrated mode, the calibration activations), never the model. Tensors the adapter does not touch
+are copied with their bytes unchanged; layers it does touch get W′ = W·Rᵀ requantized on their
+source grid and packed through gptqmodel's packers. The output directory appears only complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from oftsurgery.errors import MergeError
+from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
+from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
+from oftsurgery.merge.report import LayerReport, MergeReport
+from oftsurgery.quant.config import QuantConfig, load_quant_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from oftsurgery.quant.grid import QuantizedWeight
+
+METHODS = ("calibrated", "rtn")
+DEFAULT_CALIB_TOKENS = 8192
+DEFAULT_SEQ_LEN = 256
+REPORT_FILE = "merge_report.json"
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    requant: str | None = None
+    method: str = "calibrated"
+    calib: str | None = None
+    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    seq_len: int = DEFAULT_SEQ_LEN
+    device: str = "cpu"
+    overwrite: bool = False
+    max_shard_size: int = 5 * 1024**3
+    command: str | None = None
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------------------
+# one layer
+# ------------------------------------------------------------------------------------------------
+
+def _layer_tensors(reader: CheckpointReader, prefix: str) -> dict[str, "torch.Tensor"]:
+    return {n[len(prefix) + 1 :]: reader.get(n) for n in reader.tensors if n.startswith(prefix + ".") and "." not in n[len(prefix) + 1 :]}
+
+
+def _target_weight(plan: LayerPlan, weight: "torch.Tensor") -> "torch.Tensor":
+    from oftsurgery.oft.rotation import rotate_weight
+
+    target = rotate_weight(weight, plan.blocks)
+    if plan.out_scale is not None:
+        target = target * plan.out_scale
+    return target
+
+
+def _to_target_grid(qw: "QuantizedWeight", source: QuantConfig, target: QuantConfig) -> "QuantizedWeight":
+    """The same weights on the output format's grid (exact when the grids are compatible)."""
+    import torch
+
+    from oftsurgery.quant.grid import default_g_idx
+
+    if source.method == target.method:
+        return qw
+    # GPTQ <-> AWQ with equal bits and contiguous groups: the codes/scales/zeros carry over exactly.
+    return replace(qw, g_idx=default_g_idx(qw.in_features, target.group_size).to(torch.int32))
+
+
+def _relative(err: float, ref: float) -> float:
+    return math.sqrt(err / ref) if ref > 0 else 0.0
+
+
+def _rotation_strength(blocks: "torch.Tensor") -> float:
+    import torch
+
+    return float(torch.linalg.norm(blocks - torch.eye(blocks.shape[-1]).expand_as(blocks)))
+
+
+def requantize_layer(
+    plan: LayerPlan, qw: "QuantizedWeight", method: str, hessian: "torch.Tensor | None"
+) -> tuple["QuantizedWeight", LayerReport]:
+    """Fold the rotation into one layer and requantize it; return the new codes and its report line."""
+    import torch
+
+    from oftsurgery.merge.requant import output_error, requantize_compensated, requantize_rtn
+
+    start = time.perf_counter()
+    weight = qw.dequantize()
+    target = _target_weight(plan, weight)
+    H = hessian if hessian is not None else torch.eye(weight.shape[1])
+    candidates = {"rtn": requantize_rtn(qw, target)}
+    if method == "calibrated" and hessian is not None:
+        candidates["compensated"] = requantize_compensated(qw, target, hessian)
+    errors = {mode: output_error(c.dequantize(), target, H) for mode, c in candidates.items()}
+    errors["kept"] = output_error(weight, target, H)
+    candidates["kept"] = qw
+    # prefer the requested mode; fall back to the best of the others only if it is better
+    preferred = "compensated" if "compensated" in candidates else "rtn"
+    best = min(errors, key=errors.get)
+    mode = preferred if errors[preferred] <= errors[best] * (1 + 1e-9) else best
+    chosen = candidates[mode]
+    ref = output_error(torch.zeros_like(target), target, H)
+    report = LayerReport(
+        name=plan.prefix,
+        mode=mode,
+        codes_changed=float((chosen.codes != qw.codes).float().mean()),
+        residual_before=_relative(errors["kept"], ref),
+        residual_after=_relative(errors[mode], ref),
+        rotation_strength=_rotation_strength(plan.blocks),
+        seconds=time.perf_counter() - start,
+    )
+    return chosen, report
+
+
+# ------------------------------------------------------------------------------------------------
+# the checkpoint
+# ------------------------------------------------------------------------------------------------
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="layer", disable=not enabled, leave=False)
+
+
+def _group_by_decoder_layer(names: list[str]) -> tuple[list[str], dict[int, list[str]]]:
+    outside: list[str] = []
+    by_layer: dict[int, list[str]] = {}
+    for name in names:
+        index = decoder_layer_index(name)
+        (outside if index is None else by_layer.setdefault(index, [])).append(name)
+    return outside, dict(sorted(by_layer.items()))
+
+
+class _Merger:
+    def __init__(self, reader: CheckpointReader, plan: MergePlan, options: MergeOptions):
+        self.reader = reader
+        self.plan = plan
+        self.options = options
+        self.reports: list[LayerReport] = []
+        # the requantized weights of the decoder layer just written, to feed the next layer
+        self.merged: dict[str, "QuantizedWeight"] = {}
+
+    def merged_tensors(self, prefix: str, hessian) -> dict[str, "torch.Tensor"]:
+        """Packed output tensors for one targeted layer."""
+        from oftsurgery.quant.codec import pack_layer, unpack_layer
+
+        layer = self.plan.layers[prefix]
+        tensors = _layer_tensors(self.reader, prefix)
+        qw = _to_target_grid(unpack_layer(tensors, self.plan.source), self.plan.source, self.plan.target)
+        new_qw, report = requantize_layer(layer, qw, self.options.method, hessian)
+        self.reports.append(report)
+        self.merged[prefix] = new_qw
+        packed = pack_layer(new_qw, self.plan.target, bias=tensors.get("bias"))
+        return {f"{prefix}.{k}": v for k, v in packed.items()}
+
+    def converted_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
+        """An untargeted layer rewritten in the output format (GPTQ <-> AWQ only)."""
+        from oftsurgery.quant.codec import pack_layer, unpack_layer
+
+        tensors = _layer_tensors(self.reader, prefix)
+        qw = _to_target_grid(unpack_layer(tensors, self.plan.source), self.plan.source, self.plan.target)
+        packed = pack_layer(qw, self.plan.target, bias=tensors.get("bias"))
+        return {f"{prefix}.{k}": v for k, v in packed.items()}
+
+    def write_group(self, writer: CheckpointWriter, names: list[str], hessians: dict[str, Any]) -> None:
+        layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
+        produced: dict[str, "torch.Tensor"] = {}
+        for prefix in layers_here:
+            layer = self.plan.layers[prefix]
+            if layer.targeted:
+                produced.update(self.merged_tensors(prefix, hessians.get(prefix)))
+            elif self.plan.converts_format:
+                produced.update(self.converted_tensors(prefix))
+        owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in layers_here
+                                         if self.plan.layers[p].targeted or self.plan.converts_format)}
+        for name in names:
+            if name not in owned:
+                writer.add(name, self.reader.get(name))  # untouched: the stored bytes, unchanged
+        for name in sorted(produced):
+            writer.add(name, produced[name])
+
+
+def _hessians_for_layer(runner, merger: _Merger, index: int, hidden, kwargs) -> tuple[dict[str, Any], Any]:
+    """Calibrate decoder layer `index`; return the per-linear input Hessians and the next hidden states.
+
+    The layer's linears are set to their full-precision merged weights W·Rᵀ to collect the inputs
+    each linear sees; the Hessians come from the *merged* model's stream (the hidden states that the
+    already-requantized earlier layers produce), so each layer compensates what earlier layers lost.
+    """
+    import torch
+
+    from oftsurgery.quant.codec import unpack_layer
+
+    plan = merger.plan
+    prefix = runner.layer_prefix(index)
+    dequantized: dict[str, torch.Tensor] = {}
+
+    def float_weight(name: str) -> torch.Tensor:
+        if name not in dequantized:
+            tensors = _layer_tensors(merger.reader, name)
+            dequantized[name] = unpack_layer(tensors, plan.source).dequantize()
+        return dequantized[name]
+
+    def target_weight(name: str) -> torch.Tensor:
+        layer = plan.layers.get(name)
+        w = float_weight(name)
+        return _target_weight(layer, w) if layer is not None and layer.targeted else w
+
+    layer_module = runner.build_layer(index, target_weight)
+    hessians: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in runner.linear_names(layer_module):
+        full = f"{prefix}.{name}"
+        if full in plan.layers and plan.layers[full].targeted:
+            def hook(mod, inputs, output, full=full):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+                hessians[full] = hessians.get(full, 0) + x.T @ x
+            hooks.append(layer_module.get_submodule(name).register_forward_hook(hook))
+    with torch.no_grad():
+        for row in range(hidden.shape[0]):  # one row at a time bounds the attention memory
+            layer_module(hidden[row : row + 1], **kwargs)
+    for h in hooks:
+        h.remove()
+    return hessians, layer_module
+
+
+def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,
+                     options: MergeOptions = MergeOptions()) -> MergeReport:
+    """Merge an OFT adapter (PEFT dir of any generation, or an `extract` rotations file) into a
+    GPTQ/AWQ checkpoint and write a checkpoint of the requested format to `out`."""
+    from oftsurgery.oft.adapter_io import load_rotations
+
+    if options.method not in METHODS:
+        raise MergeError(f"--method must be one of {', '.join(METHODS)}, not {options.method!r}.")
+    started = time.perf_counter()
+    reader = CheckpointReader(checkpoint)
+    source = load_quant_config(checkpoint)
+    rotations = load_rotations(adapter)
+    plan = plan_merge(reader, source, rotations, options.requant)
+    out_path = check_output_path(out, [checkpoint, adapter], overwrite=options.overwrite)
+    if options.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MergeError("--device cuda was requested but no CUDA device is available.")
+
+    merger = _Merger(reader, plan, options)
+    report = MergeReport(
+        checkpoint=str(checkpoint), adapter=str(adapter), output=str(out_path), method=options.method,
+        source_format=source.describe(), output_format=plan.target.describe(), calibration=None,
+        calib_tokens=0, residual_space="activations" if options.method == "calibrated" else "weights",
+        identity_modules=plan.identity_modules, command=options.command,
+    )
+    outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
+    with atomic_output(out_path, overwrite=options.overwrite) as tmp:
+        writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
+        merger.write_group(writer, outside, {})
+        if options.method == "calibrated" and plan.targeted:
+            _merge_calibrated(reader, merger, by_layer, writer, report)
+        else:
+            for index in _progress(by_layer, len(by_layer), "merging", options.progress):
+                merger.write_group(writer, by_layer[index], {})
+        writer.close()
+        report.layers = merger.reports
+        report.seconds = time.perf_counter() - started
+        _write_configs(reader, plan, tmp)
+        copy_side_files(reader.side_files(), tmp)
+        report.write(tmp / REPORT_FILE)
+        _write_card(tmp, report, plan)
+    return report
+
+
+def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeReport) -> None:
+    import torch
+
+    from oftsurgery.merge.calibration import calibration_batches, load_calibration_text
+    from oftsurgery.merge.float_model import LayerwiseModel
+    from transformers import AutoTokenizer
+
+    options = merger.options
+    text, desc = load_calibration_text(options.calib)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(reader.path))
+    except Exception as exc:
+        raise MergeError(f"Calibrated merge needs the checkpoint's tokenizer, which could not be loaded ({type(exc).__name__}); "
+                         "use --method rtn or add the tokenizer files.") from None
+    ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
+    report.calibration, report.calib_tokens = desc, int(ids.numel())
+    runner = LayerwiseModel(reader.config, reader.get, device=options.device)
+    hidden, kwargs = runner.first_layer_inputs(ids)
+    from oftsurgery.quant.codec import unpack_layer
+
+    def merged_weight(name: str) -> torch.Tensor:
+        """Float weight of a linear as the merged model will hold it."""
+        if name in merger.merged:
+            return merger.merged[name].dequantize()
+        return unpack_layer(_layer_tensors(reader, name), merger.plan.source).dequantize()
+
+    for index in _progress(by_layer, len(by_layer), "merging (calibrated)", options.progress):
+        names = by_layer[index]
+        merger.merged.clear()
+        prefix = runner.layer_prefix(index) + "."
+        if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
+            hessians, _ = _hessians_for_layer(runner, merger, index, hidden, kwargs)
+        else:
+            hessians = {}
+        merger.write_group(writer, names, hessians)
+        layer_module = runner.build_layer(index, merged_weight)
+        with torch.no_grad():
+            hidden = torch.cat([_first(layer_module(hidden[r : r + 1], **kwargs)) for r in range(hidden.shape[0])])
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _write_configs(reader: CheckpointReader, plan: MergePlan, out_dir: Path) -> None:
+    config = dict(reader.config)
+    qraw = dict(plan.target.raw)
+    config["quantization_config"] = qraw
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if plan.target.is_gptq:
+        (out_dir / "quantize_config.json").write_text(json.dumps(qraw, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_card(out_dir: Path, report: MergeReport, plan: MergePlan) -> None:
+    try:
+        from oftsurgery.card import render_merge_card
+    except ImportError:  # card module not available yet: a minimal card
+        (out_dir / "README.md").write_text(f"# Merged with oftsurgery\n\n```\n{report.summary()}\n```\n", encoding="utf-8")
+        return
+    (out_dir / "README.md").write_text(render_merge_card(report, plan), encoding="utf-8")

@@ -1,0 +1,148 @@
+"""What a merge will do, decided and validated before any work starts.
+
+`plan_merge` matches every rotation to a quantized layer of the checkpoint, checks shapes and
+values, and decides the output quantization config (same method, or GPTQ↔AWQ). Any mismatch is an
+error here, before a single byte is written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from oftsurgery.errors import InvalidAdapterError, UnsupportedFormatError
+from oftsurgery.inspect import find_quantized_prefixes, linear_shape
+from oftsurgery.quant.config import QuantConfig, parse_quant_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from oftsurgery.io.reader import CheckpointReader
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def decoder_layer_index(name: str) -> int | None:
+    """Index of the decoder layer a tensor or module belongs to (None outside the layer stack)."""
+    match = _LAYER_INDEX.search(f".{name}.")
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class LayerPlan:
+    prefix: str
+    in_features: int
+    out_features: int
+    blocks: "torch.Tensor | None"  # [r, b, b] float32, None = untouched
+    out_scale: "torch.Tensor | None" = None  # PEFT 0.14-0.15 oft_s, [out, 1]
+
+    @property
+    def targeted(self) -> bool:
+        return self.blocks is not None
+
+
+@dataclass
+class MergePlan:
+    source: QuantConfig
+    target: QuantConfig
+    layers: dict[str, LayerPlan]
+    identity_modules: list[str] = field(default_factory=list)
+
+    @property
+    def targeted(self) -> list[LayerPlan]:
+        return [p for p in self.layers.values() if p.targeted]
+
+    @property
+    def converts_format(self) -> bool:
+        return self.source.method != self.target.method
+
+
+def _is_identity(blocks: "torch.Tensor") -> bool:
+    import torch
+
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype).expand_as(blocks)
+    return bool(torch.equal(blocks, eye))
+
+
+def target_quant_config(source: QuantConfig, requant: str | None, layers: dict[str, LayerPlan],
+                        awq_zero_has_zero: bool = False) -> QuantConfig:
+    """The output's quantization config for `--requant` (None: the source's method)."""
+    method = (requant or source.method).lower()
+    if method == source.method:
+        return source
+    if method == "awq":
+        problems = []
+        if source.bits != 4:
+            problems.append(f"AWQ GEMM is 4-bit only and the source is {source.bits}-bit")
+        if source.group_size == -1:
+            problems.append("AWQ needs a positive group size and the source uses one group per column (-1)")
+        if source.desc_act:
+            problems.append("the source uses desc_act (act-order groups), which AWQ's contiguous groups cannot hold")
+        bad = [p.prefix for p in layers.values() if p.out_features % 8 or (source.group_size > 0 and p.in_features % source.group_size)]
+        if bad:
+            problems.append(f"{bad[0]} has a shape AWQ GEMM cannot pack (out % 8 or in % group_size is not 0)")
+        if problems:
+            raise UnsupportedFormatError(f"--requant awq cannot represent this checkpoint: {problems[0]}.")
+        raw = {"quant_method": "awq", "bits": 4, "group_size": source.group_size, "zero_point": True,
+               "version": "gemm", "modules_to_not_convert": None}
+        return parse_quant_config(raw, "output config")
+    if method == "gptq":
+        raw = {"quant_method": "gptq", "bits": 4, "group_size": source.group_size, "desc_act": False, "sym": False,
+               "checkpoint_format": "gptq_v2" if awq_zero_has_zero else "gptq", "pack_dtype": "int32",
+               "lm_head": False, "true_sequential": True}
+        return parse_quant_config(raw, "output config")
+    raise UnsupportedFormatError(f"--requant must be 'gptq' or 'awq', not {requant!r}.")
+
+
+def plan_merge(reader: "CheckpointReader", source: QuantConfig, rotations, requant: str | None = None) -> MergePlan:
+    """Match rotations to layers and validate everything a merge needs."""
+    import torch
+
+    shapes = {name: info.shape for name, info in reader.tensors.items()}
+    layers: dict[str, LayerPlan] = {}
+    for prefix in find_quantized_prefixes(shapes):
+        in_f, out_f = linear_shape(shapes, prefix, source)
+        layers[prefix] = LayerPlan(prefix, in_f, out_f, None)
+    if not layers:
+        raise InvalidAdapterError(f"{reader.path} holds no quantized linear layers to merge into.")
+
+    missing = [m for m in rotations.blocks if m not in layers]
+    if missing:
+        raise InvalidAdapterError(
+            f"The adapter targets {len(missing)} module(s) this checkpoint does not have as quantized layers "
+            f"(first: {missing[0]!r}); was it trained on another model?"
+        )
+    identity = []
+    scales: dict[str, Any] = getattr(rotations, "scales", None) or {}
+    for module, blocks in rotations.blocks.items():
+        plan = layers[module]
+        if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+            raise InvalidAdapterError(f"Rotation for {module} has shape {tuple(blocks.shape)}; expected [r, b, b].")
+        r, b = blocks.shape[0], blocks.shape[1]
+        if r * b != plan.in_features:
+            raise InvalidAdapterError(
+                f"Rotation for {module} covers {r}x{b}={r * b} input features but the layer has {plan.in_features}."
+            )
+        if not torch.isfinite(blocks).all():
+            raise InvalidAdapterError(f"Rotation for {module} contains NaN or Inf values.")
+        scale = scales.get(module)
+        if scale is not None and scale.numel() != plan.out_features:
+            raise InvalidAdapterError(f"oft_s for {module} has {scale.numel()} values; the layer has {plan.out_features} outputs.")
+        if _is_identity(blocks) and scale is None:
+            identity.append(module)
+            continue
+        plan.blocks = blocks.to(torch.float32)
+        plan.out_scale = None if scale is None else scale.reshape(-1, 1).to(torch.float32)
+
+    zero_has_zero = False
+    if source.is_awq and (requant or "awq").lower() == "gptq":
+        from oftsurgery.quant.awq import unpack_awq
+
+        for prefix in layers:
+            qw = unpack_awq({k: reader.get(f"{prefix}.{k}") for k in ("qweight", "qzeros", "scales")}, source.group_size)
+            if bool((qw.zeros == 0).any()):
+                zero_has_zero = True
+                break
+    target = target_quant_config(source, requant, layers, zero_has_zero)
+    return MergePlan(source=source, target=target, layers=layers, identity_modules=identity)

@@ -1,0 +1,103 @@
+"""The merge report: per-layer figures, a summary line, and the warnings a user must not miss."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+NEGLIGIBLE_CHANGE = 1e-3  # fewer than 0.1% of codes changed across the merged layers
+
+
+@dataclass
+class LayerReport:
+    name: str
+    mode: str  # "compensated", "rtn", "kept" (codes kept: requantization would have made it worse)
+    codes_changed: float  # fraction of integer codes that differ from the source
+    residual_before: float  # ‖(W − W·Rᵀ)X‖ / ‖W·Rᵀ X‖: leaving the adapter out
+    residual_after: float  # ‖(Ŵ − W·Rᵀ)X‖ / ‖W·Rᵀ X‖: the merged layer
+    rotation_strength: float  # ‖R − I‖_F
+    seconds: float = 0.0
+
+    @property
+    def worse_than_base(self) -> bool:
+        return self.residual_after > self.residual_before * (1 + 1e-6)
+
+
+@dataclass
+class MergeReport:
+    checkpoint: str
+    adapter: str
+    output: str
+    method: str
+    source_format: str
+    output_format: str
+    calibration: str | None
+    calib_tokens: int
+    residual_space: str  # "activations" (calibrated) or "weights" (rtn: no data, H = I)
+    layers: list[LayerReport] = field(default_factory=list)
+    identity_modules: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    command: str | None = None
+    fidelity: dict[str, Any] = field(default_factory=dict)
+
+    # ---- aggregate figures ----
+    @property
+    def codes_changed(self) -> float:
+        return sum(l.codes_changed for l in self.layers) / max(1, len(self.layers))
+
+    @property
+    def mean_residual_before(self) -> float:
+        return sum(l.residual_before for l in self.layers) / max(1, len(self.layers))
+
+    @property
+    def mean_residual_after(self) -> float:
+        return sum(l.residual_after for l in self.layers) / max(1, len(self.layers))
+
+    @property
+    def kept_fraction(self) -> float:
+        """1 − after/before, averaged: how much of each layer's fine-tune the requantized layer keeps."""
+        vals = [1 - l.residual_after / l.residual_before for l in self.layers if l.residual_before > 0]
+        return sum(vals) / max(1, len(vals))
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.layers and self.codes_changed < NEGLIGIBLE_CHANGE:
+            out.append(
+                f"WARNING: the merge changed only {self.codes_changed:.3%} of the codes; the fine-tune is "
+                "probably lost (was the adapter trained? try --method calibrated)."
+            )
+        worse = [l.name for l in self.layers if l.worse_than_base]
+        if worse:
+            out.append(
+                f"WARNING: {len(worse)} layer(s) ended up further from the fine-tuned layer than the unmerged base "
+                f"(first: {worse[0]})."
+            )
+        return out
+
+    def summary(self) -> str:
+        lines = [
+            f"merged {len(self.layers)} layer(s) ({self.method}, {self.source_format} -> {self.output_format}) "
+            f"in {self.seconds:.1f}s",
+            f"codes changed {self.codes_changed:.2%}; output residual {self.mean_residual_before:.4f} -> "
+            f"{self.mean_residual_after:.4f} (per layer, {self.residual_space}); fine-tune kept per layer "
+            f"{self.kept_fraction:.1%}",
+        ]
+        if self.identity_modules:
+            lines.append(f"{len(self.identity_modules)} identity rotation(s) copied unchanged")
+        return "\n".join(lines + self.warnings())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["summary"] = {
+            "codes_changed": self.codes_changed,
+            "mean_residual_before": self.mean_residual_before,
+            "mean_residual_after": self.mean_residual_after,
+            "kept_fraction": self.kept_fraction,
+            "warnings": self.warnings(),
+        }
+        return data
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")

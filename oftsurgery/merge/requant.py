@@ -1,0 +1,97 @@
+"""Requantizing one merged layer onto a quantization grid.
+
+The trap (docs/merge-methods.md): the source weights sit exactly on their grid and a trained
+rotation moves most of them by much less than half a step, so rounding W·Rᵀ back to the grid mostly
+returns the old codes and silently erases the fine-tune. `requantize_rtn` is that plain rounding,
+kept as the fast data-free mode. `requantize_compensated` minimises the layer's *output* error
+‖(Ŵ − W·Rᵀ)X‖ on calibration inputs X instead: GPTQ-style, it quantizes one input column at a time
+and pushes each column's rounding error onto the columns not yet quantized, weighted by the
+inverse of the input Hessian H = Σ x xᵀ. The grid (scales, zeros, g_idx) is kept, so weights the
+rotation did not move come back as the very same codes; an identity rotation is a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from oftsurgery.quant.grid import QuantizedWeight
+
+
+def _with_codes(qw: "QuantizedWeight", codes: "torch.Tensor") -> "QuantizedWeight":
+    from dataclasses import replace
+
+    return replace(qw, codes=codes.to(qw.codes.dtype))
+
+
+def requantize_rtn(qw: "QuantizedWeight", target: "torch.Tensor") -> "QuantizedWeight":
+    """Round the target weight [out, in] to the nearest code on the source grid."""
+    from oftsurgery.quant.grid import quantize_to_codes
+
+    return _with_codes(qw, quantize_to_codes(target, qw.scales, qw.zeros, qw.g_idx, qw.bits))
+
+
+def requantize_compensated(
+    qw: "QuantizedWeight",
+    target: "torch.Tensor",
+    hessian: "torch.Tensor",
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+) -> "QuantizedWeight":
+    """Error-compensating requantization of `target` on the source grid (see module docstring).
+
+    `hessian` is Σ x xᵀ over calibration inputs of this layer, [in, in]. With `act_order` the columns
+    are visited in order of decreasing Hessian diagonal (the grid and g_idx are unchanged; only the
+    visiting order differs), which lets the most active inputs be quantized while the most
+    compensation is still available.
+    """
+    import torch
+
+    weight = target.to(torch.float32).clone()
+    out_f, in_f = weight.shape
+    scales = qw.scales.to(torch.float32)[qw.g_idx.long()].T  # [out, in]
+    zeros = qw.zeros.to(torch.float32)[qw.g_idx.long()].T
+    maxq = float(2**qw.bits - 1)
+
+    H = hessian.to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H += torch.eye(in_f, dtype=H.dtype) * damp * torch.mean(torch.diag(H))
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
+    inv_perm = torch.argsort(perm)
+    weight, scales, zeros = weight[:, perm], scales[:, perm], zeros[:, perm]
+    H = H[perm][:, perm]
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
+    except RuntimeError:  # not positive definite even after damping: fall back to plain rounding
+        return requantize_rtn(qw, target)
+
+    codes = torch.empty_like(weight)
+    for start in range(0, in_f, block_size):
+        end = min(start + block_size, in_f)
+        w_blk = weight[:, start:end].clone()
+        err_blk = torch.zeros_like(w_blk)
+        hinv_blk = Hinv[start:end, start:end]
+        for j in range(end - start):
+            col = w_blk[:, j]
+            s, z = scales[:, start + j], zeros[:, start + j]
+            q = torch.clamp(torch.round(col / s) + z, 0, maxq)
+            codes[:, start + j] = q
+            err = (col - s * (q - z)) / hinv_blk[j, j]
+            w_blk[:, j:] -= err.unsqueeze(1) * hinv_blk[j, j:].unsqueeze(0)
+            err_blk[:, j] = err
+        weight[:, end:] -= err_blk @ Hinv[start:end, end:]
+    return _with_codes(qw, codes[:, inv_perm].round().to(torch.int32))
+
+
+def output_error(weight: "torch.Tensor", target: "torch.Tensor", hessian: "torch.Tensor") -> float:
+    """‖(weight − target) X‖² computed as tr(E H Eᵀ) with H = Σ x xᵀ."""
+    import torch
+
+    err = (weight - target).to(torch.float64)
+    return float(torch.einsum("oi,ij,oj->", err, hessian.to(torch.float64), err))
