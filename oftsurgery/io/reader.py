@@ -200,5 +200,5 @@ class CheckpointReader:
         return [
             p
             for p in sorted(self.path.iterdir())
-            if p.is_file() and p.name not in self.shard_metadata and p.name != INDEX_FILE and p.suffix != ".safetensors"
+            if p.is_file() and not p.name.startswith(".") and p.name not in self.shard_metadata and p.name != INDEX_FILE and p.suffix != ".safetensors"
         ]

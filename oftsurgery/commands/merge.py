@@ -1,0 +1,81 @@
+"""`oftsurgery merge`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+
+@click.command("merge")
+@click.argument("checkpoint", type=click.Path(path_type=str))
+@click.argument("adapter", metavar="ADAPTER_OR_ROTATIONS", type=click.Path(path_type=str))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=str), help="Output checkpoint directory.")
+@click.option("--requant", type=click.Choice(["gptq", "awq"]), default=None,
+              help="Output format. Default: the source checkpoint's method.")
+@click.option("--method", type=click.Choice(["calibrated", "rtn"]), default="calibrated", show_default=True,
+              help="calibrated: minimise each layer's output error on real activations (keeps the fine-tune); "
+                   "rtn: round to nearest on the source grid (fast, data-free, loses most of a fine-tune).")
+@click.option("--calib", default=None, metavar="FILE|NAME",
+              help="Calibration text: a .txt or .jsonl file, a Hub dataset name (online only), or "
+                   "builtin:english / builtin:code. Default: builtin:english (ships with Python).")
+@click.option("--calib-tokens", type=click.IntRange(min=16), default=8192, show_default=True,
+              help="Number of calibration tokens.")
+@click.option("--seq-len", type=click.IntRange(min=8), default=256, show_default=True,
+              help="Calibration sequence length.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="NAMESPACE/NAME",
+              help="After a successful merge, publish the output to this Hub repository.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repository as private.")
+@click.option("--token", default=None, help="With --push-to-hub: Hub token (default: HF_TOKEN / stored login).")
+@click.option("--endpoint", default=None, help="With --push-to-hub: Hub endpoint URL (private Hub deployments).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_len, device, max_shard_size,
+            push_to_hub, private, token, endpoint, overwrite, quiet) -> None:
+    """Fold an OFT adapter into a GPTQ/AWQ checkpoint and write a quantized checkpoint.
+
+    ADAPTER_OR_ROTATIONS is a PEFT OFT adapter directory (any PEFT generation) or a
+    rotations file written by `oftsurgery extract`. The output loads unchanged in
+    transformers, gptqmodel and vLLM, and carries a model card and merge_report.json.
+
+    \b
+    Examples:
+      oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./SmolLM2-GPTQ-merged
+      oftsurgery merge ./SmolLM2-GPTQ rotations.safetensors --out ./merged-awq --requant awq
+      oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./merged --method rtn
+    """
+    from oftsurgery.merge import MergeOptions, merge_checkpoint, parse_size
+
+    options = MergeOptions(
+        requant=requant, method=method, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len, device=device,
+        overwrite=overwrite, max_shard_size=parse_size(max_shard_size), progress=not quiet,
+        command="oftsurgery " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:])),
+    )
+    report = merge_checkpoint(checkpoint, adapter, out, options)
+    click.echo(report.summary())
+    click.echo(f"wrote {report.output}")
+    if push_to_hub:
+        from oftsurgery.hub import push_checkpoint
+
+        result = push_checkpoint(report.output, push_to_hub, private=private, token=token, endpoint=endpoint)
+        click.echo(f"pushed: {result.commit_url}")
+
+
+def _redacted(args: list[str]) -> list[str]:
+    """The command line as recorded in the model card, without the token."""
+    out, hide = [], False
+    for arg in args:
+        if hide:
+            out.append("***")
+            hide = False
+        elif arg == "--token":
+            out.append(arg)
+            hide = True
+        elif arg.startswith("--token="):
+            out.append("--token=***")
+        else:
+            out.append(arg)
+    return out

@@ -1,0 +1,134 @@
+"""Loading quantized checkpoints as models, and measuring them: perplexity and retention.
+
+Retention (docs/merge-methods.md) = (L_base − L_merged) / (L_base − L_attached), with L the mean
+next-token NLL on held-out text: 100% means the merged checkpoint kept the whole fine-tune, 0% that
+the merge was a no-op.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from oftsurgery.errors import InvalidCheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_EVAL_TEXT = "builtin:english"
+
+
+def load_quantized_model(path: str | Path, device: str = "cpu"):
+    """Load a GPTQ/AWQ checkpoint from disk with gptqmodel's kernels (torch kernels on CPU)."""
+    from oftsurgery._deps import gptqmodel
+    from oftsurgery.quant.config import load_quant_config
+
+    load_quant_config(path)  # refuse unsupported formats with our own message first
+    gm = gptqmodel()
+    from gptqmodel.utils.backend import BACKEND
+
+    backend = BACKEND.TORCH if not str(device).startswith("cuda") else BACKEND.AUTO
+    try:
+        model = gm.GPTQModel.load(str(path), backend=backend, device=device)
+    except Exception as exc:
+        raise InvalidCheckpointError(f"gptqmodel could not load {path} ({type(exc).__name__}: {exc}).") from None
+    model.eval()
+    return model
+
+
+def eval_text(source: str | None, max_chars: int | None = None) -> tuple[str, str]:
+    """(text, description) for evaluation: a file, or built-in held-out text (never calibration/training)."""
+    from oftsurgery.models import builtin_text
+
+    source = source or DEFAULT_EVAL_TEXT
+    if source.startswith("builtin:"):
+        kind = source.split(":", 1)[1]
+        return builtin_text(kind, "heldout", max_chars=max_chars), f"built-in {kind} text (held-out split)"
+    path = Path(source)
+    try:
+        return path.read_text(encoding="utf-8")[:max_chars], f"file {path}"
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidCheckpointError(f"Evaluation text {path} cannot be read ({exc}).") from None
+
+
+def token_windows(text: str, tokenizer, num_tokens: int, seq_len: int) -> "torch.Tensor":
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    rows = min(max(1, num_tokens // seq_len), ids.numel() // seq_len)
+    if rows == 0:
+        raise InvalidCheckpointError(f"The evaluation text has only {ids.numel()} tokens; {seq_len} are needed.")
+    return ids[: rows * seq_len].view(rows, seq_len)
+
+
+def mean_nll(model, windows: "torch.Tensor") -> float:
+    """Mean next-token negative log-likelihood of a causal LM over token windows."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in windows:
+            ids = row.unsqueeze(0)
+            logits = model(input_ids=ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+            total += float(loss)
+            count += ids.shape[1] - 1
+    return total / count
+
+
+def logits_of(model, windows: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(input_ids=row.unsqueeze(0)).logits.float() for row in windows])
+
+
+@dataclass
+class FidelityFigures:
+    nll_base: float
+    nll_attached: float
+    nll_merged: float
+    max_logit_diff: float
+    eval_tokens: int
+    eval_text: str
+
+    @property
+    def ppl_base(self) -> float:
+        return math.exp(self.nll_base)
+
+    @property
+    def ppl_attached(self) -> float:
+        return math.exp(self.nll_attached)
+
+    @property
+    def ppl_merged(self) -> float:
+        return math.exp(self.nll_merged)
+
+    @property
+    def retention(self) -> float:
+        return retention(self.nll_base, self.nll_attached, self.nll_merged)
+
+    def to_dict(self) -> dict:
+        return {
+            "ppl_base": self.ppl_base, "ppl_attached": self.ppl_attached, "ppl_merged": self.ppl_merged,
+            "nll_base": self.nll_base, "nll_attached": self.nll_attached, "nll_merged": self.nll_merged,
+            "retention": self.retention, "max_logit_diff": self.max_logit_diff,
+            "eval_tokens": self.eval_tokens, "eval_text": self.eval_text,
+        }
+
+    def render(self) -> str:
+        rows = [("quantized base", self.ppl_base, "0%"), ("attached (adapter)", self.ppl_attached, "100%"),
+                ("merged", self.ppl_merged, f"{self.retention:.1%}")]
+        lines = [f"{'model':<20} {'perplexity':>10}  retention", *(f"{n:<20} {p:>10.3f}  {r:>9}" for n, p, r in rows)]
+        lines.append(f"max |logit(merged) - logit(attached)| = {self.max_logit_diff:.4f} "
+                     f"on {self.eval_tokens} tokens of {self.eval_text}")
+        return "\n".join(lines)
+
+
+def retention(nll_base: float, nll_attached: float, nll_merged: float) -> float:
+    gain = nll_base - nll_attached
+    if abs(gain) < 1e-12:
+        return float("nan")
+    return (nll_base - nll_merged) / gain
