@@ -43,6 +43,24 @@ class LazyGroup(click.Group):
             return None
         return importlib.import_module(f"oftsurgery.commands.{COMMANDS[name]}").command
 
+    def invoke(self, ctx: click.Context):
+        # Library errors become click errors here, so `main()` and click.testing.CliRunner both show
+        # the one-line message and exit with the error's own code.
+        try:
+            return super().invoke(ctx)
+        except OftSurgeryError as exc:
+            if debug_enabled():
+                raise
+            raise LibraryError(exc) from exc
+
+
+class LibraryError(click.ClickException):
+    """An `OftSurgeryError` shown the click way: `Error: <one line>` on stderr, its exit code."""
+
+    def __init__(self, error: OftSurgeryError):
+        super().__init__(_one_line(str(error)))
+        self.exit_code = exit_code(error)
+
 
 def debug_enabled() -> bool:
     return os.environ.get("OFTSURGERY_DEBUG", "") not in ("", "0", "false", "no")
