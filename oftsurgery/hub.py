@@ -132,9 +132,7 @@ def push_checkpoint(
 
     hf = _huggingface_hub()
     token = _resolve_token(token, hf)
-    from oftsurgery import __version__
-
-    api = hf.HfApi(endpoint=endpoint, token=token, library_name="oftsurgery", library_version=__version__)
+    api = hf.HfApi(endpoint=endpoint, token=token, library_name="oftsurgery", library_version=_our_version())
     context = _Context(endpoint=endpoint, repo_id=repo_id, revision=revision or "main", token=token)
 
     repo_url = context.call("creating the repository", api.create_repo, repo_id, private=private, exist_ok=True)
@@ -188,6 +186,15 @@ def _huggingface_hub() -> ModuleType:
     # huggingface_hub froze the variable when first imported, possibly by transformers before us.
     constants.HF_HUB_DISABLE_XET = _truthy(os.environ["HF_HUB_DISABLE_XET"])
     return huggingface_hub
+
+
+def _our_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("oftsurgery")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _resolve_endpoint(endpoint: str | None) -> str:
