@@ -1,0 +1,135 @@
+"""AWQ (GEMM layout) layers: unpack into a `QuantizedWeight`, pack back through gptqmodel or autoawq.
+
+Layout: `qweight` int32 [in, out/8] packs 4-bit codes along the *output* dim, `qzeros` int32
+[G, out/8] likewise, `scales` fp16 [G, out]; true zero points (no offset), contiguous groups, no
+g_idx. Inside each word nibble k holds output column AWQ_PACK_ORDER[k] of its group of 8.
+
+Packing goes through a real packer fed with the exact float weight s*(q - z) (see
+`grid.exact_float_weight`): gptqmodel's `AwqTorchLinear.pack` by default, or autoawq's
+`WQLinear_GEMM.from_linear` (optional dependency). Both produce the same bytes; `pack_awq`
+re-checks its result by unpacking it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from oftsurgery.errors import InvalidCheckpointError, MergeError, UnsupportedFormatError
+from oftsurgery.quant.bitpack import AWQ_UNPACK_ORDER, unpack_stream
+from oftsurgery.quant.grid import QuantizedWeight, default_g_idx, exact_float_weight, float_linear
+
+AWQ_BITS = 4
+AWQ_BACKENDS = ("gptqmodel", "autoawq")
+
+
+def _unpack_columns(words: torch.Tensor, out_features: int) -> torch.Tensor:
+    """[rows, out/8] AWQ words -> [rows, out] codes in column order."""
+    nibbles = unpack_stream(words, AWQ_BITS, out_features)
+    order = torch.tensor(AWQ_UNPACK_ORDER)
+    return nibbles.view(words.shape[0], -1, 8)[..., order].reshape(words.shape[0], out_features).contiguous()
+
+
+def unpack_awq(tensors: Mapping[str, torch.Tensor], group_size: int) -> QuantizedWeight:
+    """Unpack one AWQ GEMM layer (`qweight`, `qzeros`, `scales`) into codes and true zero points."""
+    try:
+        qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    except KeyError as exc:
+        raise InvalidCheckpointError(f"An AWQ layer is missing its {exc.args[0]!r} tensor.") from None
+    if scales.dtype != torch.float16:
+        raise UnsupportedFormatError(f"AWQ scales are {scales.dtype}; only float16 scales can be repacked exactly.")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise UnsupportedFormatError("AWQ qweight/qzeros must be packed into int32 words.")
+    if group_size <= 0:
+        raise UnsupportedFormatError(f"AWQ GEMM needs a positive group size, got {group_size}.")
+    n_groups, out_f = scales.shape
+    in_f = qweight.shape[0]
+    if (
+        out_f % 8
+        or in_f % group_size
+        or n_groups != in_f // group_size
+        or tuple(qweight.shape) != (in_f, out_f // 8)
+        or tuple(qzeros.shape) != (n_groups, out_f // 8)
+    ):
+        raise InvalidCheckpointError(
+            f"AWQ tensors do not fit together: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
+            f"scales {tuple(scales.shape)} with group_size={group_size}."
+        )
+    codes = _unpack_columns(qweight, out_f).T.contiguous()
+    zeros = _unpack_columns(qzeros, out_f)
+    return QuantizedWeight(codes, scales.contiguous(), zeros, default_g_idx(in_f, group_size), AWQ_BITS, group_size)
+
+
+def _check_awq_packable(qw: QuantizedWeight) -> None:
+    if qw.bits != AWQ_BITS:
+        raise UnsupportedFormatError(f"AWQ GEMM stores 4-bit codes only, got {qw.bits} bits.")
+    if qw.group_size <= 0 or qw.in_features % qw.group_size or qw.out_features % 8:
+        raise UnsupportedFormatError(
+            f"AWQ GEMM needs in_features divisible by group_size and out_features by 8 "
+            f"(in={qw.in_features}, out={qw.out_features}, group_size={qw.group_size})."
+        )
+    if not torch.equal(qw.g_idx, default_g_idx(qw.in_features, qw.group_size)):
+        raise UnsupportedFormatError("AWQ GEMM has contiguous groups only; this layer has a reordered g_idx.")
+    for name, values in (("codes", qw.codes), ("zero points", qw.zeros)):
+        if int(values.min()) < 0 or int(values.max()) > qw.maxq:
+            raise ValueError(f"{name} outside [0, {qw.maxq}]")
+
+
+def _pack_with_gptqmodel(qw: QuantizedWeight, linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
+    from oftsurgery._deps import gptqmodel
+
+    gptqmodel()
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    layer = AwqTorchLinear(
+        bits=AWQ_BITS,
+        group_size=qw.group_size,
+        sym=False,
+        desc_act=False,
+        in_features=qw.in_features,
+        out_features=qw.out_features,
+        bias=linear.bias is not None,
+    )
+    # [out, G] float32 scales keep z*s exact inside the packer; it stores them as float16.
+    layer.pack(linear, scales=qw.scales.float().T.contiguous(), zeros=qw.zeros.T.contiguous())
+    packed = {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales.to(torch.float16)}
+    if linear.bias is not None:
+        packed["bias"] = layer.bias
+    return packed
+
+
+def _pack_with_autoawq(qw: QuantizedWeight, linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
+    from oftsurgery._deps import import_optional
+
+    gemm = import_optional("awq.modules.linear.gemm", "awq")
+    layer = gemm.WQLinear_GEMM.from_linear(
+        linear, AWQ_BITS, qw.group_size, init_only=False, scales=qw.scales.float(), zeros=qw.zeros
+    )
+    packed = {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales}
+    if linear.bias is not None:
+        packed["bias"] = layer.bias
+    return packed
+
+
+def pack_awq(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str = "gptqmodel") -> dict[str, torch.Tensor]:
+    """Pack `qw` into AWQ GEMM tensors {"qweight", "qzeros", "scales"(, "bias" as float16)}.
+
+    backend "gptqmodel" uses `AwqTorchLinear.pack`; "autoawq" uses `WQLinear_GEMM.from_linear`.
+    """
+    if backend not in AWQ_BACKENDS:
+        raise ValueError(f"backend must be one of {AWQ_BACKENDS}")
+    _check_awq_packable(qw)
+    if bias is not None:
+        bias = bias.detach().to(torch.float16)
+    linear = float_linear(exact_float_weight(qw), bias)
+    packer = _pack_with_gptqmodel if backend == "gptqmodel" else _pack_with_autoawq
+    packed = {name: tensor.detach().contiguous() for name, tensor in packer(qw, linear).items()}
+    if "bias" in packed:
+        packed["bias"] = packed["bias"].to(torch.float16)
+    check = unpack_awq(packed, qw.group_size)
+    if not (
+        torch.equal(check.codes, qw.codes) and torch.equal(check.zeros, qw.zeros) and torch.equal(check.scales, qw.scales)
+    ):
+        raise MergeError(f"The {backend} AWQ packer did not reproduce the layer's integer codes exactly.")
+    return packed

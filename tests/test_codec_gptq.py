@@ -1,0 +1,293 @@
+"""The GPTQ codec against gptqmodel itself: its packer, its v1/v2 conversion, its dequantizer, its kernel.
+
+Reference layers come from `tests/quant_layers.py` (gptqmodel quantizes and packs random weights).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quant_layers import (
+    gptq_layer_from_tensors,
+    gptq_reference,
+    gptq_tensors,
+    gptqmodel_grid,
+    gptqmodel_modules,
+    reference_g_idx,
+)
+
+from oftsurgery.errors import InvalidCheckpointError, MergeError, UnsupportedFormatError
+from oftsurgery.quant.bitpack import pack_stream, unpack_stream
+from oftsurgery.quant.codec import dequantize_layer, find_quantized_layers, layer_tensors, pack_layer, unpack_layer
+from oftsurgery.quant.config import parse_quant_config
+from oftsurgery.quant.gptq import pack_gptq, unpack_gptq, v1_qzeros_to_v2, v2_qzeros_to_v1
+from oftsurgery.quant.grid import QuantizedWeight, default_g_idx, fit_grid, quantize_weight
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _assert_same_tensors(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert actual[name].shape == tensor.shape, name
+        assert torch.equal(actual[name], tensor), f"{name} differs"
+
+
+def _kernel_forward_matches(layer, qw: QuantizedWeight, bias, seed: int = 0) -> None:
+    """gptqmodel's CPU kernel forward equals x @ W.T with our dequantized weight."""
+    x = torch.randn(3, qw.in_features, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
+    with torch.no_grad():
+        expected = layer(x).float()
+    ours = x.float() @ qw.dequantize(torch.float16).float().T
+    if bias is not None:
+        ours = ours + bias.float()
+    scale = ours.abs().max().item() + 1e-6
+    torch.testing.assert_close(ours, expected, atol=2e-3 * scale, rtol=1e-2)
+
+
+shapes = st.sampled_from([(128, 64), (256, 32), (576, 64)])
+
+
+@SETTINGS
+@given(
+    shape=shapes,
+    bits=st.sampled_from([2, 3, 4, 8]),
+    group_size=st.sampled_from([-1, 32, 64, 128]),
+    sym=st.booleans(),
+    desc_act=st.booleans(),
+    fmt=st.sampled_from(["gptq", "gptq_v2"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_unpack_pack_reproduces_gptqmodel_bytes(shape, bits, group_size, sym, desc_act, fmt, bias, seed):
+    in_f, out_f = shape
+    layer, _ = gptq_reference(in_f, out_f, bits, group_size, sym, desc_act, bias, seed)
+    tensors = gptq_tensors(layer, fmt)
+
+    qw = unpack_gptq(tensors, bits, fmt, group_size)
+
+    # Our dequantization is gptqmodel's, exactly (it returns [in, out]).
+    assert torch.equal(qw.dequantize(torch.float16), layer.dequantize_weight().T)
+    if fmt == "gptq":
+        # ... also when gptqmodel itself loads the v1 tensors.
+        loaded = gptq_layer_from_tensors(tensors, bits, group_size, fmt)
+        assert torch.equal(qw.dequantize(torch.float16), loaded.dequantize_weight().T)
+
+    packed = pack_gptq(qw, fmt, bias=tensors.get("bias"))
+    _assert_same_tensors(packed, tensors)
+    _kernel_forward_matches(layer, qw, tensors.get("bias"), seed)
+
+
+def test_partial_last_group_smollm_shape():
+    """in=576 with g=128: five groups, the last one of 64 inputs (SmolLM2's hidden size)."""
+    layer, _ = gptq_reference(576, 192, 4, 128, True, seed=3)
+    tensors = gptq_tensors(layer, "gptq")
+    qw = unpack_gptq(tensors, 4, "gptq", 128)
+    assert qw.num_groups == 5 and int((qw.g_idx == 4).sum()) == 64
+    _assert_same_tensors(pack_gptq(qw, "gptq"), tensors)
+
+
+def test_desc_act_g_idx_is_kept_non_monotonic():
+    layer, _ = gptq_reference(256, 32, 4, 32, False, desc_act=True, seed=5)
+    tensors = gptq_tensors(layer, "gptq_v2")
+    assert bool((tensors["g_idx"][1:] < tensors["g_idx"][:-1]).any())
+    qw = unpack_gptq(tensors, 4, "gptq_v2", 32)
+    assert torch.equal(qw.g_idx, tensors["g_idx"])
+    _assert_same_tensors(pack_gptq(qw, "gptq_v2"), tensors)
+
+
+def test_group_size_is_inferred_from_contiguous_g_idx():
+    layer, _ = gptq_reference(256, 32, 4, 64, True, seed=1)
+    tensors = gptq_tensors(layer, "gptq")
+    assert unpack_gptq(tensors, 4, "gptq").group_size == 64
+    without_g_idx = {k: v for k, v in tensors.items() if k != "g_idx"}
+    qw = unpack_gptq(without_g_idx, 4, "gptq")
+    assert qw.group_size == 64 and torch.equal(qw.g_idx, tensors["g_idx"])
+
+
+def test_out_features_not_multiple_of_32_uses_gptqmodel_pack_original():
+    layer, _ = gptq_reference(64, 48, 4, 32, False, seed=2)
+    for fmt in ("gptq", "gptq_v2"):
+        tensors = gptq_tensors(layer, fmt)
+        _assert_same_tensors(pack_gptq(unpack_gptq(tensors, 4, fmt, 32), fmt), tensors)
+    three_bit = quantize_weight(torch.randn(48, 64), 3, 32, True)
+    with pytest.raises(UnsupportedFormatError):
+        pack_gptq(three_bit, "gptq")
+
+
+# ---- GPTQ v1 zero points -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_v1_v2_qzeros_conversion_is_gptqmodel_s(bits):
+    """Our word arithmetic equals gptqmodel's converters on arbitrary words, in both directions."""
+    gm = gptqmodel_modules()
+    out_f = 64
+    words = torch.randint(-(2**31), 2**31 - 1, (3, out_f * bits // 32), dtype=torch.int32)
+    layer = gm.TorchLinear(bits=bits, group_size=32, sym=False, desc_act=False, in_features=96,
+                           out_features=out_f, bias=False, register_buffers=True)
+    layer.qzeros.data.copy_(words)
+    gm.v1_to_v2(layer, bits=bits, pack_dtype=layer.pack_dtype)
+    assert torch.equal(v1_qzeros_to_v2(words, bits, out_f), layer.qzeros)
+    gm.v2_to_v1(layer, types.SimpleNamespace(bits=bits, pack_dtype=layer.pack_dtype))
+    assert torch.equal(v2_qzeros_to_v1(v1_qzeros_to_v2(words, bits, out_f), bits, out_f), layer.qzeros)
+    if bits == 3:
+        return  # 3-bit words carry a field across words; the field-wise shift need not restore stray words
+    assert torch.equal(layer.qzeros, words)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_v1_asymmetric_zero_point_zero_follows_gptqmodel(bits):
+    """z = 0 cannot be stored as z - 1: gptqmodel's export borrows (4-bit) or wraps (3-bit) and its
+    loader undoes that. We read and write exactly like gptqmodel, and `v1_zero_points="error"` refuses."""
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) * 0.05
+    weight[:, :32] = weight[:, :32].abs() + 0.01  # first group all positive -> asymmetric z = 0
+    layer, _ = gptq_reference(64, 32, bits, 32, sym=False, weight=weight)
+    v2 = gptq_tensors(layer, "gptq_v2")
+    true_zeros = unpack_stream(v2["qzeros"], bits, 32)
+    assert bool((true_zeros[0] == 0).all())
+
+    v1 = gptq_tensors(layer, "gptq")
+    qw = unpack_gptq(v1, bits, "gptq", 32)
+    assert torch.equal(qw.zeros, true_zeros)
+    loaded = gptq_layer_from_tensors(v1, bits, 32, "gptq")
+    assert torch.equal(qw.dequantize(torch.float16), loaded.dequantize_weight().T)
+    _assert_same_tensors(pack_gptq(qw, "gptq"), v1)
+
+    # A reader that adds 1 field by field does not see z = 0 there (why "error" exists).
+    naive = (unpack_stream(v1["qzeros"], bits, 32) + 1)
+    assert not torch.equal(naive, true_zeros)
+    with pytest.raises(MergeError):
+        pack_gptq(qw, "gptq", v1_zero_points="error")
+    _assert_same_tensors(pack_gptq(qw, "gptq_v2"), v2)
+
+
+# ---- Grid fitting and rounding -------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    group_size=st.sampled_from([-1, 32, 128]),
+    sym=st.booleans(),
+    desc_act=st.booleans(),
+    positive_group=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fit_grid_is_gptqmodels_quantizer(bits, group_size, sym, desc_act, positive_group, seed):
+    gen = torch.Generator().manual_seed(seed)
+    in_f, out_f = 160, 32  # 160 = 128 + a partial group of 32
+    weight = torch.randn(out_f, in_f, generator=gen) * 0.05
+    if positive_group:
+        weight[:, :32] = weight[:, :32].abs()
+    weight[0, :] = 0  # an all-zero row: gptqmodel widens its range to [-1, 1]
+    g_idx = reference_g_idx(in_f, group_size, desc_act, gen)
+    n_groups = 1 if group_size == -1 else -(-in_f // group_size)
+    ref_scale, ref_zero = gptqmodel_grid(weight, bits, sym, g_idx, n_groups)
+    scales, zeros = fit_grid(weight, bits, group_size, sym, g_idx)
+    assert torch.equal(scales, ref_scale.T.to(torch.float16))
+    assert torch.equal(zeros, ref_zero.T.to(torch.int32))
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (3, False), (8, True), (2, False)])
+def test_quantize_weight_codes_match_gptqmodel_packer_rounding(bits, sym):
+    """Our codes = what gptqmodel's packer computes from the float weight with the same grid."""
+    gm = gptqmodel_modules()
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits)) * 0.05
+    qw = quantize_weight(weight, bits, 64, sym)
+    layer = gm.TorchLinear(bits=bits, group_size=64, sym=sym, desc_act=False, in_features=256,
+                           out_features=64, bias=False, register_buffers=True)
+    linear = torch.nn.Linear(256, 64, bias=False)
+    linear.weight.data = weight.clone()
+    layer.pack_original(linear, qw.scales.float().T.contiguous(), qw.zeros.T.contiguous(), qw.g_idx)
+    ref = unpack_gptq({n: getattr(layer, n) for n in ("qweight", "qzeros", "scales", "g_idx")}, bits, "gptq_v2")
+    assert torch.equal(ref.codes, qw.codes)
+    # And packing our requantized layer gives gptqmodel's bytes.
+    _assert_same_tensors(
+        pack_gptq(qw, "gptq_v2"),
+        {n: getattr(layer, n) for n in ("qweight", "qzeros", "scales", "g_idx")},
+    )
+
+
+def test_quantize_weight_clamps_codes_to_the_grid():
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    qw = quantize_weight(weight, 4, 32, True)
+    # Round onto a grid fitted to a smaller weight: out-of-range values must clamp, not wrap.
+    from oftsurgery.quant.grid import quantize_to_codes
+
+    codes = quantize_to_codes(weight * 3, qw.scales, qw.zeros, qw.g_idx, 4)
+    assert int(codes.min()) == 0 and int(codes.max()) == 15
+
+
+# ---- Bit streams and errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bit_stream_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (5, 96), dtype=torch.int32)
+    words = pack_stream(codes, bits)
+    assert words.shape == (5, 96 * bits // 32)
+    assert torch.equal(unpack_stream(words, bits, 96), codes)
+
+
+def test_malformed_layers_are_refused():
+    layer, _ = gptq_reference(128, 32, 4, 32, True)
+    tensors = gptq_tensors(layer, "gptq")
+    with pytest.raises(InvalidCheckpointError):
+        unpack_gptq({**tensors, "qweight": tensors["qweight"][:-1]}, 4, "gptq", 32)
+    with pytest.raises(InvalidCheckpointError):
+        unpack_gptq({k: v for k, v in tensors.items() if k != "qzeros"}, 4, "gptq", 32)
+    with pytest.raises(InvalidCheckpointError):
+        unpack_gptq(tensors, 4, "gptq", 64)  # 4 groups stored, group_size 64 needs 2
+    with pytest.raises(UnsupportedFormatError):
+        unpack_gptq({**tensors, "scales": tensors["scales"].to(torch.bfloat16)}, 4, "gptq", 32)
+    with pytest.raises(UnsupportedFormatError):
+        unpack_gptq(tensors, 5, "gptq", 32)
+    with pytest.raises(UnsupportedFormatError):
+        unpack_gptq(tensors, 4, "marlin", 32)
+
+
+# ---- Dispatch through a QuantConfig --------------------------------------------------------------
+
+
+def test_codec_dispatch_on_quant_config():
+    layer, _ = gptq_reference(128, 64, 4, 32, False, bias=True, seed=9)
+    stored = {f"model.layers.0.mlp.up_proj.{k}": v for k, v in gptq_tensors(layer, "gptq").items()}
+    stored["model.embed_tokens.weight"] = torch.zeros(2, 2)
+    stored["model.layers.0.mlp.down_proj.qweight"] = torch.zeros(1, dtype=torch.int32)  # incomplete
+    assert find_quantized_layers(stored) == ["model.layers.0.mlp.up_proj"]
+
+    qcfg = parse_quant_config({"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False,
+                               "desc_act": False, "checkpoint_format": "gptq"})
+    tensors = layer_tensors(stored, "model.layers.0.mlp.up_proj")
+    qw = unpack_layer(tensors, qcfg)
+    dense = dequantize_layer(tensors, qcfg)
+    assert dense.dtype == torch.float32
+    assert torch.equal(dense.to(torch.float16), layer.dequantize_weight().T)
+    _assert_same_tensors(pack_layer(qw, qcfg, bias=tensors["bias"]), tensors)
+
+
+def test_quantized_weight_validates_its_parts():
+    codes = torch.zeros(4, 8, dtype=torch.int32)
+    scales = torch.ones(1, 4, dtype=torch.float16)
+    zeros = torch.zeros(1, 4, dtype=torch.int32)
+    qw = QuantizedWeight(codes, scales, zeros, default_g_idx(8, -1), 4, -1)
+    assert (qw.in_features, qw.out_features, qw.num_groups, qw.maxq) == (8, 4, 1, 15)
+    with pytest.raises(ValueError):
+        QuantizedWeight(codes, scales.float(), zeros, default_g_idx(8, -1), 4, -1)
+    with pytest.raises(ValueError):
+        QuantizedWeight(codes, scales, zeros, default_g_idx(8, 4), 4, 4)  # g_idx names group 1 of 1
+
+
+def test_deepcopy_of_reference_layer_is_independent():
+    """Guard for the helper: exporting v1 must not change the reference layer's v2 zero points."""
+    layer, _ = gptq_reference(64, 32, 4, 32, False)
+    before = layer.qzeros.clone()
+    gptq_tensors(layer, "gptq")
+    assert torch.equal(layer.qzeros, before)
