@@ -30,8 +30,8 @@ from oftsurgery.hub import push_checkpoint, validate_checkpoint_for_push
 from oftsurgery.io import CheckpointWriter
 from oftsurgery.testing.hub_server import LocalHub, UploadModeRule, validate_card_metadata
 
-TOKEN = "hf_oftsurgeryTEST_s3cr3t_9f2c7d1e"  # distinctive: any leak is easy to spot
-USER = "alice"
+from hub_server import OTHER_TOKEN, TOKEN, USER, local_hub, no_saved_login  # noqa: F401 (fixtures)
+
 REPO = f"{USER}/smol-oft-gptq"
 
 GPTQ_CONFIG = {
@@ -40,22 +40,14 @@ GPTQ_CONFIG = {
 }
 
 
-# -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture
-def hub():
-    with LocalHub(tokens={TOKEN: USER, "hf_bob_token": "bob"}) as server:
-        yield server
+def hub(local_hub):
+    return local_hub
 
 
 @pytest.fixture(autouse=True)
-def no_saved_login(monkeypatch, tmp_path):
+def _isolated_login(no_saved_login):
     """Tests never see a real login: no HF_TOKEN, no token file, no HF_ENDPOINT."""
-    from huggingface_hub import constants
-
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
 
 
 def make_checkpoint(folder: Path, *, readme: str | None = None, shard_size: int = 6000) -> Path:
@@ -233,6 +225,21 @@ def test_card_rules():
 
 
 # -- refusals before anything is uploaded ----------------------------------------------------------
+def test_push_a_checkpoint_quantized_by_gptqmodel(hub, tmp_path, tiny_gptq_dir):
+    """A real GPTQ checkpoint (gptqmodel's own output) arrives complete and loadable as it left."""
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_gptq_dir, tmp_path / "ckpt"))  # the session fixture stays untouched
+    validate_checkpoint_for_push(folder)
+    push_checkpoint(folder, REPO, token=TOKEN, endpoint=hub.url)
+    assert_arrived_identical(hub, folder)
+    stored = hub.files(REPO)
+    for path, data in local_files(folder).items():
+        assert stored[path].mode == expected_mode(path, data), path
+    meta = _front_matter(hub.read(REPO, "README.md").decode())
+    assert {"oftsurgery", "oft", "gptq"} <= set(meta["tags"])
+
+
 def _break_missing_shard(folder: Path) -> None:
     shard = sorted(folder.glob("model-*.safetensors"))[-1]
     shard.unlink()
@@ -307,7 +314,7 @@ def _server_error_on_commit(hub):
 
 
 def _foreign_namespace(hub):
-    return ["--token", "hf_bob_token"], f"may not write to {REPO} (403 Forbidden"
+    return ["--token", OTHER_TOKEN], f"may not write to {REPO} (403 Forbidden"
 
 
 def _unreachable(hub):
@@ -394,7 +401,7 @@ def test_server_refuses_binary_files_inline_unknown_lfs_objects_and_wrong_hashes
     text = {"key": "file", "value": {"path": "notes.txt", "encoding": "base64",
                                      "content": base64.b64encode(b"hello").decode()}}
     assert _post(commit_url, ndjson(text), token=None) == 401
-    assert _post(commit_url, ndjson(text), token="hf_bob_token") == 403
+    assert _post(commit_url, ndjson(text), token=OTHER_TOKEN) == 403
     assert _post(commit_url, ndjson(text)) == 200 and hub.read(REPO, "notes.txt") == b"hello"
 
     import hashlib
