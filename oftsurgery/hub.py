@@ -88,7 +88,8 @@ def validate_checkpoint_for_push(folder: str | Path) -> CheckpointForPush:
         raise InvalidCheckpointError(
             f"Not pushing: {root} declares {quant.describe()} but holds no quantized tensors (*.qweight)."
         )
-    files = tuple(sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and ".git" not in p.parts))
+    relative = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    files = tuple(sorted(r.as_posix() for r in relative if ".git" not in r.parts))
     return CheckpointForPush(
         folder=root,
         quant_description=quant.describe(),
