@@ -8,6 +8,7 @@ Heavy imports stay inside the functions so importing this module is cheap.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -318,3 +319,46 @@ def smollm2_gptq(out_dir=None, **quantize_kwargs) -> Path:
     mark_complete(out)
     return out
 
+
+
+# --------------------------------------------------------------------------------------------------
+# AWQ-format checkpoints on CPU
+# --------------------------------------------------------------------------------------------------
+
+def make_awq_checkpoint(fp_dir, out_dir, *, group_size: int = 128, backend: str = "gptqmodel") -> Path:
+    """Pack every decoder-layer linear of an fp16 checkpoint into AWQ GEMM format (4-bit, asymmetric).
+
+    gptqmodel's AWQ *quantization* needs CUDA; on CPU we fit min/max grids per group ourselves and
+    pack them with the AWQ packer. The files are format-identical to what AWQ tools write (no
+    activation-aware scaling search, which only changes the values, not the layout).
+    """
+    import torch
+
+    from oftsurgery.io import CheckpointReader, CheckpointWriter, copy_side_files
+    from oftsurgery.quant.awq import pack_awq
+    from oftsurgery.quant.grid import quantize_weight
+
+    reader = CheckpointReader(fp_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = CheckpointWriter(out)
+    for name, tensor in reader.iter_tensors():
+        is_linear = ".layers." in name and name.endswith("_proj.weight") and tensor.dim() == 2
+        if not is_linear:
+            writer.add(name, tensor)
+            continue
+        prefix = name[: -len(".weight")]
+        qw = quantize_weight(tensor.float(), 4, group_size, sym=False)
+        bias = reader.get(f"{prefix}.bias") if f"{prefix}.bias" in reader else None
+        for key, value in pack_awq(qw, bias=bias, backend=backend).items():
+            if key != "bias":
+                writer.add(f"{prefix}.{key}", value)
+    writer.close()
+    config = dict(reader.config)
+    config["quantization_config"] = {
+        "quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+        "version": "gemm", "modules_to_not_convert": None,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_side_files(reader.side_files(), out)
+    return out

@@ -53,3 +53,11 @@ def smollm2_gptq_dir():
     from oftsurgery.models import smollm2_gptq
 
     return smollm2_gptq(group_size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_awq_dir(tiny_fp_dir, tmp_path_factory):
+    """tiny_fp_dir packed as AWQ GEMM 4-bit g32 (min/max grids fitted by us, packed by gptqmodel's AWQ packer)."""
+    from oftsurgery.models import make_awq_checkpoint
+
+    return make_awq_checkpoint(tiny_fp_dir, tmp_path_factory.mktemp("tiny_awq"), group_size=32)

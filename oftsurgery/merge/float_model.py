@@ -46,7 +46,7 @@ class LayerwiseModel:
         self.device = torch.device(device)
         self._tensor = tensor
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
         base = getattr(model, "model", None)
         if base is None or not hasattr(base, "layers") or not hasattr(base, "embed_tokens"):
             raise UnsupportedFormatError(
