@@ -193,6 +193,19 @@ def legacy_cayley(raw: Tensor) -> Tensor:
     return cayley_exact(0.5 * (raw - raw.transpose(-2, -1)))
 
 
+def legacy_coft_project(raw: Tensor, eps: float) -> Tensor:
+    """PEFT ≤ 0.15's COFT projection of a full `(r, b, b)` `oft_r` (radius eps/√r on ‖A‖_F).
+
+    The `eps` passed here is the layer's effective one: PEFT ≤ 0.15 scaled the configured eps by
+    `ceil(out_features / r)²` when it created the layer.
+    """
+    import torch
+
+    radius = eps * 1 / torch.sqrt(torch.tensor(raw.shape[0]))
+    norms = torch.norm(raw, dim=(1, 2), keepdim=True)
+    return torch.where(norms <= radius, raw, radius * (raw / norms))
+
+
 def cayley_inverse(rotation: Tensor) -> Tensor:
     """The skew `Q` with `cayley_exact(Q) == rotation`: `Q = (I - R)(I + R)⁻¹` (float64 inside).
 
@@ -204,6 +217,51 @@ def cayley_inverse(rotation: Tensor) -> Tensor:
     eye = torch.eye(r.shape[-1], dtype=torch.float64, device=r.device).expand_as(r)
     q = torch.linalg.solve(eye + r, eye - r, left=False)
     return (0.5 * (q - q.transpose(-2, -1))).to(rotation.dtype)
+
+
+def fit_params(
+    blocks: Tensor,
+    *,
+    use_cayley_neumann: bool,
+    num_terms: int = 5,
+    peft_version: str | None = None,
+    steps: int = 200,
+) -> tuple[Tensor, float]:
+    """Parameters `(r, n)` whose blocks reproduce `blocks` `(r, b, b)`; also the max abs residual.
+
+    Exact Cayley: closed form (`cayley_inverse`), exact up to rounding for orthogonal blocks.
+    Cayley-Neumann: a truncated series cannot produce an exactly orthogonal matrix, so there is no
+    closed form; start from the exact generator of the transpose (the series approximates
+    `R(-Q)`) and minimise ‖N(Q) − R‖_F with L-BFGS in float64. The residual says how close it got
+    (≈ the series' own truncation error for rotations that came from exact Cayley; ≈ 0 for blocks
+    that came from the same series).
+    """
+    import torch
+
+    target = blocks.to(torch.float64)
+    b = target.shape[-1]
+    if not use_cayley_neumann:
+        params = params_from_skew(cayley_inverse(target))
+    else:
+        params = params_from_skew(-cayley_inverse(target)).clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([params], lr=1, max_iter=steps, tolerance_grad=1e-15,
+                                      tolerance_change=1e-18, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            approx = rotation_blocks(params, b, use_cayley_neumann=True, num_terms=num_terms,
+                                     peft_version=peft_version)
+            loss = (approx - target).pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        params = params.detach()
+    rebuilt = rotation_blocks(params, b, use_cayley_neumann=use_cayley_neumann, num_terms=num_terms,
+                              peft_version=peft_version)
+    residual = float((rebuilt - target).abs().max()) if target.numel() else 0.0
+    return params.to(torch.float32), residual
 
 
 # --------------------------------------------------------------------------------------------------
