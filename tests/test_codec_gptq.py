@@ -332,3 +332,55 @@ def test_every_layer_of_a_gptqmodel_checkpoint_round_trips(checkpoint, request):
     for prefix, qw in unpacked.items():
         module = model.model.get_submodule(prefix).eval()
         assert torch.equal(qw.dequantize(torch.float16), module.dequantize_weight().T), prefix
+
+
+# ---- Exactness of the codes -> float -> packer route -----------------------------------------------
+
+
+def _random_layer(bits, group_size, seed, in_f=128, out_f=64, zero_scales=False):
+    gen = torch.Generator().manual_seed(seed)
+    n_groups = 1 if group_size == -1 else in_f // group_size
+    # float16 scales spread over the whole useful range, subnormals included.
+    exponents = torch.randint(-24, 6, (n_groups, out_f), generator=gen).float()
+    scales = (torch.rand(n_groups, out_f, generator=gen) + 1) * 2.0**exponents
+    scales = scales.to(torch.float16)
+    if zero_scales:
+        scales[0, :5] = 0
+    return QuantizedWeight(
+        codes=torch.randint(0, 2**bits, (out_f, in_f), generator=gen, dtype=torch.int32),
+        scales=scales,
+        zeros=torch.randint(0, 2**bits, (n_groups, out_f), generator=gen, dtype=torch.int32),
+        g_idx=default_g_idx(in_f, group_size),
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+@SETTINGS
+@given(bits=st.sampled_from([2, 3, 4, 8]), group_size=st.sampled_from([-1, 32]), seed=st.integers(0, 2**16))
+def test_any_codes_on_any_float16_grid_survive_gptqmodels_packer(bits, group_size, seed):
+    """Arbitrary codes, zero points and float16 scales (tiny, subnormal, large) come back exactly."""
+    qw = _random_layer(bits, group_size, seed)
+    for fmt in ("gptq", "gptq_v2"):
+        back = unpack_gptq(pack_gptq(qw, fmt), bits, fmt, group_size)
+        assert torch.equal(back.codes, qw.codes) and torch.equal(back.zeros, qw.zeros)
+        assert torch.equal(back.scales, qw.scales)
+
+
+def test_zero_scales_keep_their_codes():
+    """A float16 scale of 0 (an underflowed group) still packs its codes exactly."""
+    qw = _random_layer(4, 32, 0, zero_scales=True)
+    back = unpack_gptq(pack_gptq(qw, "gptq_v2"), 4, "gptq_v2", 32)
+    assert torch.equal(back.codes, qw.codes)
+
+
+def test_dynamic_per_module_overrides():
+    from oftsurgery.quant.codec import layer_quant_config
+
+    qcfg = parse_quant_config({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "gptq",
+                               "dynamic": {r"+:.*\.down_proj": {"bits": 8, "group_size": 32},
+                                           r"-:.*\.lm_head": {}}})
+    down = layer_quant_config(qcfg, "model.layers.0.mlp.down_proj")
+    assert (down.bits, down.group_size) == (8, 32)
+    assert layer_quant_config(qcfg, "model.layers.0.mlp.up_proj") == qcfg
+    assert layer_quant_config(qcfg, "model.lm_head") is None

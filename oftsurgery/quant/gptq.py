@@ -18,6 +18,8 @@ Packing always goes through gptqmodel's own GPTQ packer (`PackableQuantLinear.pa
 `pack_block`) on a real gptqmodel `TorchLinear`, fed with the float weight s*(q - z). That weight
 is exact in float32 and the packer's round((W + z*s) / s) returns q exactly (both `z*s` and
 `q*s` are representable), which `pack_gptq` re-checks on every call by unpacking its result.
+A float16 scale of 0 only packs exactly through gptqmodel's compiled CPU packer (2/4/8 bits, which
+divides by 1e-6 there); elsewhere the re-check raises `MergeError`. `fit_grid` never makes one.
 """
 
 from __future__ import annotations
