@@ -132,3 +132,42 @@ def retention(nll_base: float, nll_attached: float, nll_merged: float) -> float:
     if abs(gain) < 1e-12:
         return float("nan")
     return (nll_base - nll_merged) / gain
+
+
+def load_dequantized_model(path: str | Path, dtype=None):
+    """A plain transformers model whose linears hold our dequantized weights (the reference forward).
+
+    This is the independent check of a quantized checkpoint: our codec's float weights in a stock
+    `nn.Linear`, against which gptqmodel's kernels and transformers' loader are compared.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from oftsurgery.io import CheckpointReader
+    from oftsurgery.quant.codec import find_quantized_layers, layer_quant_config, unpack_layer
+    from oftsurgery.quant.config import load_quant_config
+
+    dtype = dtype or torch.float32
+    reader = CheckpointReader(path)
+    qcfg = load_quant_config(path)
+    cfg = dict(reader.config)
+    cfg.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=dtype)
+    prefixes = find_quantized_layers(reader.tensors)
+    state = {}
+    for prefix in prefixes:
+        tensors = {n[len(prefix) + 1 :]: reader.get(n) for n in reader.tensors
+                   if n.startswith(prefix + ".") and "." not in n[len(prefix) + 1 :]}
+        weight = unpack_layer(tensors, layer_quant_config(qcfg, prefix) or qcfg).dequantize()
+        state[f"{prefix}.weight"] = weight.to(dtype)
+        if "bias" in tensors:
+            state[f"{prefix}.bias"] = tensors["bias"].to(dtype)
+    owned = {n for n in reader.tensors if any(n.startswith(p + ".") for p in prefixes)}
+    state.update({n: reader.get(n).to(dtype) for n in reader.tensors if n not in owned})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight") or not model.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise InvalidCheckpointError(f"{path} does not match its config (missing {missing[:2]}, unexpected {unexpected[:2]}).")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()

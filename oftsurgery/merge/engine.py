@@ -54,15 +54,6 @@ def _layer_tensors(reader: CheckpointReader, prefix: str) -> dict[str, "torch.Te
     return {n[len(prefix) + 1 :]: reader.get(n) for n in reader.tensors if n.startswith(prefix + ".") and "." not in n[len(prefix) + 1 :]}
 
 
-def _target_weight(plan: LayerPlan, weight: "torch.Tensor") -> "torch.Tensor":
-    from oftsurgery.oft.rotation import rotate_weight
-
-    target = rotate_weight(weight, plan.blocks)
-    if plan.out_scale is not None:
-        target = target * plan.out_scale
-    return target
-
-
 def _to_target_grid(qw: "QuantizedWeight", source: QuantConfig, target: QuantConfig) -> "QuantizedWeight":
     """The same weights on the output format's grid (exact when the grids are compatible)."""
     import torch
@@ -79,12 +70,6 @@ def _relative(err: float, ref: float) -> float:
     return math.sqrt(err / ref) if ref > 0 else 0.0
 
 
-def _rotation_strength(blocks: "torch.Tensor") -> float:
-    import torch
-
-    return float(torch.linalg.norm(blocks - torch.eye(blocks.shape[-1]).expand_as(blocks)))
-
-
 def requantize_layer(
     plan: LayerPlan, qw: "QuantizedWeight", method: str, hessian: "torch.Tensor | None"
 ) -> tuple["QuantizedWeight", LayerReport]:
@@ -95,7 +80,7 @@ def requantize_layer(
 
     start = time.perf_counter()
     weight = qw.dequantize()
-    target = _target_weight(plan, weight)
+    target = plan.target_weight(weight)
     H = hessian if hessian is not None else torch.eye(weight.shape[1])
     candidates = {"rtn": requantize_rtn(qw, target)}
     if method == "calibrated" and hessian is not None:
@@ -115,7 +100,7 @@ def requantize_layer(
         codes_changed=float((chosen.codes != qw.codes).float().mean()),
         residual_before=_relative(errors["kept"], ref),
         residual_after=_relative(errors[mode], ref),
-        rotation_strength=_rotation_strength(plan.blocks),
+        rotation_strength=plan.rotations.strength(plan.prefix, plan.in_features),
         seconds=time.perf_counter() - start,
     )
     return chosen, report
@@ -212,8 +197,7 @@ def _hessians_for_layer(runner, merger: _Merger, index: int, hidden, kwargs) -> 
 
     def target_weight(name: str) -> torch.Tensor:
         layer = plan.layers.get(name)
-        w = float_weight(name)
-        return _target_weight(layer, w) if layer is not None and layer.targeted else w
+        return layer.target_weight(float_weight(name)) if layer is not None else float_weight(name)
 
     layer_module = runner.build_layer(index, target_weight)
     hessians: dict[str, torch.Tensor] = {}

@@ -34,12 +34,19 @@ class LayerPlan:
     prefix: str
     in_features: int
     out_features: int
-    blocks: "torch.Tensor | None"  # [r, b, b] float32, None = untouched
-    out_scale: "torch.Tensor | None" = None  # PEFT 0.14-0.15 oft_s, [out, 1]
+    rotations: Any = None  # the RotationSet holding this layer's rotation; None = untouched
 
     @property
     def targeted(self) -> bool:
-        return self.blocks is not None
+        return self.rotations is not None
+
+    @property
+    def blocks(self) -> "torch.Tensor":
+        return self.rotations.blocks[self.prefix]
+
+    def target_weight(self, weight: "torch.Tensor") -> "torch.Tensor":
+        """The dense weight [out, in] the adapted layer computes with (W·Rᵀ, and oft_s if any)."""
+        return self.rotations.merged_weight(self.prefix, weight) if self.targeted else weight
 
 
 @dataclass
@@ -115,25 +122,27 @@ def plan_merge(reader: "CheckpointReader", source: QuantConfig, rotations, requa
         )
     identity = []
     scales: dict[str, Any] = getattr(rotations, "scales", None) or {}
+    output_side = getattr(rotations, "output_side", set())
     for module, blocks in rotations.blocks.items():
         plan = layers[module]
         if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
             raise InvalidAdapterError(f"Rotation for {module} has shape {tuple(blocks.shape)}; expected [r, b, b].")
         r, b = blocks.shape[0], blocks.shape[1]
-        if r * b != plan.in_features:
+        side, features = ("output", plan.out_features) if module in output_side else ("input", plan.in_features)
+        fits = (features % b == 0) if r == 1 else (r * b == features or (side == "output" and r * b >= features))
+        if not fits:
             raise InvalidAdapterError(
-                f"Rotation for {module} covers {r}x{b}={r * b} input features but the layer has {plan.in_features}."
+                f"Rotation for {module} has {r} block(s) of size {b}, which does not fit the layer's "
+                f"{features} {side} features; was the adapter made for another model?"
             )
         if not torch.isfinite(blocks).all():
             raise InvalidAdapterError(f"Rotation for {module} contains NaN or Inf values.")
         scale = scales.get(module)
         if scale is not None and scale.numel() != plan.out_features:
             raise InvalidAdapterError(f"oft_s for {module} has {scale.numel()} values; the layer has {plan.out_features} outputs.")
-        if _is_identity(blocks) and scale is None:
-            identity.append(module)
-            continue
-        plan.blocks = blocks.to(torch.float32)
-        plan.out_scale = None if scale is None else scale.reshape(-1, 1).to(torch.float32)
+        if _is_identity(blocks) and (scale is None or bool((scale == 1).all())):
+            identity.append(module)  # still merged: the pipeline must reproduce it exactly
+        plan.rotations = rotations
 
     zero_has_zero = False
     if source.is_awq and (requant or "awq").lower() == "gptq":

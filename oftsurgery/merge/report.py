@@ -85,7 +85,7 @@ class MergeReport:
             f"{self.kept_fraction:.1%}",
         ]
         if self.identity_modules:
-            lines.append(f"{len(self.identity_modules)} identity rotation(s) copied unchanged")
+            lines.append(f"{len(self.identity_modules)} of the rotations are exactly the identity (untrained?)")
         return "\n".join(lines + self.warnings())
 
     def to_dict(self) -> dict[str, Any]:

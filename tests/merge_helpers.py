@@ -1,0 +1,49 @@
+"""Helpers for merge tests: rotations made from the published Cayley formula, tensor comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from oftsurgery.io import CheckpointReader
+from oftsurgery.oft.adapter_io import RotationSet, save_rotations
+from oftsurgery.oft.rotation import cayley_exact, skew_from_params
+from oftsurgery.quant.codec import find_quantized_layers
+from oftsurgery.quant.config import load_quant_config
+
+
+def layer_in_features(reader: CheckpointReader, prefix: str, method: str) -> int:
+    if method == "awq":
+        return reader.tensors[f"{prefix}.qweight"].shape[0]
+    return reader.tensors[f"{prefix}.g_idx"].shape[0]
+
+
+def random_rotations(checkpoint, path: Path, *, strength: float, block_size: int = 32, seed: int = 0,
+                     select=lambda name: True) -> Path:
+    """Write a rotations file with exact-Cayley blocks of the given strength for the selected layers."""
+    reader = CheckpointReader(checkpoint)
+    method = load_quant_config(checkpoint).method
+    g = torch.Generator().manual_seed(seed)
+    blocks = {}
+    for prefix in find_quantized_layers(reader.tensors):
+        if not select(prefix):
+            continue
+        r = layer_in_features(reader, prefix, method) // block_size
+        params = torch.randn(r, block_size * (block_size - 1) // 2, generator=g) * strength
+        blocks[prefix] = cayley_exact(skew_from_params(params, block_size)).contiguous()
+    save_rotations(RotationSet(blocks, {"parameterization": "cayley"}), path)
+    return path
+
+
+def identity_rotations(checkpoint, path: Path, block_size: int = 32) -> Path:
+    return random_rotations(checkpoint, path, strength=0.0, block_size=block_size)
+
+
+def all_tensors(path) -> dict[str, torch.Tensor]:
+    return dict(CheckpointReader(path).iter_tensors())
+
+
+def assert_bytes_equal(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, name
+    assert torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a, b.view(torch.uint8) if b.dtype != torch.bool else b), name
