@@ -7,7 +7,9 @@ the merge was a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +33,9 @@ def load_quantized_model(path: str | Path, device: str = "cpu"):
 
     backend = BACKEND.TORCH if not str(device).startswith("cuda") else BACKEND.AUTO
     try:
-        model = gm.GPTQModel.load(str(path), backend=backend, device=device)
+        # gptqmodel prints its banner and config to stdout; keep stdout for our own output (--json)
+        with contextlib.redirect_stdout(sys.stderr):
+            model = gm.GPTQModel.load(str(path), backend=backend, device=device)
     except Exception as exc:
         raise InvalidCheckpointError(f"gptqmodel could not load {path} ({type(exc).__name__}: {exc}).") from None
     model.eval()
