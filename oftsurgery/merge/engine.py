@@ -133,28 +133,40 @@ class _Merger:
         self.reports: list[LayerReport] = []
         # the requantized weights of the decoder layer just written, to feed the next layer
         self.merged: dict[str, "QuantizedWeight"] = {}
+        self._unpacked: dict[str, "QuantizedWeight"] = {}
+
+    def source_weight(self, prefix: str) -> "QuantizedWeight":
+        """A layer's stored codes and grid (per-module `dynamic` overrides applied), cached per decoder layer."""
+        from oftsurgery.quant.codec import layer_quant_config, unpack_layer
+
+        if prefix not in self._unpacked:
+            cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
+            self._unpacked[prefix] = unpack_layer(_layer_tensors(self.reader, prefix), cfg)
+        return self._unpacked[prefix]
+
+    def new_decoder_layer(self) -> None:
+        self._unpacked.clear()
+        self.merged.clear()
+
+    def _pack(self, prefix: str, qw: "QuantizedWeight") -> dict[str, "torch.Tensor"]:
+        from oftsurgery.quant.codec import layer_quant_config, pack_layer
+
+        bias_name = f"{prefix}.bias"
+        bias = self.reader.get(bias_name) if bias_name in self.reader else None
+        cfg = layer_quant_config(self.plan.target, prefix) or self.plan.target
+        return {f"{prefix}.{k}": v for k, v in pack_layer(qw, cfg, bias=bias).items()}
 
     def merged_tensors(self, prefix: str, hessian) -> dict[str, "torch.Tensor"]:
         """Packed output tensors for one targeted layer."""
-        from oftsurgery.quant.codec import pack_layer, unpack_layer
-
-        layer = self.plan.layers[prefix]
-        tensors = _layer_tensors(self.reader, prefix)
-        qw = _to_target_grid(unpack_layer(tensors, self.plan.source), self.plan.source, self.plan.target)
-        new_qw, report = requantize_layer(layer, qw, self.options.method, hessian)
+        qw = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
+        new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, hessian)
         self.reports.append(report)
         self.merged[prefix] = new_qw
-        packed = pack_layer(new_qw, self.plan.target, bias=tensors.get("bias"))
-        return {f"{prefix}.{k}": v for k, v in packed.items()}
+        return self._pack(prefix, new_qw)
 
     def converted_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
         """An untargeted layer rewritten in the output format (GPTQ <-> AWQ only)."""
-        from oftsurgery.quant.codec import pack_layer, unpack_layer
-
-        tensors = _layer_tensors(self.reader, prefix)
-        qw = _to_target_grid(unpack_layer(tensors, self.plan.source), self.plan.source, self.plan.target)
-        packed = pack_layer(qw, self.plan.target, bias=tensors.get("bias"))
-        return {f"{prefix}.{k}": v for k, v in packed.items()}
+        return self._pack(prefix, _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target))
 
     def write_group(self, writer: CheckpointWriter, names: list[str], hessians: dict[str, Any]) -> None:
         layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
@@ -183,21 +195,13 @@ def _hessians_for_layer(runner, merger: _Merger, index: int, hidden, kwargs) -> 
     """
     import torch
 
-    from oftsurgery.quant.codec import unpack_layer
-
     plan = merger.plan
     prefix = runner.layer_prefix(index)
-    dequantized: dict[str, torch.Tensor] = {}
-
-    def float_weight(name: str) -> torch.Tensor:
-        if name not in dequantized:
-            tensors = _layer_tensors(merger.reader, name)
-            dequantized[name] = unpack_layer(tensors, plan.source).dequantize()
-        return dequantized[name]
 
     def target_weight(name: str) -> torch.Tensor:
+        weight = merger.source_weight(name).dequantize()
         layer = plan.layers.get(name)
-        return layer.target_weight(float_weight(name)) if layer is not None else float_weight(name)
+        return layer.target_weight(weight) if layer is not None else weight
 
     layer_module = runner.build_layer(index, target_weight)
     hessians: dict[str, torch.Tensor] = {}
@@ -252,6 +256,7 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
             _merge_calibrated(reader, merger, by_layer, writer, report)
         else:
             for index in _progress(by_layer, len(by_layer), "merging", options.progress):
+                merger.new_decoder_layer()
                 merger.write_group(writer, by_layer[index], {})
         writer.close()
         report.layers = merger.reports
@@ -281,17 +286,15 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
     report.calibration, report.calib_tokens = desc, int(ids.numel())
     runner = LayerwiseModel(reader.config, reader.get, device=options.device)
     hidden, kwargs = runner.first_layer_inputs(ids)
-    from oftsurgery.quant.codec import unpack_layer
-
     def merged_weight(name: str) -> torch.Tensor:
         """Float weight of a linear as the merged model will hold it."""
         if name in merger.merged:
             return merger.merged[name].dequantize()
-        return unpack_layer(_layer_tensors(reader, name), merger.plan.source).dequantize()
+        return merger.source_weight(name).dequantize()
 
     for index in _progress(by_layer, len(by_layer), "merging (calibrated)", options.progress):
         names = by_layer[index]
-        merger.merged.clear()
+        merger.new_decoder_layer()
         prefix = runner.layer_prefix(index) + "."
         if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
             hessians, _ = _hessians_for_layer(runner, merger, index, hidden, kwargs)

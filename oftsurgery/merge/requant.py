@@ -51,17 +51,19 @@ def requantize_compensated(
     """
     import torch
 
-    weight = target.to(torch.float32).clone()
+    device = hessian.device  # runs where the Hessian lives (cuda with --device cuda)
+    weight = target.to(device, torch.float32).clone()
     out_f, in_f = weight.shape
-    scales = qw.scales.to(torch.float32)[qw.g_idx.long()].T  # [out, in]
-    zeros = qw.zeros.to(torch.float32)[qw.g_idx.long()].T
+    g_idx = qw.g_idx.long().to(device)
+    scales = qw.scales.to(device, torch.float32)[g_idx].T  # [out, in]
+    zeros = qw.zeros.to(device, torch.float32)[g_idx].T
     maxq = float(2**qw.bits - 1)
 
     H = hessian.to(torch.float64).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H += torch.eye(in_f, dtype=H.dtype) * damp * torch.mean(torch.diag(H))
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
+    H += torch.eye(in_f, dtype=H.dtype, device=device) * damp * torch.mean(torch.diag(H))
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=device)
     inv_perm = torch.argsort(perm)
     weight, scales, zeros = weight[:, perm], scales[:, perm], zeros[:, perm]
     H = H[perm][:, perm]
@@ -86,12 +88,12 @@ def requantize_compensated(
             w_blk[:, j:] -= err.unsqueeze(1) * hinv_blk[j, j:].unsqueeze(0)
             err_blk[:, j] = err
         weight[:, end:] -= err_blk @ Hinv[start:end, end:]
-    return _with_codes(qw, codes[:, inv_perm].round().to(torch.int32))
+    return _with_codes(qw, codes[:, inv_perm].round().to(torch.int32).cpu())
 
 
 def output_error(weight: "torch.Tensor", target: "torch.Tensor", hessian: "torch.Tensor") -> float:
     """‖(weight − target) X‖² computed as tr(E H Eᵀ) with H = Σ x xᵀ."""
     import torch
 
-    err = (weight - target).to(torch.float64)
+    err = (weight.to(hessian.device) - target.to(hessian.device)).to(torch.float64)
     return float(torch.einsum("oi,ij,oj->", err, hessian.to(torch.float64), err))
