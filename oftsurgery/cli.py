@@ -2,14 +2,15 @@
 
 Each command lives in `oftsurgery/commands/<name>.py` and is imported only when it runs (or when
 `--help` lists it), so `oftsurgery --help` never imports torch or gptqmodel. Library errors
-(`OftSurgeryError`) become one line on stderr and the error's exit code; a traceback is shown only
-when OFTSURGERY_DEBUG=1.
+(`OftSurgeryError`) become one line on stderr and the error's exit code; anything else (a bug) becomes
+one line and exit code 1; a traceback is shown only when OFTSURGERY_DEBUG=1. Exit codes: docs/errors.md.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -52,6 +53,12 @@ class LazyGroup(click.Group):
             if debug_enabled():
                 raise
             raise LibraryError(exc) from exc
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # not a user error we foresaw: still one line, the traceback on request
+            if debug_enabled():
+                raise
+            raise UnexpectedError(exc) from exc
 
 
 class LibraryError(click.ClickException):
@@ -60,6 +67,19 @@ class LibraryError(click.ClickException):
     def __init__(self, error: OftSurgeryError):
         super().__init__(_one_line(str(error)))
         self.exit_code = exit_code(error)
+
+
+class UnexpectedError(click.ClickException):
+    """An exception oftsurgery did not foresee (a bug): one line naming it, exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, error: Exception):
+        detail = _one_line(str(error)) or "no message"
+        super().__init__(
+            f"Unexpected {type(error).__name__}: {detail[:300]} (set OFTSURGERY_DEBUG=1 for the traceback "
+            "and report it as a bug)."
+        )
 
 
 def debug_enabled() -> bool:
@@ -76,12 +96,20 @@ def cli() -> None:
     """
 
 
+def _terminate(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the CLI, turning library errors into one line and an exit code."""
+    """Console entry point: run the CLI, turning library errors into one line and an exit code.
+
+    SIGTERM is handled like Ctrl-C, so `kill` also runs the cleanup that removes temporary files.
+    """
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="oftsurgery", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt outside our own handling
+        click.echo("Error: Interrupted.", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -94,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"Error: {_one_line(str(exc))}", err=True)
         sys.exit(exit_code(exc))
     except KeyboardInterrupt:
-        click.echo("Error: interrupted.", err=True)
+        click.echo("Error: Interrupted.", err=True)
         sys.exit(130)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -31,7 +32,7 @@ def check_output_path(out: str | Path, inputs: Sequence[str | Path] = (), overwr
     """Validate an output path before any work starts; return it resolved.
 
     Refuses: an existing output without `overwrite`; an output that is an input, lies inside one, or
-    contains one; a parent directory that cannot be written.
+    contains one; a parent that is not a directory or cannot be written.
     """
     out_path = Path(out).expanduser().resolve()
     for item in inputs:
@@ -42,13 +43,46 @@ def check_output_path(out: str | Path, inputs: Sequence[str | Path] = (), overwr
             raise OutputPathError(f"The output {out_path} contains the input {in_path}; choose another path.")
     if out_path.exists() and not overwrite:
         raise OutputPathError(f"{out_path} already exists; pass --overwrite to replace it.")
-    parent = out_path.parent
-    probe = parent
+    probe = out_path.parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputPathError(f"Cannot write to {probe} (permission denied).")
+    if not probe.is_dir():
+        raise OutputPathError(f"Cannot write {out_path}: {probe} is not a directory.")
+    if not _writable(probe):
+        raise OutputPathError(f"Cannot write to {probe} (permission denied or read-only file system).")
     return out_path
+
+
+def _writable(directory: Path) -> bool:
+    """Whether files can be created in `directory`: tried for real, because `os.access` says yes to
+    root on a read-only mount and ignores ACLs."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".oftsurgery-probe-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind an exception: itself, or the "(os error N)" that safetensors reports as text."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    writing = type(exc).__name__ == "SafetensorError" and "serializ" in text
+    match = _SAFETENSORS_OS_ERROR.search(text) if writing else None
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
+
+
+_SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 class _SignalsAsExceptions:
@@ -76,6 +110,9 @@ def atomic_output(out: str | Path, overwrite: bool = False, is_file: bool = Fals
 
     With `is_file=True` the yielded path is a file path inside a temporary directory, else a
     directory. The caller should have run `check_output_path` first; this re-checks existence.
+    The temporary directory (`.NAME.tmp-*` next to `out`) is removed whatever happens. Failures
+    while writing become one-sentence errors: a full disk (`DiskFullError`), a path that cannot be
+    written (`OutputPathError`), Ctrl-C or SIGTERM (`InterruptedError_`).
     """
     out_path = Path(out).expanduser().resolve()
     if out_path.exists() and not overwrite:
@@ -83,8 +120,14 @@ def atomic_output(out: str | Path, overwrite: bool = False, is_file: bool = Fals
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    except PermissionError:
-        raise OutputPathError(f"Cannot write to {out_path.parent} (permission denied).") from None
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise DiskFullError(f"The disk is full: cannot create {out_path}; nothing was written.") from None
+        raise OutputPathError(f"Cannot write to {out_path.parent} ({exc.strerror or exc}).") from None
+    # mkdtemp makes the directory private (0700); the output should get the usual permissions
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)
     target = tmp_dir / out_path.name if is_file else tmp_dir
     try:
         with _SignalsAsExceptions():
@@ -98,9 +141,20 @@ def atomic_output(out: str | Path, overwrite: bool = False, is_file: bool = Fals
                 os.replace(target, out_path)
     except KeyboardInterrupt:
         raise InterruptedError_(f"Interrupted; nothing was written to {out_path}.") from None
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise DiskFullError(f"The disk is full while writing {out_path}; nothing was written.") from None
+    except Exception as exc:
+        error = _os_error(exc)
+        if error is not None and error.errno in _DISK_FULL:
+            raise DiskFullError(
+                f"The disk is full ({error.strerror}) while writing {out_path}; nothing was written, "
+                "free some space and run again."
+            ) from exc
+        if error is not None and error.errno == errno.EFBIG:
+            raise OutputPathError(
+                f"The file system of {out_path} cannot hold a file this large ({error.strerror}); nothing was "
+                "written, pass a smaller --max-shard-size or write elsewhere."
+            ) from exc
+        if error is not None and error.errno in _NOT_WRITABLE and _is_within(Path(error.filename or tmp_dir), tmp_dir):
+            raise OutputPathError(f"Cannot write {out_path} ({error.strerror}); nothing was written.") from exc
         raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -1,9 +1,14 @@
 """Stream tensors by name out of a Hugging Face checkpoint directory.
 
 A checkpoint is `config.json` plus either one `model.safetensors` or shards listed in
-`model.safetensors.index.json`. Only safetensors are read (never pickle). Shard headers are parsed
-up front, so a truncated or corrupt file, or an index naming a missing shard, is reported before
-any work; tensors are then memory-mapped one at a time, so memory is bounded by the largest tensor.
+`model.safetensors.index.json`. Shard headers are parsed up front, so a truncated or corrupt file,
+or an index naming a missing shard, is reported before any work; tensors are then memory-mapped one
+at a time, so memory is bounded by the largest tensor.
+
+Pickle checkpoints (`pytorch_model.bin`, sharded or not) are refused by default: unpickling can run
+code hidden in the file. With `allow_pickle=True` (the CLI's `--allow-pickle`) they are read with
+`torch.load(weights_only=True, mmap=True)`, torch's restricted unpickler that accepts only tensors
+and plain containers, and served by name like safetensors shards. Outputs are always safetensors.
 """
 
 from __future__ import annotations
@@ -22,7 +27,11 @@ if TYPE_CHECKING:
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
+PICKLE_FILES = ("pytorch_model.bin", PICKLE_INDEX_FILE, "model.pt", "model.bin")
+# weight files that never travel as side files: a stale copy of the unmerged weights must not be
+# copied next to the merged ones
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -84,6 +93,16 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, Tenso
     return metadata, tensors
 
 
+def _torch_dtype_names() -> dict[Any, str]:
+    """torch dtype -> the safetensors name `TensorInfo.dtype` uses."""
+    import torch
+
+    return {
+        torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+        torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+    }
+
+
 class CheckpointReader:
     """Read-only view of a checkpoint directory: config, tensor names, shapes, and tensors by name.
 
@@ -108,39 +127,34 @@ class CheckpointReader:
         self.tensors: dict[str, TensorInfo] = {}
         self._index_metadata: dict[str, Any] = {}
         self._open: tuple[str, Any] | None = None
+        self._pickled: dict[str, dict[str, Any]] = {}  # pickle file -> its state dict (memory-mapped)
         self._scan(allow_pickle)
 
     def _scan(self, allow_pickle: bool) -> None:
         index = self.path / INDEX_FILE
         single = self.path / SINGLE_FILE
         if index.is_file():
-            try:
-                data = json.loads(index.read_text(encoding="utf-8"))
-                weight_map: dict[str, str] = data["weight_map"]
-                self._index_metadata = data.get("metadata") or {}
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                raise InvalidCheckpointError(f"{index} is not a valid safetensors index (needs a weight_map).") from None
-            files = sorted(set(weight_map.values()))
-            for file in files:
-                if not (self.path / file).is_file():
-                    raise InvalidCheckpointError(f"{index} names the shard {file}, which is missing.")
+            files, weight_map = self._read_index(index)
         elif single.is_file():
             files, weight_map = [SINGLE_FILE], None
         else:
-            pickles = [p for p in PICKLE_FILES if (self.path / p).exists()]
-            if pickles:
-                if not allow_pickle:
-                    raise UnsupportedFormatError(
-                        f"{self.path} holds only pickle weights ({pickles[0]}); oftsurgery loads safetensors only. "
-                        "Convert it first, or pass --allow-pickle if you trust its source."
-                    )
+            pickles = [p for p in PICKLE_FILES if (self.path / p).is_file()]
+            if not pickles:
+                raise InvalidCheckpointError(f"{self.path} has no model.safetensors and no {INDEX_FILE}.")
+            if not allow_pickle:
                 raise UnsupportedFormatError(
-                    f"{self.path} holds pickle weights ({pickles[0]}); convert them to safetensors with "
-                    "`oftsurgery convert-pickle` first."
+                    f"{self.path} holds only pickle weights ({pickles[0]}), and loading a pickle can run code hidden "
+                    "in it; convert it to safetensors, or pass --allow-pickle if you trust its source."
                 )
-            raise InvalidCheckpointError(f"{self.path} has no model.safetensors and no {INDEX_FILE}.")
+            if PICKLE_INDEX_FILE in pickles:
+                files, weight_map = self._read_index(self.path / PICKLE_INDEX_FILE)
+            else:
+                files, weight_map = [pickles[0]], None
         for file in files:
-            metadata, tensors = read_safetensors_header(self.path / file)
+            if file.endswith(".safetensors"):
+                metadata, tensors = read_safetensors_header(self.path / file)
+            else:
+                metadata, tensors = {}, self._load_pickle(self.path / file)
             self.shard_metadata[file] = metadata
             for name, info in tensors.items():
                 if name in self.tensors:
@@ -153,6 +167,51 @@ class CheckpointReader:
                     f"{self.path / INDEX_FILE} lists {len(missing)} tensor(s) not found in their shard "
                     f"(first: {missing[0]!r})."
                 )
+
+    def _read_index(self, index: Path) -> tuple[list[str], dict[str, str]]:
+        """The shard files an index names (all present) and its weight map."""
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            weight_map: dict[str, str] = dict(data["weight_map"])
+            self._index_metadata = data.get("metadata") or {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            raise InvalidCheckpointError(f"{index} is not a valid checkpoint index (needs a weight_map).") from None
+        files = sorted(set(weight_map.values()))
+        for file in files:
+            if not isinstance(file, str) or not (self.path / file).is_file() or Path(file).name != file:
+                raise InvalidCheckpointError(f"{index} names the shard {file}, which is missing.")
+        return files, weight_map
+
+    def _load_pickle(self, path: Path) -> dict[str, TensorInfo]:
+        """Open a pickle shard with torch's weights-only unpickler (memory-mapped); describe its tensors."""
+        import pickle
+
+        import torch
+
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # the pre-1.6 (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedFormatError(
+                f"{path} holds objects other than tensors, which the weights-only loader refuses ({first})."
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a truncated or corrupt zip
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidCheckpointError(f"{path} cannot be read as a PyTorch weights file ({first}).") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise InvalidCheckpointError(f"{path} is not a state dict of named tensors.")
+        self._pickled[path.name] = state
+        dtype_names = _torch_dtype_names()
+        return {
+            name: TensorInfo(name, path.name, dtype_names.get(t.dtype, str(t.dtype)), tuple(t.shape),
+                             t.numel() * t.element_size())
+            for name, t in state.items()
+        }
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -179,6 +238,8 @@ class CheckpointReader:
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"{name!r} is not in {self.path}")
+        if info.file in self._pickled:
+            return self._pickled[info.file][name].clone().contiguous()
         if self._open is None or self._open[0] != info.file:
             self._open = (info.file, safe_open(str(self.path / info.file), framework="pt", device="cpu"))
         try:
@@ -200,5 +261,9 @@ class CheckpointReader:
         return [
             p
             for p in sorted(self.path.iterdir())
-            if p.is_file() and not p.name.startswith(".") and p.name not in self.shard_metadata and p.name != INDEX_FILE and p.suffix != ".safetensors"
+            if p.is_file()
+            and not p.name.startswith(".")
+            and p.name not in self.shard_metadata
+            and p.name not in (INDEX_FILE, PICKLE_INDEX_FILE)
+            and not p.name.endswith(WEIGHT_SUFFIXES)
         ]

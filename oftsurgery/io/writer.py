@@ -8,6 +8,8 @@ at `close()`, once N is known. Use it inside `atomic_output` so the directory ap
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,12 +46,10 @@ class CheckpointWriter:
         self._total += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self._buffer:
             return
         path = self.out_dir / f"part-{len(self._parts)}.safetensors"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        save_shard(self._buffer, path)
         self._parts.append((path, list(self._buffer)))
         self._buffer, self._buffer_bytes = {}, 0
 
@@ -70,6 +70,29 @@ class CheckpointWriter:
         index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return names
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_shard(tensors: dict[str, "torch.Tensor"], path: Path) -> None:
+    """`safetensors.torch.save_file` with `{"format": "pt"}`, its I/O failures raised as `OSError`.
+
+    safetensors reports a failed write (a full disk, a read-only file system) as a `SafetensorError`
+    whose text ends in "(os error N)"; turning it back into `OSError(N)` lets `atomic_output` tell a
+    full disk from other failures.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        match = _OS_ERROR.search(str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def copy_side_files(files: list[Path], out_dir: str | Path, skip: set[str] = SIDE_FILE_SKIP) -> list[str]:

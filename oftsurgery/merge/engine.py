@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oftsurgery.errors import MergeError
+from oftsurgery.errors import MergeError, OftSurgeryError
 from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
 from oftsurgery.merge.report import LayerReport, MergeReport
@@ -44,6 +44,7 @@ class MergeOptions:
     max_shard_size: int = 5 * 1024**3
     command: str | None = None
     progress: bool = True
+    allow_pickle: bool = False  # read a pickle-only checkpoint with torch's weights-only loader
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,6 +134,7 @@ class _Merger:
         self.reports: list[LayerReport] = []
         # the requantized weights of the decoder layer just written, to feed the next layer
         self.merged: dict[str, "QuantizedWeight"] = {}
+        self.current: str | None = None  # the layer being merged, named if something fails
         self._unpacked: dict[str, "QuantizedWeight"] = {}
 
     def source_weight(self, prefix: str) -> "QuantizedWeight":
@@ -172,6 +174,7 @@ class _Merger:
         layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
         produced: dict[str, "torch.Tensor"] = {}
         for prefix in layers_here:
+            self.current = prefix
             layer = self.plan.layers[prefix]
             if layer.targeted:
                 produced.update(self.merged_tensors(prefix, hessians.get(prefix)))
@@ -230,7 +233,7 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
     if options.method not in METHODS:
         raise MergeError(f"--method must be one of {', '.join(METHODS)}, not {options.method!r}.")
     started = time.perf_counter()
-    reader = CheckpointReader(checkpoint)
+    reader = CheckpointReader(checkpoint, allow_pickle=options.allow_pickle)
     source = load_quant_config(checkpoint)
     rotations = load_rotations(adapter)
     plan = plan_merge(reader, source, rotations, options.requant)
@@ -249,22 +252,32 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
         identity_modules=plan.identity_modules, command=options.command,
     )
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
-    with atomic_output(out_path, overwrite=options.overwrite) as tmp:
-        writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
-        merger.write_group(writer, outside, {})
-        if options.method == "calibrated" and plan.targeted:
-            _merge_calibrated(reader, merger, by_layer, writer, report)
-        else:
-            for index in _progress(by_layer, len(by_layer), "merging", options.progress):
-                merger.new_decoder_layer()
-                merger.write_group(writer, by_layer[index], {})
-        writer.close()
-        report.layers = merger.reports
-        report.seconds = time.perf_counter() - started
-        _write_configs(reader, plan, tmp)
-        copy_side_files(reader.side_files(), tmp)
-        report.write(tmp / REPORT_FILE)
-        _write_card(tmp, report, plan)
+    try:
+        with atomic_output(out_path, overwrite=options.overwrite) as tmp:
+            writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
+            merger.write_group(writer, outside, {})
+            if options.method == "calibrated" and plan.targeted:
+                _merge_calibrated(reader, merger, by_layer, writer, report)
+            else:
+                for index in _progress(by_layer, len(by_layer), "merging", options.progress):
+                    merger.new_decoder_layer()
+                    merger.write_group(writer, by_layer[index], {})
+            writer.close()
+            report.layers = merger.reports
+            report.seconds = time.perf_counter() - started
+            _write_configs(reader, plan, tmp)
+            copy_side_files(reader.side_files(), tmp)
+            report.write(tmp / REPORT_FILE)
+            _write_card(tmp, report, plan)
+    except OftSurgeryError:
+        raise
+    except Exception as exc:
+        # a bug or an unforeseen input: atomic_output has already removed the temporary files
+        where = f" at {merger.current}" if merger.current else ""
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+        raise MergeError(
+            f"The merge failed{where} ({type(exc).__name__}: {detail}); nothing was written to {out_path}."
+        ) from exc
     return report
 
 
