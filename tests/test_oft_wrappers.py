@@ -186,6 +186,17 @@ def test_eval_cache_recomputed_only_when_parameters_change(layers, monkeypatch):
     assert len(calls) == 5  # training mode never caches
 
 
+def test_eval_cache_survives_coft_projection(layers):
+    wrapper = GPTQOFTLinear(layers["gptq"], "default", r=0, oft_block_size=16, coft=True, eps=1e-3,
+                            init_weights=False).eval()
+    x = torch.randn(2, IN)
+    with torch.no_grad():
+        wrapper(x)
+        cached = wrapper.oft_R["default"]._cache
+        wrapper(x)
+    assert wrapper.oft_R["default"]._cache is cached
+
+
 @pytest.mark.parametrize("kind", ["gptq", "awq"])
 def test_gradients_reach_rotation_through_quantized_kernel(layers, kind):
     """Training through gptqmodel's CPU torch kernels matches a dense float64 computation's gradient."""

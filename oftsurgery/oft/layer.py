@@ -97,9 +97,14 @@ class OFTRotation(nn.Module):
         if needs_graph:
             return self._materialize()
         if self.coft:
-            # the projection may change the parameters; do it before reading the version
+            # The projection may change the parameters; do it before reading the version. Projecting
+            # already-projected parameters moves them by rounding only (‖Q‖ lands a few ulps above
+            # the radius); PEFT rewrites them anyway, we keep them so the cache survives.
             with torch.no_grad():
-                self.weight.copy_(rot.coft_project(self.weight, self.block_size, self.eps))
+                projected = rot.coft_project(self.weight, self.block_size, self.eps)
+                rounding = 4 * torch.finfo(self.weight.dtype).eps
+                if not torch.allclose(projected, self.weight, rtol=rounding, atol=0):
+                    self.weight.copy_(projected)
         key = (
             self.weight._version,
             self.weight.data_ptr(),
