@@ -8,19 +8,38 @@ import click
 
 
 @click.command("inspect")
-@click.argument("path", type=click.Path(path_type=str))
+@click.argument("path", metavar="CHECKPOINT|ADAPTER_OR_ROTATIONS", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON object instead of a table.")
 @click.option("--layers", is_flag=True, help="With --json, include every quantized layer.")
-def command(path: str, as_json: bool, layers: bool) -> None:
-    """Describe a GPTQ/AWQ checkpoint: method, bits, group size, layers by kind, size.
+@click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=str), metavar="FILE.png",
+              help="For an adapter or rotations file: draw rotation strength per layer and module kind "
+                   "(a heatmap) into FILE.png.")
+@click.option("--all", "show_all", is_flag=True, help="For an adapter or rotations file: list every module, "
+              "not only the 20 strongest.")
+def command(path: str, as_json: bool, layers: bool, plot: str | None, show_all: bool) -> None:
+    """Describe a GPTQ/AWQ checkpoint, or an OFT adapter / rotations file.
 
-    Only headers and configs are read, so it is fast on any size.
+    For a checkpoint: method, bits, group size, layers by kind, size. Only headers and
+    configs are read, so it is fast on any size.
+
+    For a PEFT OFT adapter folder (any PEFT version) or a rotations file written by
+    `oftsurgery extract`: the rotation strength ‖R − I‖_F of every module, strongest
+    first; --plot draws it as a heatmap of module kinds × decoder layers.
 
     \b
     Examples:
       oftsurgery inspect ./SmolLM2-135M-GPTQ-4bit
       oftsurgery inspect ./SmolLM2-135M-GPTQ-4bit --json
+      oftsurgery inspect ./my-oft-adapter
+      oftsurgery inspect rotations.safetensors --plot rotations.png
     """
+    from oftsurgery.rotation_summary import is_adapter_or_rotations
+
+    if is_adapter_or_rotations(path):
+        _inspect_rotations(path, as_json, plot, show_all)
+        return
+    if plot:
+        raise click.UsageError("--plot draws the rotations of an adapter folder or rotations file, not a checkpoint.")
     from oftsurgery.inspect import render_summary, summarize_checkpoint
 
     summary = summarize_checkpoint(path)
@@ -28,3 +47,18 @@ def command(path: str, as_json: bool, layers: bool) -> None:
         click.echo(json.dumps(summary.to_dict(with_layers=layers), indent=2))
     else:
         click.echo(render_summary(summary))
+
+
+def _inspect_rotations(path: str, as_json: bool, plot: str | None, show_all: bool) -> None:
+    from oftsurgery.rotation_summary import summarize_rotations
+
+    summary = summarize_rotations(path)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        click.echo(summary.render(top=None if show_all else 20))
+    if plot:
+        from oftsurgery.plots import plot_rotation_strength
+
+        out = plot_rotation_strength(summary, plot)
+        click.echo(f"wrote {out}", err=as_json)
