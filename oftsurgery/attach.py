@@ -45,21 +45,13 @@ class AttachResult:
 def quantized_linear_shapes(checkpoint: str | Path) -> dict[str, int]:
     """module path -> in_features of every quantized linear in the checkpoint (from headers only)."""
     from oftsurgery.io import CheckpointReader
-    from oftsurgery.quant.codec import find_quantized_layers
     from oftsurgery.quant.config import load_quant_config
+    from oftsurgery.quant.layout import quantized_linear_shapes as layer_shapes
 
     reader = CheckpointReader(checkpoint)
     qcfg = load_quant_config(checkpoint)
-    shapes: dict[str, int] = {}
-    for prefix in find_quantized_layers(reader.tensors):
-        qweight = reader.tensors[f"{prefix}.qweight"].shape
-        g_idx = reader.tensors.get(f"{prefix}.g_idx")
-        if qcfg.is_awq:
-            shapes[prefix] = int(qweight[0])
-        elif g_idx is not None:
-            shapes[prefix] = int(g_idx.shape[0])
-        else:
-            shapes[prefix] = int(qweight[0]) * 32 // qcfg.bits
+    header_shapes = {name: info.shape for name, info in reader.tensors.items()}
+    shapes = {prefix: in_f for prefix, (in_f, _) in layer_shapes(header_shapes, qcfg).items()}
     if not shapes:
         raise InvalidCheckpointError(f"{checkpoint} has no quantized linear layers (no .qweight/.qzeros/.scales).")
     return shapes

@@ -13,7 +13,8 @@ from typing import Any
 
 from oftsurgery.errors import InvalidCheckpointError
 from oftsurgery.io.reader import CheckpointReader
-from oftsurgery.quant.config import QuantConfig, load_quant_config
+from oftsurgery.quant.config import load_quant_config
+from oftsurgery.quant.layout import quantized_linear_shapes
 
 
 @dataclass
@@ -50,42 +51,18 @@ class CheckpointSummary:
         return data
 
 
-def find_quantized_prefixes(names) -> list[str]:
-    """Module paths that carry a packed quantized linear (qweight + qzeros + scales)."""
-    names = set(names)
-    return sorted(
-        n[: -len(".qweight")]
-        for n in names
-        if n.endswith(".qweight") and {n[:-7] + "qzeros", n[:-7] + "scales"} <= names
-    )
-
-
-def linear_shape(shapes: dict[str, tuple[int, ...]], prefix: str, qcfg: QuantConfig) -> tuple[int, int]:
-    """(in_features, out_features) of a packed layer, from its tensor shapes alone."""
-    qweight = shapes[f"{prefix}.qweight"]
-    out_features = shapes[f"{prefix}.scales"][1]
-    if qcfg.is_awq:
-        in_features = qweight[0]
-    elif f"{prefix}.g_idx" in shapes:
-        in_features = shapes[f"{prefix}.g_idx"][0]
-    else:
-        in_features = qweight[0] * 32 // qcfg.bits
-    return in_features, out_features
-
-
 def summarize_checkpoint(path: str | Path) -> CheckpointSummary:
     """Read a checkpoint's metadata and describe its quantization and quantized layers."""
     reader = CheckpointReader(path)
     qcfg = load_quant_config(path)
     shapes = {name: info.shape for name, info in reader.tensors.items()}
-    prefixes = find_quantized_prefixes(shapes)
-    if not prefixes:
+    layer_shapes = quantized_linear_shapes(shapes, qcfg)
+    if not layer_shapes:
         raise InvalidCheckpointError(
             f"{path} declares {qcfg.method.upper()} quantization but holds no packed layers (no .qweight/.qzeros/.scales)."
         )
     layers = []
-    for prefix in prefixes:
-        in_f, out_f = linear_shape(shapes, prefix, qcfg)
+    for prefix, (in_f, out_f) in layer_shapes.items():
         layers.append(QuantLayerInfo(prefix, prefix.rsplit(".", 1)[-1], in_f, out_f, f"{prefix}.bias" in shapes))
     kinds = Counter(layer.kind for layer in layers)
     kind_shapes: dict[str, set[tuple[int, int]]] = defaultdict(set)

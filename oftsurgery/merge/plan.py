@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from oftsurgery.errors import InvalidAdapterError, UnsupportedFormatError
-from oftsurgery.inspect import find_quantized_prefixes, linear_shape
+from oftsurgery.quant.layout import quantized_linear_shapes
 from oftsurgery.quant.config import QuantConfig, parse_quant_config
 
 if TYPE_CHECKING:
@@ -108,8 +108,7 @@ def plan_merge(reader: "CheckpointReader", source: QuantConfig, rotations, requa
 
     shapes = {name: info.shape for name, info in reader.tensors.items()}
     layers: dict[str, LayerPlan] = {}
-    for prefix in find_quantized_prefixes(shapes):
-        in_f, out_f = linear_shape(shapes, prefix, source)
+    for prefix, (in_f, out_f) in quantized_linear_shapes(shapes, source).items():
         layers[prefix] = LayerPlan(prefix, in_f, out_f, None)
     if not layers:
         raise InvalidAdapterError(f"{reader.path} holds no quantized linear layers to merge into.")

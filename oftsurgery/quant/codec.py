@@ -17,18 +17,7 @@ from oftsurgery.quant.config import QuantConfig
 from oftsurgery.quant.gptq import pack_gptq, unpack_gptq
 from oftsurgery.quant.grid import QuantizedWeight
 
-LAYER_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
-_REQUIRED_SUFFIXES = ("qweight", "qzeros", "scales")
-
-
-def find_quantized_layers(tensor_names: Iterable[str]) -> list[str]:
-    """Module prefixes (sorted) that have all of `.qweight`, `.qzeros` and `.scales`."""
-    seen: dict[str, set[str]] = {}
-    for name in tensor_names:
-        prefix, _, suffix = name.rpartition(".")
-        if prefix and suffix in _REQUIRED_SUFFIXES:
-            seen.setdefault(prefix, set()).add(suffix)
-    return sorted(prefix for prefix, suffixes in seen.items() if len(suffixes) == len(_REQUIRED_SUFFIXES))
+from oftsurgery.quant.layout import LAYER_SUFFIXES, find_quantized_layers  # noqa: F401  (re-exported)
 
 
 def layer_tensors(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
