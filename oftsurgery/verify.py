@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from oftsurgery.errors import InvalidAdapterError
+from oftsurgery.errors import InvalidAdapterError, InvalidCheckpointError
 from oftsurgery.evaluate import FidelityFigures, eval_text, load_quantized_model, logits_of, mean_nll, token_windows
 
 DEFAULT_EVAL_TOKENS = 4096
@@ -66,14 +66,32 @@ def attach_for_evaluation(model, adapter: str | Path) -> int:
     return len(rotations.blocks)
 
 
+def check_verify_inputs(merged: str | Path, base: str | Path, adapter: str | Path) -> None:
+    """Refuse broken, unsupported or mismatched inputs before three models are loaded (headers only)."""
+    from oftsurgery.io import CheckpointReader
+    from oftsurgery.merge.plan import plan_merge
+    from oftsurgery.oft.adapter_io import load_rotations
+    from oftsurgery.quant.config import load_quant_config
+
+    CheckpointReader(merged)
+    load_quant_config(merged)
+    base_reader = CheckpointReader(base)
+    plan_merge(base_reader, load_quant_config(base), load_rotations(adapter))
+
+
 def verify_merge(merged: str | Path, base: str | Path, adapter: str | Path, *, text: str | None = None,
                  num_tokens: int = DEFAULT_EVAL_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
                  device: str = "cpu") -> FidelityFigures:
     """Perplexity of base / attached / merged on held-out text, retention and max logit difference."""
-    import torch
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    check_verify_inputs(merged, base, adapter)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing/broken tokenizer
+        raise InvalidCheckpointError(
+            f"The tokenizer of {base} cannot be loaded ({type(exc).__name__}); verify needs it to tokenize the text."
+        ) from None
     content, description = eval_text(text, max_chars=num_tokens * 12)
     windows = token_windows(content, tokenizer, num_tokens, seq_len)
 
