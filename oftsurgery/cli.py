@@ -110,9 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="oftsurgery", standalone_mode=False)
     except click.exceptions.Abort:  # click's form of KeyboardInterrupt outside our own handling
         click.echo("Error: Interrupted.", err=True)
-        sys.exit(130)
+        _exit_interrupted()
     except click.ClickException as exc:
         exc.show()
+        if exc.exit_code == INTERRUPTED:
+            _exit_interrupted()
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -123,7 +125,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exit_code(exc))
     except KeyboardInterrupt:
         click.echo("Error: Interrupted.", err=True)
-        sys.exit(130)
+        _exit_interrupted()
+
+
+INTERRUPTED = 130
+
+
+def _exit_interrupted() -> None:
+    """Exit with 130 after an interruption, once our cleanup has run.
+
+    Not `sys.exit`: when the interrupt landed while CPython was running code through its C API (some
+    imports do), CPython remembers it as unhandled and, at exit, kills the process with SIGINT
+    instead of returning our code. Worker threads still busy are abandoned on purpose.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(INTERRUPTED)
 
 
 def _one_line(message: str) -> str:
