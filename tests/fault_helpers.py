@@ -105,10 +105,22 @@ def reshard(src: Path, dst: Path, max_shard_size: int = 100_000) -> Path:
     return dst
 
 
-def to_pickle_only(src: Path, dst: Path) -> Path:
-    """A copy of a checkpoint whose weights are one `pytorch_model.bin` (torch.save of the state dict)."""
+def to_pickle_only(src: Path, dst: Path, shards: int = 1) -> Path:
+    """A copy of a checkpoint whose weights are pickles, as transformers wrote them before safetensors:
+    one `pytorch_model.bin`, or `pytorch_model-0000k-of-0000N.bin` shards plus their index."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    torch.save(dict(CheckpointReader(src).iter_tensors()), dst / "pytorch_model.bin")
+    state = dict(CheckpointReader(src).iter_tensors())
+    if shards == 1:
+        torch.save(state, dst / "pytorch_model.bin")
+        return dst
+    names = sorted(state)
+    weight_map = {}
+    for k in range(shards):
+        file = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = names[k::shards]
+        torch.save({n: state[n] for n in part}, dst / file)
+        weight_map.update({n: file for n in part})
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
 
 

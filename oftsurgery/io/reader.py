@@ -14,6 +14,7 @@ and plain containers, and served by name like safetensors shards. Outputs are al
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,7 +145,8 @@ class CheckpointReader:
             if not allow_pickle:
                 raise UnsupportedFormatError(
                     f"{self.path} holds only pickle weights ({pickles[0]}), and loading a pickle can run code hidden "
-                    "in it; convert it to safetensors, or pass --allow-pickle if you trust its source."
+                    "in it; convert it to safetensors, or, if you trust its source, let `oftsurgery merge "
+                    "--allow-pickle` read it."
                 )
             if PICKLE_INDEX_FILE in pickles:
                 files, weight_map = self._read_index(self.path / PICKLE_INDEX_FILE)
@@ -196,9 +198,12 @@ class CheckpointReader:
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # torch's text is a paragraph; the line naming the refused global is what the user needs
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            what = f" (it references {found.group(1)})" if found else ""
             raise UnsupportedFormatError(
-                f"{path} holds objects other than tensors, which the weights-only loader refuses ({first})."
+                f"{path} holds objects other than tensors{what}, which the weights-only loader refuses; "
+                "it was not loaded."
             ) from None
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a truncated or corrupt zip
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
