@@ -158,26 +158,31 @@ class _Merger:
         cfg = layer_quant_config(self.plan.target, prefix) or self.plan.target
         return {f"{prefix}.{k}": v for k, v in pack_layer(qw, cfg, bias=bias).items()}
 
-    def merged_tensors(self, prefix: str, hessian) -> dict[str, "torch.Tensor"]:
-        """Packed output tensors for one targeted layer."""
+    def requantize(self, prefix: str, hessian) -> "QuantizedWeight":
+        """Fold the rotation into one targeted layer and requantize it (kept until the layer is written)."""
         qw = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
         new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, hessian)
         self.reports.append(report)
         self.merged[prefix] = new_qw
-        return self._pack(prefix, new_qw)
+        return new_qw
+
+    def merged_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
+        """Packed output tensors for one targeted layer (requantized data-free if not done yet)."""
+        qw = self.merged[prefix] if prefix in self.merged else self.requantize(prefix, None)
+        return self._pack(prefix, qw)
 
     def converted_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
         """An untargeted layer rewritten in the output format (GPTQ <-> AWQ only)."""
         return self._pack(prefix, _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target))
 
-    def write_group(self, writer: CheckpointWriter, names: list[str], hessians: dict[str, Any]) -> None:
+    def write_group(self, writer: CheckpointWriter, names: list[str]) -> None:
         layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
         produced: dict[str, "torch.Tensor"] = {}
         for prefix in layers_here:
             self.current = prefix
             layer = self.plan.layers[prefix]
             if layer.targeted:
-                produced.update(self.merged_tensors(prefix, hessians.get(prefix)))
+                produced.update(self.merged_tensors(prefix))
             elif self.plan.converts_format:
                 produced.update(self.converted_tensors(prefix))
         owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in layers_here
@@ -189,39 +194,80 @@ class _Merger:
             writer.add(name, produced[name])
 
 
-def _hessians_for_layer(runner, merger: _Merger, index: int, hidden, kwargs) -> tuple[dict[str, Any], Any]:
-    """Calibrate decoder layer `index`; return the per-linear input Hessians and the next hidden states.
+def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[str]]:
+    """Targeted linears of a decoder layer grouped by the input they share, in execution order.
 
-    The layer's linears are set to their full-precision merged weights W·Rᵀ to collect the inputs
-    each linear sees; the Hessians come from the *merged* model's stream (the hidden states that the
-    already-requantized earlier layers produce), so each layer compensates what earlier layers lost.
+    For a Llama block this is [q, k, v], [o], [gate, up], [down]: each group's input depends only on
+    the groups before it, so requantizing group by group lets every group see (and compensate) what
+    the earlier groups of the same layer will really feed it.
     """
     import torch
 
-    plan = merger.plan
-    prefix = runner.layer_prefix(index)
+    seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
+    hooks = [
+        layer_module.get_submodule(name).register_forward_hook(
+            lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        layer_module(sample, **kwargs)
+    for h in hooks:
+        h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, tensor in seen:
+        group = next((g for t, g in groups if t is tensor), None)
+        if group is None:
+            groups.append((tensor, [name]))
+        elif name not in group:
+            group.append(name)
+    return [names for _, names in groups]
 
-    def target_weight(name: str) -> torch.Tensor:
-        weight = merger.source_weight(name).dequantize()
-        layer = plan.layers.get(name)
-        return layer.target_weight(weight) if layer is not None else weight
 
-    layer_module = runner.build_layer(index, target_weight)
+def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[str, Any]:
+    """H = Σ x xᵀ over every calibration token at the inputs of the named linears."""
+    import torch
+
     hessians: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name in runner.linear_names(layer_module):
-        full = f"{prefix}.{name}"
-        if full in plan.layers and plan.layers[full].targeted:
-            def hook(mod, inputs, output, full=full):
-                x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-                hessians[full] = hessians.get(full, 0) + x.T @ x
-            hooks.append(layer_module.get_submodule(name).register_forward_hook(hook))
+
+    def hook(mod, inputs, output, name):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+        hessians[name] = hessians.get(name, 0) + x.T @ x
+
+    hooks = [layer_module.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
     with torch.no_grad():
         for row in range(hidden.shape[0]):  # one row at a time bounds the attention memory
             layer_module(hidden[row : row + 1], **kwargs)
     for h in hooks:
         h.remove()
-    return hessians, layer_module
+    return hessians
+
+
+def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwargs) -> None:
+    """Requantize the targeted linears of decoder layer `index` group by group on real activations.
+
+    `hidden` is the merged model's stream (what the already-requantized earlier layers produce), so
+    each layer compensates what earlier layers lost. Within the layer, linears not yet requantized
+    hold their full-precision merged weight W·Rᵀ; those already done hold their requantized weight.
+    """
+    plan = merger.plan
+    prefix = runner.layer_prefix(index) + "."
+
+    def current_weight(name: str):
+        if name in merger.merged:
+            return merger.merged[name].dequantize()
+        return plan.layers[name].target_weight(merger.source_weight(name).dequantize()) if name in plan.layers \
+            else merger.source_weight(name).dequantize()
+
+    layer_module = runner.build_layer(index, current_weight)
+    local = [n for n in runner.linear_names(layer_module)
+             if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
+    for group in _input_groups(layer_module, local, hidden[:1], kwargs):
+        layer_module = runner.build_layer(index, current_weight)
+        hessians = _collect_hessians(layer_module, group, hidden, kwargs)
+        for name in group:
+            merger.current = prefix + name
+            merger.requantize(prefix + name, hessians[name])
 
 
 def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,
@@ -255,13 +301,13 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
     try:
         with atomic_output(out_path, overwrite=options.overwrite) as tmp:
             writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
-            merger.write_group(writer, outside, {})
+            merger.write_group(writer, outside)
             if options.method == "calibrated" and plan.targeted:
                 _merge_calibrated(reader, merger, by_layer, writer, report)
             else:
                 for index in _progress(by_layer, len(by_layer), "merging", options.progress):
                     merger.new_decoder_layer()
-                    merger.write_group(writer, by_layer[index], {})
+                    merger.write_group(writer, by_layer[index])
             writer.close()
             report.layers = merger.reports
             report.seconds = time.perf_counter() - started
@@ -310,10 +356,8 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
         merger.new_decoder_layer()
         prefix = runner.layer_prefix(index) + "."
         if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
-            hessians, _ = _hessians_for_layer(runner, merger, index, hidden, kwargs)
-        else:
-            hessians = {}
-        merger.write_group(writer, names, hessians)
+            _calibrate_decoder_layer(runner, merger, index, hidden, kwargs)
+        merger.write_group(writer, names)
         layer_module = runner.build_layer(index, merged_weight)
         with torch.no_grad():
             hidden = torch.cat([_first(layer_module(hidden[r : r + 1], **kwargs)) for r in range(hidden.shape[0])])
