@@ -48,14 +48,14 @@ class DemoConfig:
     block_size: int = 32
     target_modules: tuple[str, ...] = tuple(ALL_LINEAR_KINDS)
     text: str = "code"  # built-in text kind for training, calibration and evaluation (disjoint splits)
-    train_steps: int = 40
-    batch_size: int = 2
+    train_steps: int = 30
+    batch_size: int = 1
     seq_len: int = 256
-    lr: float = 3e-3
+    lr: float = 5e-3
     warmup_steps: int = 5
     seed: int = 0
     calib_tokens: int = 4096
-    eval_tokens: int = 4096
+    eval_tokens: int = 2048
     repo_id: str = f"{HUB_USER}/SmolLM2-135M-GPTQ-4bit-OFT-merged"
 
     def key(self) -> dict[str, Any]:

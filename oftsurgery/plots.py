@@ -51,8 +51,7 @@ def plot_rotation_strength(source, png: str | Path, *, title: str | None = None)
     width = min(18.0, max(6.0, 0.32 * len(layers) + 2.5))
     height = max(2.4, 0.42 * len(kinds) + 1.4)
     fig, ax = plt.subplots(figsize=(width, height))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest")
     ax.set_yticks(range(len(kinds)), kinds)
     if grid.size <= 60:  # few cells: print the values too
@@ -137,8 +136,7 @@ def plot_merge_report(report_json, png: str | Path, *, title: str | None = None)
     left.legend(fontsize=8, loc="best")
     left.set_title("Distance from the fine-tuned layer outputs", fontsize=10)
 
-    cmap = plt.get_cmap("magma_r").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="#dddddd")
     vmax = max(1.0, float(np.nanmax(ratio))) if np.isfinite(ratio).any() else 1.0
     image = right.imshow(np.ma.masked_invalid(ratio), aspect="auto", cmap=cmap, vmin=0.0, vmax=vmax,
                          interpolation="nearest")
