@@ -17,12 +17,14 @@ in well under a minute: it checks the wiring, not the fidelity.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -383,7 +385,9 @@ def run_demo(workdir: str | Path = DEFAULT_WORKDIR, *, preset: str = "smollm2", 
             redo_rest = True
             _say(f"[{number}/{len(steps)}] {title} ...", quiet)
             t0 = time.perf_counter()
-            artifact, figures = action()
+            # gptqmodel and friends print to stdout; keep stdout for the table at the end
+            with contextlib.redirect_stdout(sys.stderr):
+                artifact, figures = action()
             record = StepRecord(name, title, artifact, time.perf_counter() - t0, False, figures)
             state.record(record)
             _say(f"[{number}/{len(steps)}] {title}: done in {record.seconds:.1f}s -> {artifact}", quiet)

@@ -98,7 +98,7 @@ def plot_merge_report(report_json, png: str | Path, *, title: str | None = None)
     """
     import numpy as np
 
-    from oftsurgery.rotation_summary import _LAYER_INDEX, order_kinds
+    from oftsurgery.rotation_summary import layer_index_of, order_kinds
 
     report = _load_report(report_json)
     layers = report.get("layers") or []
@@ -106,8 +106,8 @@ def plot_merge_report(report_json, png: str | Path, *, title: str | None = None)
         raise OftSurgeryError("The merge report lists no merged layers; nothing to plot.")
     rows = []
     for entry in layers:
-        match = _LAYER_INDEX.search(f".{entry['name']}.")
-        rows.append((int(match.group(1)) if match else -1, entry["name"].rsplit(".", 1)[-1],
+        layer = layer_index_of(entry["name"])
+        rows.append((layer if layer is not None else -1, entry["name"].rsplit(".", 1)[-1],
                      float(entry["residual_before"]), float(entry["residual_after"])))
     layer_ids = sorted({r[0] for r in rows})
     kind_list = order_kinds(r[1] for r in rows)

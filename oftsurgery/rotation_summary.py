@@ -17,6 +17,12 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 
 
+def layer_index_of(module: str) -> int | None:
+    """The decoder layer a module path belongs to (the first numeric component), or None."""
+    match = _LAYER_INDEX.search(f".{module}.")
+    return int(match.group(1)) if match else None
+
+
 def order_kinds(kinds) -> list[str]:
     unique = set(kinds)
     return [k for k in KIND_ORDER if k in unique] + sorted(unique - set(KIND_ORDER))
@@ -94,9 +100,8 @@ def summarize_rotations(path: str | Path) -> RotationSummary:
     summary = RotationSummary(str(path), "adapter" if Path(path).is_dir() else "rotations", dict(rotations.metadata))
     for name in sorted(rotations.blocks, key=_module_sort_key):
         blocks = rotations.blocks[name]
-        match = _LAYER_INDEX.search(f".{name}.")
         summary.modules.append(ModuleRotation(
-            name=name, layer=int(match.group(1)) if match else None, kind=name.rsplit(".", 1)[-1],
+            name=name, layer=layer_index_of(name), kind=name.rsplit(".", 1)[-1],
             blocks=int(blocks.shape[0]), block_size=int(blocks.shape[-1]), strength=rotations.strength(name),
             output_side=name in rotations.output_side,
         ))
