@@ -77,7 +77,7 @@ def requantize_layer(
     """Fold the rotation into one layer and requantize it; return the new codes and its report line."""
     import torch
 
-    from oftsurgery.merge.requant import output_error, refine_codes, requantize_compensated, requantize_rtn
+    from oftsurgery.merge.requant import output_error, requantize_calibrated, requantize_rtn
 
     start = time.perf_counter()
     weight = qw.dequantize()
@@ -85,7 +85,7 @@ def requantize_layer(
     H = hessian if hessian is not None else torch.eye(weight.shape[1])
     candidates = {"rtn": requantize_rtn(qw, target)}
     if method == "calibrated" and hessian is not None:
-        candidates["compensated"] = refine_codes(requantize_compensated(qw, target, hessian), target, hessian)
+        candidates["compensated"] = requantize_calibrated(qw, target, hessian)
     errors = {mode: output_error(c.dequantize(), target, H) for mode, c in candidates.items()}
     errors["kept"] = output_error(weight, target, H)
     candidates["kept"] = qw

@@ -149,3 +149,58 @@ def refine_codes(
         if changed == 0:
             break
     return _with_codes(qw, codes.round().to(torch.int32).cpu())
+
+
+def refit_scales(qw: "QuantizedWeight", target: "torch.Tensor", hessian: "torch.Tensor",
+                 *, damp: float = 0.01) -> "QuantizedWeight":
+    """Least-squares refit of the fp16 scales with codes and zeros fixed, on the output objective.
+
+    Ŵ[o, i] = s[g(i), o]·(q[o, i] − z[g(i), o]) is linear in the scales, so for each output row the
+    best scales solve a small G×G system (G = number of groups). The scales are continuous degrees
+    of freedom the grid offers for free: using them costs nothing in size or format.
+    """
+    import torch
+    from dataclasses import replace
+
+    device = hessian.device
+    g_idx = qw.g_idx.long().to(device)
+    num_groups = qw.scales.shape[0]
+    H = hessian.to(device, torch.float64).clone()
+    H += torch.eye(H.shape[0], device=device, dtype=H.dtype) * damp * torch.mean(torch.diag(H))
+    D = (qw.codes.to(device, torch.float64) - qw.zeros.to(device, torch.float64)[g_idx].T)  # [out, in]
+    t = target.to(device, torch.float64)
+    masks = [(g_idx == g) for g in range(num_groups)]
+    P = [(D * m) @ H for m in masks]  # [out, in] each
+    A = torch.stack([torch.stack([(P[g] * (D * masks[h])).sum(-1) for h in range(num_groups)], -1)
+                     for g in range(num_groups)], -2)  # [out, G, G]
+    b = torch.stack([(P[g] * t).sum(-1) for g in range(num_groups)], -1)  # [out, G]
+    ridge = 1e-9 * A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    A = A + torch.diag_embed(ridge.unsqueeze(-1).expand(-1, num_groups))
+    try:
+        solved = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)  # [out, G]
+    except RuntimeError:
+        return qw
+    scales = solved.T.to(torch.float16)
+    bad = ~torch.isfinite(scales) | (scales <= 0)
+    scales = torch.where(bad, qw.scales.to(device), scales).cpu()
+    return replace(qw, scales=scales.contiguous())
+
+
+def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian: "torch.Tensor") -> "QuantizedWeight":
+    """The default method's per-layer step: GPTQ pass, code polish, scale refit, code polish.
+
+    Every stage after the first is accepted only if it lowers the output error, so the result is
+    never worse than GPTQ's pass, and an exact fit (identity rotation) comes back unchanged.
+    """
+    best = requantize_compensated(qw, target, hessian)
+    best_err = output_error(best.dequantize(), target, hessian)
+    for stage in (lambda q: refine_codes(q, target, hessian),
+                  lambda q: refit_scales(q, target, hessian),
+                  lambda q: refine_codes(q, target, hessian)):
+        if best_err == 0.0:
+            break
+        candidate = stage(best)
+        err = output_error(candidate.dequantize(), target, hessian)
+        if err < best_err * (1 - 1e-6):
+            best, best_err = candidate, err
+    return best
