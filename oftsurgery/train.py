@@ -6,11 +6,8 @@ parameters train (AdamW, linear warm-up), and the adapter is saved in PEFT's for
 demo uses to make an adapter that measurably changes the model; real fine-tunes will want their own
 trainer, and can use `attach_oft` / `save_oft_adapter` the same way.
 
-On CPU the wrapped layers can compute in float32 (`float32_on_cpu`): gptqmodel's torch kernel
-multiplies in fp16/bf16, which CPUs without AVX512-FP16/BF16 run tens of times slower than fp32.
-Each quantized layer's weight is then dequantized once with gptqmodel's own `dequantize_weight()`
-(the exact s·(q − z) values its kernel multiplies with), so the model trained is the same quantized
-model, only in a wider dtype; the wrappers and the adapter's parameters are unchanged.
+On CPU the model computes in float32 (`float32_on_cpu`, see `oftsurgery.cpu_float`): the same
+quantized weights, multiplied in a dtype CPUs are fast at.
 """
 
 from __future__ import annotations
@@ -69,6 +66,7 @@ def train_oft_adapter(
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
+    from oftsurgery.cpu_float import compute_in_float32
     from oftsurgery.evaluate import load_quantized_model
     from oftsurgery.models import builtin_text
     from oftsurgery.oft.adapter_io import read_peft_adapter
@@ -113,40 +111,3 @@ def train_oft_adapter(
     save_oft_adapter(model, out, options, overwrite=overwrite)
     return result
 
-
-def compute_in_float32(model) -> int:
-    """Make the wrapped quantized layers and every other floating-point parameter compute in float32.
-
-    Each `OFTQuantLinear`'s base forward becomes a dense float32 matmul with the layer's dequantized
-    weight (gptqmodel's `dequantize_weight()`, [in, out]); the packed buffers stay as they are.
-    Meant for training on CPU; returns the number of layers switched.
-    """
-    import functools
-
-    import torch
-
-    from oftsurgery.oft.model import oft_wrappers
-
-    switched = 0
-    quantized_ids = set()
-    for wrapper in oft_wrappers(model).values():
-        base = wrapper.base_layer
-        quantized_ids.update(id(t) for t in base.parameters())
-        if not hasattr(base, "dequantize_weight"):
-            continue
-        with torch.no_grad():
-            weight = base.dequantize_weight().to(torch.float32).T.contiguous()
-            bias = getattr(base, "bias", None)
-            bias = bias.detach().to(torch.float32) if bias is not None else None
-        wrapper.base_forward = functools.partial(_dense_forward, weight, bias)
-        switched += 1
-    for param in model.parameters():
-        if id(param) not in quantized_ids and param.is_floating_point() and param.dtype != torch.float32:
-            param.data = param.data.to(torch.float32)
-    return switched
-
-
-def _dense_forward(weight, bias, x, *args, **kwargs):
-    import torch
-
-    return torch.nn.functional.linear(x.to(torch.float32), weight, bias)

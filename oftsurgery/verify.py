@@ -81,8 +81,12 @@ def check_verify_inputs(merged: str | Path, base: str | Path, adapter: str | Pat
 
 def verify_merge(merged: str | Path, base: str | Path, adapter: str | Path, *, text: str | None = None,
                  num_tokens: int = DEFAULT_EVAL_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
-                 device: str = "cpu") -> FidelityFigures:
-    """Perplexity of base / attached / merged on held-out text, retention and max logit difference."""
+                 device: str = "cpu", float32: bool | None = None) -> FidelityFigures:
+    """Perplexity of base / attached / merged on held-out text, retention and max logit difference.
+
+    float32 (default: on CPU): compute with the dequantized weights in float32 (`cpu_float`), since
+    gptqmodel's fp16 kernel is tens of times slower on CPUs; same weights, wider arithmetic.
+    """
     from transformers import AutoTokenizer
 
     check_verify_inputs(merged, base, adapter)
@@ -95,14 +99,25 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: str | Path, *, t
     content, description = eval_text(text, max_chars=num_tokens * 12)
     windows = token_windows(content, tokenizer, num_tokens, seq_len)
 
-    model = load_quantized_model(base, device=device)
+    if float32 is None:
+        float32 = not str(device).startswith("cuda")
+
+    def load(path):
+        loaded = load_quantized_model(path, device=device)
+        if float32:
+            from oftsurgery.cpu_float import compute_in_float32
+
+            compute_in_float32(getattr(loaded, "model", loaded))
+        return loaded
+
+    model = load(base)
     nll_base = mean_nll(model, windows)
     attach_for_evaluation(model, adapter)
     nll_attached = mean_nll(model, windows)
     attached_logits = logits_of(model, windows)
     del model
 
-    merged_model = load_quantized_model(merged, device=device)
+    merged_model = load(merged)
     nll_merged = mean_nll(merged_model, windows)
     merged_logits = logits_of(merged_model, windows)
     return FidelityFigures(
