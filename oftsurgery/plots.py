@@ -119,21 +119,23 @@ def plot_merge_report(report_json, png: str | Path, *, title: str | None = None)
             ratio[kind_list.index(kind), layer_ids.index(layer)] = a / b
 
     plt = _pyplot()
-    width = min(18.0, max(9.0, 0.36 * len(layer_ids) * 2 + 3))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(width, max(3.6, 0.42 * len(kind_list) + 1.8)),
-                                      gridspec_kw={"width_ratios": [1, 1.15]})
+    # stacked: residual lines on top, the per-module heatmap below, sharing the layer axis
+    width = min(14.0, max(8.0, 0.34 * len(layer_ids) + 3))
+    fig, (left, right) = plt.subplots(2, 1, figsize=(width, 4.2 + max(2.6, 0.4 * len(kind_list))),
+                                      gridspec_kw={"height_ratios": [1.0, max(0.8, 0.11 * len(kind_list))]})
     x = np.arange(len(layer_ids))
     labels = [str(i) if i >= 0 else "other" for i in layer_ids]
     left.plot(x, before, "o-", color="#c44e52", label="before: adapter left out  ‖(W − WRᵀ)X‖ / ‖WRᵀX‖")
     left.plot(x, after, "o-", color="#4c72b0", label="after: merged checkpoint  ‖(Ŵ − WRᵀ)X‖ / ‖WRᵀX‖")
     if np.all(before > 0) and np.all(after > 0):
         left.set_yscale("log")
-    step = 1 if len(layer_ids) <= 16 else math.ceil(len(layer_ids) / 16)
+    step = 1 if len(layer_ids) <= 32 else math.ceil(len(layer_ids) / 32)
     left.set_xticks(x[::step], labels[::step])
+    left.set_xlim(-0.5, len(layer_ids) - 0.5)
     left.set_xlabel("decoder layer")
     left.set_ylabel("relative output residual (mean over modules)")
     left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8, loc="best")
+    left.legend(fontsize=9, loc="best")
     left.set_title("Distance from the fine-tuned layer outputs", fontsize=10)
 
     cmap = plt.get_cmap("magma_r").with_extremes(bad="#dddddd")
@@ -149,7 +151,7 @@ def plot_merge_report(report_json, png: str | Path, *, title: str | None = None)
     hstep = 1 if len(layer_ids) <= 32 else math.ceil(len(layer_ids) / 32)
     right.set_xticks(range(0, len(layer_ids), hstep), labels[::hstep])
     right.set_xlabel("decoder layer")
-    bar = fig.colorbar(image, ax=right, pad=0.01)
+    bar = fig.colorbar(image, ax=right, pad=0.3, orientation="horizontal", fraction=0.1, aspect=60)
     bar.set_label("after / before  (0 = fine-tune kept, 1 = lost)")
     right.set_title("Share of the fine-tune the merge misses, per module", fontsize=10)
 
