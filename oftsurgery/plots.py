@@ -63,7 +63,7 @@ def plot_rotation_strength(source, png: str | Path, *, title: str | None = None)
     ax.set_xticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)])
     ax.set_xlabel("decoder layer")
     bar = fig.colorbar(image, ax=ax, pad=0.01)
-    bar.set_label("‖R − I‖_F")
+    bar.set_label(r"$\|R - I\|_F$ over the module's blocks (more inputs, more blocks)")
     finite = grid[np.isfinite(grid)]
     subtitle = (f"{len(summary.modules)} modules, block size "
                 f"{', '.join(str(b) for b in sorted({m.block_size for m in summary.modules}))}; "
