@@ -47,8 +47,8 @@ import json, resource, sys, time
 from oftsurgery.merge import MergeOptions, merge_checkpoint
 ckpt, adapter, out, method, device, calib, tokens, requant = sys.argv[1:9]
 t = time.perf_counter()
-report = merge_checkpoint(ckpt, adapter, out, MergeOptions(method=method, device=device, calib=calib,
-    calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None))
+report = merge_checkpoint(ckpt, adapter, out, MergeOptions(method=method, device=device,
+    calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None, calib=calib or None))
 print(json.dumps({"seconds": time.perf_counter() - t, "codes_changed": report.codes_changed,
     "residual_before": report.mean_residual_before, "residual_after": report.mean_residual_after,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
