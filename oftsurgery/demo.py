@@ -54,9 +54,9 @@ class DemoConfig:
     target_modules: tuple[str, ...] = tuple(ALL_LINEAR_KINDS)
     text: str = "code"  # built-in text kind for training, calibration and evaluation (disjoint splits)
     train_steps: int = 30
-    batch_size: int = 2
+    batch_size: int = 1
     seq_len: int = 256
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup_steps: int = 5
     seed: int = 0
     calib_tokens: int = 4096
