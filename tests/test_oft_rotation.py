@@ -56,7 +56,10 @@ def test_blocks_and_input_rotation_match_peft(b, r, neumann, terms, coft, block_
                                  block_share=block_share)
     assert blocks.dtype == dtype
     torch.testing.assert_close(blocks, expected_blocks, rtol=0, atol=0)
-    torch.testing.assert_close(rot.apply_rotation_to_input(x, blocks), expected_x, rtol=1e-6, atol=1e-6)
+    # same blocks (checked exactly above); applying them may sum in another order than PEFT's, which in
+    # float32 moves the result by a few ulps (seen: 1.9e-6 on values of order 1)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-6)
+    torch.testing.assert_close(rot.apply_rotation_to_input(x, blocks), expected_x, rtol=tol, atol=tol)
 
     dense = peft_mod.get_weight() if not coft else None
     if dense is not None:
