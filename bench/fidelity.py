@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps (batch 2 x 256 tokens)")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--calib", default=None,
+                        help="merge calibration text (default: merge's own default, builtin:english); "
+                             "builtin:code calibrates on the fine-tune's domain (calib split, disjoint from eval)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--gptq-checkpoint", default=None, help="use this GPTQ 4-bit g128 SmolLM2 instead of building it")
     parser.add_argument("--no-full-requant", action="store_true", help="skip the GPTQModel full re-quantization")
@@ -158,8 +161,9 @@ def main() -> None:
         nll_att = evaluate(ckpt, windows, adapter, device=args.device)
         rows = [("quantized base", nll_base, None), ("attached (OFT wrappers)", nll_att, None)]
         for method in args.methods:
-            out = work / f"merged-{fmt}-{method}-{args.device.split(':')[0]}"
-            stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, args.device, "",
+            calib_tag = (args.calib or "builtin:english").replace("builtin:", "")
+            out = work / f"merged-{fmt}-{method}-{calib_tag}-{args.device.split(':')[0]}"
+            stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, args.device, args.calib or "",
                               str(args.calib_tokens), "")
             rows.append((f"merge --method {method}", evaluate(out, windows, device=args.device), stats))
         if fmt == "gptq" and not args.no_full_requant:
@@ -168,7 +172,7 @@ def main() -> None:
             rows.append(("GPTQModel full requant", evaluate(work / "requant-gptqmodel", windows, device=args.device), stats))
         group = 128 if fmt == "gptq" else 64
         lines = [f"\n{fmt.upper()} 4-bit g{group} - eval {windows.numel()} held-out code tokens, "
-                 f"calibration {args.calib_tokens} tokens (builtin english), device {args.device}",
+                 f"calibration {args.calib_tokens} tokens ({args.calib or 'builtin:english'}), device {args.device}",
                  f"| model | perplexity | retention | codes changed | merge time | peak RSS |",
                  "|---|---|---|---|---|---|"]
         for name, nll, stats in rows:
