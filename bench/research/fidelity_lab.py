@@ -230,6 +230,7 @@ def run_merge(model, QW, W, T, R, calib, method, opts):
     h_a = h0.clone(); h_m = h0.clone()
     result = {}
     stats = {}
+    escaped = {}
     seq = opts.get("seq", 1)  # 1: merged-model inputs (sequential); 0: attached inputs
     for li, layer in enumerate(base.layers):
         pre = f"model.layers.{li}."
@@ -259,6 +260,12 @@ def run_merge(model, QW, W, T, R, calib, method, opts):
                     result[p] = (qw.codes, qw.scales); set_weights(model, {p: W[p]}); continue
                 X = Xm[n].double()
                 H = X.T @ X
+                if p in opts.get("_escape", ()):
+                    # kept in fp16 (a module the quantization config leaves unquantized)
+                    Wn = T[p].to(torch.float16).float()
+                    escaped[p] = True
+                    set_weights(model, {p: Wn})
+                    continue
                 tgt = T[p]
                 if opts.get("asym", 0) > 0:
                     # target mapping merged-model inputs to the attached model's outputs (plus, for the
@@ -279,7 +286,9 @@ def run_merge(model, QW, W, T, R, calib, method, opts):
                 chg = float((codes.to(torch.int32) != qw.codes).float().mean())
                 if opts.get("fallback", 0) and r_new > r_base:
                     codes, scales, Wn, r_new, chg = qw.codes, qw.scales, W[p], r_base, 0.0
-                stats[p] = dict(res=math.sqrt(r_new / max(r_base, 1e-30)), changed=chg,
+                out_e = float(torch.einsum("oi,ij,oj->", T[p].double(), H, T[p].double()))
+                stats[p] = dict(res=math.sqrt(r_new / max(r_base, 1e-30)), changed=chg, abs=r_new, rel=r_new / max(out_e, 1e-30),
+                                delta=r_base, numel=qw.codes.numel(), layer=li,
                                 scale_changed=float((scales != qw.scales).float().mean()))
                 result[p] = (codes.to(torch.int32), scales)
                 set_weights(model, {p: Wn})
@@ -360,6 +369,72 @@ def block_reconstruct(layer, pre, QW, result, h_in, out_target, pos, opts, stats
             layer.get_submodule(n).weight.data = w[n + ".weight"].detach()
 
 
+def e2e_tune(model, QW, T, W, R, result, cal, opts):
+    """Tune every merged layer's fp16 scales (log multipliers) and, optionally, the RMSNorm weights
+    against the attached model's next-token distribution (KL) on the calibration windows."""
+    from torch.func import functional_call
+    steps, lr, nb = opts.get("e2e", 0), opts.get("e2e_lr", 1e-3), opts.get("e2e_bs", 4)
+    prefixes = [p for p in result if p in R]
+    cal = cal.to(DEV)
+    set_weights(model, T)
+    with torch.no_grad():
+        ref = torch.cat([torch.log_softmax(model(input_ids=cal[i:i + 4]).logits.float(), -1).to(torch.bfloat16)
+                         for i in range(0, cal.shape[0], 4)])
+    P = {}
+    for p in prefixes:
+        qw = QW[p]; codes, scales = result[p]
+        P[p] = dict(logs=torch.zeros(scales.shape, dtype=torch.float32, device=DEV, requires_grad=True), s0=scales.float(),
+                    a=(codes.float() - qw.zeros.float()[qw.g_idx.long()].T), g=qw.g_idx.long())
+    norms = {}
+    if opts.get("e2e_norm", 0):
+        for n, prm in model.named_parameters():
+            if n.endswith("layernorm.weight") or n == "model.norm.weight":
+                norms[n] = torch.zeros_like(prm, requires_grad=True)
+    base_norm = {n: dict(model.named_parameters())[n].detach().clone() for n in norms}
+
+    def weights(hard=False):
+        out = {}
+        for p, d in P.items():
+            sc = d["s0"] * torch.exp(d["logs"])
+            if hard:
+                sc = sc.to(torch.float16).float()
+            out[p + ".weight"] = sc[d["g"]].T * d["a"]
+        for n, v in norms.items():
+            w = base_norm[n] * torch.exp(v)
+            out[n] = w.to(torch.float16).float() if hard else w
+        return out
+
+    def kl(idx, w):
+        logits = functional_call(model, w, (), dict(input_ids=cal[idx])).logits.float()
+        lp = torch.log_softmax(logits, -1)
+        r = ref[idx].float()
+        return (r.exp() * (r - lp)).sum(-1).mean()
+
+    allidx = torch.arange(cal.shape[0], device=DEV)
+    def full_kl(w):
+        with torch.no_grad():
+            return sum(float(kl(allidx[i:i + 4], w)) * len(allidx[i:i + 4]) for i in range(0, len(allidx), 4)) / len(allidx)
+    k0 = full_kl(weights(hard=True))
+    opt = torch.optim.Adam([d["logs"] for d in P.values()] + list(norms.values()), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        for it in range(steps):
+            idx = torch.randperm(cal.shape[0], generator=gen)[:nb].to(DEV)
+            loss = kl(idx, weights())
+            opt.zero_grad(); loss.backward(); opt.step()
+    w = weights(hard=True)
+    k1 = full_kl(w)
+    print(f"e2e KL {k0:.5f} -> {k1:.5f}", flush=True)
+    if k1 >= k0:
+        w = {p + ".weight": P[p]["s0"][P[p]["g"]].T * P[p]["a"] for p in P}
+    with torch.no_grad():
+        for n, v in w.items():
+            model.get_parameter(n).data = v.detach().clone()
+    for p in W:
+        if p not in R:
+            model.get_submodule(p).weight.data = W[p]
+
+
 # ------------------------------------------------------------------------------------------------
 # Methods
 # ------------------------------------------------------------------------------------------------
@@ -425,14 +500,46 @@ def main():
         ref = {"base": nb, "attached": na}
         json.dump(ref, open(cache, "w"))
     print(f"base nll {ref['base']:.4f} ppl {math.exp(ref['base']):.2f} | attached nll {ref['attached']:.4f} ppl {math.exp(ref['attached']):.2f} | load {time.time()-t0:.0f}s", flush=True)
+    norms0 = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
     for spec in specs:
+        for n, v in norms0.items():
+            model.get_parameter(n).data = v.clone()
         method, *rest = spec.split()
         opts = dict(common); opts.update(parse_opts(rest))
         cal = windows(tok, builtin_text(opts.get("calib", "code"), "calib", max_chars=400_000), opts.get("n_calib", 16), seq)
         set_weights(model, W)
         t1 = time.time()
         res, stats = run_merge(model, QW, W, T, R, cal, METHODS[method], opts)
+        if opts.get("e2e"):
+            nm0 = mean_nll(model, ev)
+            print(f"before e2e retention {(ref['base'] - nm0) / (ref['base'] - ref['attached'])*100:.1f}", flush=True)
+            e2e_tune(model, QW, T, W, R, res, cal, opts)
         tm = time.time() - t1
+        if opts.get("escape_ks"):
+            nm0 = mean_nll(model, ev)
+            ret0 = (ref["base"] - nm0) / (ref["base"] - ref["attached"])
+            print(f"ESCAPE k=0 retention {ret0*100:.1f}", flush=True)
+            by = opts.get("escape_by", "abs")
+            if by == "abspp":  # error per parameter byte
+                key = lambda p: stats[p]["abs"] / stats[p]["numel"]
+            else:
+                key = lambda p: stats[p][by]
+            ranking = sorted(stats, key=key, reverse=True)
+            print("top:", [(p.replace("model.layers.", ""), round(key(p), 5)) for p in ranking[:12]], flush=True)
+            total = sum(QW[p].codes.numel() for p in QW)
+            for k in [int(x) for x in str(opts["escape_ks"]).split(",")]:
+                o2 = dict(opts); o2["_escape"] = set(ranking[:k]); o2["verbose"] = 0
+                set_weights(model, W)
+                run_merge(model, QW, W, T, R, cal, METHODS[method], o2)
+                nmk = mean_nll(model, ev)
+                retk = (ref["base"] - nmk) / (ref["base"] - ref["attached"])
+                frac = sum(QW[p].codes.numel() for p in ranking[:k]) / total
+                line = dict(method=method, opts={kk: vv for kk, vv in opts.items()}, escape_k=k, escape_by=by,
+                            escaped_param_frac=frac, retention=retk, ppl=math.exp(nmk))
+                print("ESCAPE", json.dumps(line), flush=True)
+                with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl"), "a") as f:
+                    f.write(json.dumps(line) + "\n")
+            continue
         nm = mean_nll(model, ev)  # model now holds merged weights
         ret = (ref["base"] - nm) / (ref["base"] - ref["attached"]) if ref["base"] != ref["attached"] else float("nan")
         chg = sum(int((res[p][0] != QW[p].codes).sum()) for p in stats) / sum(QW[p].codes.numel() for p in stats)

@@ -10,7 +10,7 @@ from peft import OFTConfig, get_peft_model
 from transformers import AutoTokenizer
 from oftsurgery.models import builtin_text
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import load_all, set_weights, DEV
+from fidelity_lab import load_all, set_weights, DEV
 
 QDIR, OUT = sys.argv[1], sys.argv[2]
 STEPS = int(os.environ.get("STEPS", 40)); LR = float(os.environ.get("LR", 3e-3))
