@@ -130,8 +130,8 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["gptq", "awq"], choices=["gptq", "awq"])
     parser.add_argument("--methods", nargs="+", default=["rtn", "calibrated"], choices=["rtn", "calibrated"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps (batch 2 x 256 tokens)")
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 2 x 256 tokens)")
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--calib", default=None,
                         help="merge calibration text (default: merge's own default, builtin:english); "
