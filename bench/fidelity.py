@@ -62,7 +62,7 @@ from oftsurgery.evaluate import load_dequantized_model
 from oftsurgery.merge.calibration import load_calibration_text
 from oftsurgery.models import quantize_gptq
 from oftsurgery.oft.adapter_io import load_rotations
-ckpt, adapter, fp_out, q_out, tokens, seq_len = sys.argv[1:7]
+ckpt, adapter, fp_out, q_out, tokens, seq_len, calib = sys.argv[1:8]
 model = load_dequantized_model(ckpt)
 rotations = load_rotations(adapter)
 with torch.no_grad():
@@ -72,7 +72,7 @@ with torch.no_grad():
 model.to(torch.float16).save_pretrained(fp_out)
 from transformers import AutoTokenizer
 AutoTokenizer.from_pretrained(ckpt).save_pretrained(fp_out)
-text, _ = load_calibration_text(None)
+text, _ = load_calibration_text(calib)
 t = time.perf_counter()
 quantize_gptq(fp_out, q_out, bits=4, group_size=128, sym=True, calib_texts=[text],
               num_samples=max(1, int(tokens) // int(seq_len)), seq_len=int(seq_len))
@@ -133,9 +133,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 2 x 256 tokens)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--calib-tokens", type=int, default=8192)
-    parser.add_argument("--calib", default=None,
-                        help="merge calibration text (default: merge's own default, builtin:english); "
-                             "builtin:code calibrates on the fine-tune's domain (calib split, disjoint from eval)")
+    parser.add_argument("--calib", nargs="+", default=["builtin:code", "builtin:english"],
+                        help="calibration texts for the calibrated merge, one row each: builtin:code is the "
+                             "fine-tune's domain (calib split, disjoint from training and eval), builtin:english "
+                             "is what merge uses when --calib is not given")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--gptq-checkpoint", default=None, help="use this GPTQ 4-bit g128 SmolLM2 instead of building it")
     parser.add_argument("--no-full-requant", action="store_true", help="skip the GPTQModel full re-quantization")
@@ -161,18 +162,20 @@ def main() -> None:
         nll_att = evaluate(ckpt, windows, adapter, device=args.device)
         rows = [("quantized base", nll_base, None), ("attached (OFT wrappers)", nll_att, None)]
         for method in args.methods:
-            calib_tag = (args.calib or "builtin:english").replace("builtin:", "")
-            out = work / f"merged-{fmt}-{method}-{calib_tag}-{args.device.split(':')[0]}"
-            stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, args.device, args.calib or "",
-                              str(args.calib_tokens), "")
-            rows.append((f"merge --method {method}", evaluate(out, windows, device=args.device), stats))
+            for calib in (args.calib if method == "calibrated" else [args.calib[0]]):
+                calib_tag = calib.replace("builtin:", "")
+                out = work / f"merged-{fmt}-{method}-{calib_tag}-{args.device.split(':')[0]}"
+                stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, args.device, calib,
+                                  str(args.calib_tokens), "")
+                label = f"merge --method {method}" + (f" --calib {calib}" if method == "calibrated" else "")
+                rows.append((label, evaluate(out, windows, device=args.device), stats))
         if fmt == "gptq" and not args.no_full_requant:
             stats = run_child(REQUANT_CHILD, str(ckpt), str(adapter), str(work / "merged-fp16"),
-                              str(work / "requant-gptqmodel"), str(args.calib_tokens), "256")
-            rows.append(("GPTQModel full requant", evaluate(work / "requant-gptqmodel", windows, device=args.device), stats))
+                              str(work / "requant-gptqmodel"), str(args.calib_tokens), "256", args.calib[0])
+            rows.append((f"GPTQModel full requant --calib {args.calib[0]}", evaluate(work / "requant-gptqmodel", windows, device=args.device), stats))
         group = 128 if fmt == "gptq" else 64
         lines = [f"\n{fmt.upper()} 4-bit g{group} - eval {windows.numel()} held-out code tokens, "
-                 f"calibration {args.calib_tokens} tokens ({args.calib or 'builtin:english'}), device {args.device}",
+                 f"calibration {args.calib_tokens} tokens, device {args.device}",
                  f"| model | perplexity | retention | codes changed | merge time | peak RSS |",
                  "|---|---|---|---|---|---|"]
         for name, nll, stats in rows:
