@@ -171,8 +171,8 @@ def main() -> None:
                 rows.append((label, evaluate(out, windows, device=args.device), stats))
         if fmt == "gptq" and not args.no_full_requant:
             stats = run_child(REQUANT_CHILD, str(ckpt), str(adapter), str(work / "merged-fp16"),
-                              str(work / "requant-gptqmodel"), str(args.calib_tokens), "256", args.calib[0])
-            rows.append((f"GPTQModel full requant --calib {args.calib[0]}", evaluate(work / "requant-gptqmodel", windows, device=args.device), stats))
+                              str(work / "requant-gptqmodel"), str(args.calib_tokens), "256", args.calib[-1])
+            rows.append((f"GPTQModel full requant --calib {args.calib[-1]}", evaluate(work / "requant-gptqmodel", windows, device=args.device), stats))
         group = 128 if fmt == "gptq" else 64
         lines = [f"\n{fmt.upper()} 4-bit g{group} - eval {windows.numel()} held-out code tokens, "
                  f"calibration {args.calib_tokens} tokens, device {args.device}",

@@ -3,7 +3,8 @@
 gptqmodel's torch kernel multiplies in fp16/bf16, which CPUs without AVX512-FP16/BF16 execute tens
 of times slower than fp32 (measured here: a SmolLM2-135M training step ~35 s in fp16 vs ~3 s in
 fp32 on 2 shared cores). `compute_in_float32` dequantizes each quantized linear once with
-gptqmodel's own `dequantize_weight()` — the exact s·(q − z) values its kernel multiplies with — and
+gptqmodel's own dequantizer (`dequantize_weight()` for GPTQ, `dequantize_gemm` for AWQ GEMM) — the
+exact s·(q − z) values its kernel multiplies with — and
 makes the layer a dense float32 matmul; every other floating-point parameter becomes float32 too.
 It is the same quantized model, computed in a wider dtype; the packed buffers stay untouched.
 OFT wrappers (`OFTQuantLinear`) keep rotating the input as before and call the dense layer.
@@ -21,14 +22,14 @@ def compute_in_float32(model) -> int:
     from oftsurgery.oft.layer import OFTQuantLinear
 
     quantized = [m for m in model.modules() if hasattr(m, "qweight") and not isinstance(m, OFTQuantLinear)]
-    if not all(hasattr(m, "dequantize_weight") for m in quantized):
+    if not all(_dequantizer(m) is not None for m in quantized):
         return 0  # a kernel we cannot dequantize: leave the whole model as it is (mixed dtypes break)
     switched = 0
     quantized_ids: set[int] = set()
     for module in quantized:
         quantized_ids.update(id(t) for t in module.parameters())
         with torch.no_grad():
-            weight = module.dequantize_weight().to(torch.float32).T.contiguous()  # gptqmodel gives [in, out]
+            weight = _dequantizer(module)().to(torch.float32).T.contiguous()  # gptqmodel gives [in, out]
             bias = getattr(module, "bias", None)
             bias = bias.detach().to(torch.float32) if bias is not None else None
         # an instance attribute shadows the class's forward; wrappers call base_layer(x) and get it too
@@ -38,6 +39,22 @@ def compute_in_float32(model) -> int:
         if id(param) not in quantized_ids and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.to(torch.float32)
     return switched
+
+
+def _dequantizer(module):
+    """gptqmodel's own dequantizer for this layer (a callable giving the [in, out] weight), or None.
+
+    GPTQ kernels expose `dequantize_weight()`; AWQ GEMM kernels (`AwqTorchLinear`) have none, so we
+    call `dequantize_gemm`, the function their forward itself multiplies with.
+    """
+    if hasattr(module, "dequantize_weight"):
+        return module.dequantize_weight
+    if all(hasattr(module, a) for a in ("qzeros", "scales", "bits", "group_size")) and "awq" in type(module).__name__.lower():
+        from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+        return functools.partial(dequantize_gemm, qweight=module.qweight, qzeros=module.qzeros,
+                                 scales=module.scales, bits=module.bits, group_size=module.group_size)
+    return None
 
 
 def _dense_forward(weight, bias, x, *args, **kwargs):

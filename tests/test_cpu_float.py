@@ -26,6 +26,17 @@ def test_float32_model_matches_gptqmodel_kernel(tiny_gptq_dir):
     assert (ours - reference).abs().max() <= 2e-2 * scale
 
 
+def test_float32_awq_model_matches_gptqmodel_awq_kernel(tiny_awq_dir):
+    ids = torch.randint(3, 400, (2, 48), generator=torch.Generator().manual_seed(0))
+    reference = _logits(load_quantized_model(tiny_awq_dir), ids)  # gptqmodel's AwqTorchLinear, fp16
+    model = load_quantized_model(tiny_awq_dir)
+    assert "Awq" in type(model.model.model.layers[0].self_attn.q_proj).__name__
+    assert compute_in_float32(model.model) == 14
+    assert all(p.dtype == torch.float32 for p in model.model.parameters())
+    ours = _logits(model, ids)
+    assert (ours - reference).abs().max() <= 2e-2 * reference.abs().max()
+
+
 def test_float32_model_with_oft_wrappers_trains_and_matches_kernel(tiny_gptq_dir, tmp_path):
     from oftsurgery.attach import attach_adapter
     from oftsurgery.oft.model import load_oft_adapter, oft_wrappers
