@@ -63,7 +63,7 @@ class MissingDependencyError(OftSurgeryError):
 
 
 class CalibrationError(OftSurgeryError):
-    """Calibration text cannot be read, is too short, or the named dataset cannot be loaded."""
+    """Calibration or evaluation text cannot be read, is too short, or the named dataset cannot be loaded."""
 
     exit_code = 11
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from oftsurgery.errors import InvalidCheckpointError
+from oftsurgery.errors import CalibrationError, InvalidCheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,7 @@ def eval_text(source: str | None, max_chars: int | None = None) -> tuple[str, st
     try:
         return path.read_text(encoding="utf-8")[:max_chars], f"file {path}"
     except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidCheckpointError(f"Evaluation text {path} cannot be read ({exc}).") from None
+        raise CalibrationError(f"Evaluation text {path} cannot be read ({exc}).") from None
 
 
 def token_windows(text: str, tokenizer, num_tokens: int, seq_len: int) -> "torch.Tensor":
@@ -70,7 +70,7 @@ def token_windows(text: str, tokenizer, num_tokens: int, seq_len: int) -> "torch
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     rows = min(max(1, num_tokens // seq_len), ids.numel() // seq_len)
     if rows == 0:
-        raise InvalidCheckpointError(f"The evaluation text has only {ids.numel()} tokens; {seq_len} are needed.")
+        raise CalibrationError(f"The evaluation text has only {ids.numel()} tokens; {seq_len} are needed.")
     return ids[: rows * seq_len].view(rows, seq_len)
 
 

@@ -40,6 +40,7 @@ from fault_helpers import (
 from merge_helpers import all_tensors, assert_bytes_equal, random_rotations
 
 from oftsurgery.errors import (
+    CalibrationError,
     DiskFullError,
     HubError,
     InterruptedError_,
@@ -260,6 +261,19 @@ def test_adapter_for_another_model_is_refused(kind, command, tiny_gptq_dir, inpu
     if command != "attach":  # attach words its own sentence; merge and verify share the plan's checks
         for word in words:
             assert word in message
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_utf8", "too_short"])
+def test_unusable_verify_text_is_refused(problem, tiny_gptq_dir, rotations, inputs, work):
+    text = inputs / "heldout.txt"
+    if problem == "not_utf8":
+        text.write_bytes(b"\xff\xfe\x00 not text " * 64)
+    elif problem == "too_short":
+        text.write_text("a few words only")
+    words = {"missing": ("cannot be read",), "not_utf8": ("cannot be read",), "too_short": ("tokens",)}[problem]
+    inputs_kept = [tiny_gptq_dir, rotations] + ([text] if text.exists() else [])
+    refused(["verify", tiny_gptq_dir, "--base", tiny_gptq_dir, "--adapter", rotations, "--text", text],
+            CalibrationError.exit_code, words, inputs_kept, work)
 
 
 @pytest.mark.parametrize("command", ["extract", "merge", "verify", "attach"])
