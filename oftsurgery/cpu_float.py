@@ -22,14 +22,15 @@ def compute_in_float32(model) -> int:
     from oftsurgery.oft.layer import OFTQuantLinear
 
     quantized = [m for m in model.modules() if hasattr(m, "qweight") and not isinstance(m, OFTQuantLinear)]
-    if not all(_dequantizer(m) is not None for m in quantized):
+    dequantizers = [_dequantizer(m) for m in quantized]
+    if any(d is None for d in dequantizers):
         return 0  # a kernel we cannot dequantize: leave the whole model as it is (mixed dtypes break)
     switched = 0
     quantized_ids: set[int] = set()
-    for module in quantized:
+    for module, dequantize in zip(quantized, dequantizers):
         quantized_ids.update(id(t) for t in module.parameters())
         with torch.no_grad():
-            weight = _dequantizer(module)().to(torch.float32).T.contiguous()  # gptqmodel gives [in, out]
+            weight = dequantize().to(torch.float32).T.contiguous()  # gptqmodel gives [in, out]
             bias = getattr(module, "bias", None)
             bias = bias.detach().to(torch.float32) if bias is not None else None
         # an instance attribute shadows the class's forward; wrappers call base_layer(x) and get it too
