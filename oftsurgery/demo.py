@@ -275,7 +275,8 @@ def _merge(config: DemoConfig, paths: _Paths, quiet: bool) -> tuple[str, dict]:
                                    f"--requant gptq --calib builtin:{config.text} --calib-tokens {config.calib_tokens}")
     report = merge_checkpoint(paths.base, paths.rotations, paths.merged, options)
     _say(report.summary(), quiet)
-    return str(paths.merged), {"codes_changed": report.codes_changed, "kept_fraction": report.kept_fraction,
+    return str(paths.merged), {"codes_changed": report.codes_changed, "scales_changed": report.scales_changed,
+                               "kept_fraction": report.kept_fraction,
                                "mean_residual_before": report.mean_residual_before,
                                "mean_residual_after": report.mean_residual_after, "warnings": report.warnings()}
 
@@ -454,7 +455,8 @@ def render_table(result: DemoResult) -> str:
         lines.append("  WARNING: the fine-tune did not lower held-out perplexity; retention says little here.")
     merge = result.step("merge").figures
     if merge:
-        lines.append(f"  merge: {merge['codes_changed']:.1%} of the codes changed; per-layer output residual "
+        scales = f", {merge['scales_changed']:.0%} of the scales refitted" if "scales_changed" in merge else ""
+        lines.append(f"  merge: {merge['codes_changed']:.1%} of the codes changed{scales}; per-layer output residual "
                      f"{merge['mean_residual_before']:.3f} -> {merge['mean_residual_after']:.3f}")
     lines += ["", f"  {'step':<40}{'time':>9}  artifact"]
     for s in result.steps:

@@ -160,10 +160,33 @@ def test_merge_cli_writes_checkpoint_card_and_report(tiny_gptq_dir, tmp_path):
     out = tmp_path / "m"
     report = json.loads((out / "merge_report.json").read_text())
     assert len(report["layers"]) == 14 and report["method"] == "calibrated"
-    assert all(0 <= l["codes_changed"] <= 1 for l in report["layers"])
+    assert all(0 <= l["codes_changed"] <= 1 and 0 <= l["scales_changed"] <= 1 for l in report["layers"])
+    assert "scales refitted" in result.output
     card = (out / "README.md").read_text()
     assert card.startswith("---") and "oftsurgery" in card
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "quantize_config.json"):
         assert (out / name).exists(), name
     # inputs untouched: a second merge of the same inputs still works and the source still loads
     assert CliRunner().invoke(cli, ["merge", str(tiny_gptq_dir), str(rot), "--out", str(out), "-q"]).exit_code == 6
+
+
+def test_nothing_changed_warning_needs_both_codes_and_scales_unchanged(tiny_gptq_dir, tmp_path):
+    """A gentle fine-tune can live in refitted scales with almost no codes changed: no false alarm."""
+    from oftsurgery.merge.report import LayerReport, MergeReport
+
+    def report(codes, scales):
+        layer = LayerReport(name="l", mode="compensated", codes_changed=codes, residual_before=0.02,
+                            residual_after=0.01, rotation_strength=0.3, scales_changed=scales)
+        return MergeReport(checkpoint="c", adapter="a", output="o", method="calibrated", source_format="gptq",
+                           output_format="gptq", calibration=None, calib_tokens=0, residual_space="activations",
+                           layers=[layer])
+
+    assert any("probably lost" in w for w in report(0.0, 0.0).warnings())
+    assert not any("probably lost" in w for w in report(0.0002, 0.4).warnings())
+    assert not any("probably lost" in w for w in report(0.01, 0.0).warnings())
+    # and end to end: an identity adapter changes nothing, and the CLI says so
+    rot = identity_rotations(tiny_gptq_dir, tmp_path / "id.safetensors")
+    result = CliRunner().invoke(cli, ["merge", str(tiny_gptq_dir), str(rot), "--out", str(tmp_path / "m"),
+                                      "--calib-tokens", "512", "--seq-len", "64", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "probably lost" in result.output and "0.000% of the scales" in result.output

@@ -99,6 +99,7 @@ def requantize_layer(
         name=plan.prefix,
         mode=mode,
         codes_changed=float((chosen.codes != qw.codes).float().mean()),
+        scales_changed=float((chosen.scales != qw.scales).float().mean()),
         residual_before=_relative(errors["kept"], ref),
         residual_after=_relative(errors[mode], ref),
         rotation_strength=plan.rotations.strength(plan.prefix, plan.in_features),

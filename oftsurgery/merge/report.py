@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-NEGLIGIBLE_CHANGE = 1e-3  # fewer than 0.1% of codes changed across the merged layers
+NEGLIGIBLE_CHANGE = 1e-3  # fewer than 0.1% of codes (and of fp16 scales) changed across the merged layers
 
 
 @dataclass
@@ -19,6 +19,7 @@ class LayerReport:
     residual_after: float  # ‖(Ŵ − W·Rᵀ)X‖ / ‖W·Rᵀ X‖: the merged layer
     rotation_strength: float  # ‖R − I‖_F
     seconds: float = 0.0
+    scales_changed: float = 0.0  # fraction of fp16 scales the merge refitted
 
     @property
     def worse_than_base(self) -> bool:
@@ -48,6 +49,10 @@ class MergeReport:
         return sum(l.codes_changed for l in self.layers) / max(1, len(self.layers))
 
     @property
+    def scales_changed(self) -> float:
+        return sum(l.scales_changed for l in self.layers) / max(1, len(self.layers))
+
+    @property
     def mean_residual_before(self) -> float:
         return sum(l.residual_before for l in self.layers) / max(1, len(self.layers))
 
@@ -63,10 +68,13 @@ class MergeReport:
 
     def warnings(self) -> list[str]:
         out = []
-        if self.layers and self.codes_changed < NEGLIGIBLE_CHANGE:
+        # a gentle fine-tune can survive through refitted scales with well under 1% of codes changed,
+        # so only a merge that moved neither is flagged
+        if self.layers and max(self.codes_changed, self.scales_changed) < NEGLIGIBLE_CHANGE:
             out.append(
-                f"WARNING: the merge changed only {self.codes_changed:.3%} of the codes; the fine-tune is "
-                "probably lost (was the adapter trained? try --method calibrated)."
+                f"WARNING: the merge changed only {self.codes_changed:.3%} of the codes and "
+                f"{self.scales_changed:.3%} of the scales; the fine-tune is probably lost "
+                "(was the adapter trained? try --method calibrated)."
             )
         worse = [l.name for l in self.layers if l.worse_than_base]
         if worse:
@@ -80,7 +88,7 @@ class MergeReport:
         lines = [
             f"merged {len(self.layers)} layer(s) ({self.method}, {self.source_format} -> {self.output_format}) "
             f"in {self.seconds:.1f}s",
-            f"codes changed {self.codes_changed:.2%}; output residual {self.mean_residual_before:.4f} -> "
+            f"codes changed {self.codes_changed:.2%}, scales refitted {self.scales_changed:.2%}; output residual {self.mean_residual_before:.4f} -> "
             f"{self.mean_residual_after:.4f} (per layer, {self.residual_space}); fine-tune kept per layer "
             f"{self.kept_fraction:.1%}",
         ]
@@ -92,6 +100,7 @@ class MergeReport:
         data = asdict(self)
         data["summary"] = {
             "codes_changed": self.codes_changed,
+            "scales_changed": self.scales_changed,
             "mean_residual_before": self.mean_residual_before,
             "mean_residual_after": self.mean_residual_after,
             "kept_fraction": self.kept_fraction,
