@@ -84,10 +84,13 @@ def test_autoawq_packer_gives_the_same_bytes(bias):
 
 
 @pytest.mark.skipif(not HAS_AUTOAWQ, reason="autoawq is not installed")
-def test_requantized_layer_packs_identically_with_both_packers():
+def test_requantized_layer_packs_identically_with_every_packer():
+    """Ours (the default) writes the bytes of both real packers: autoawq's and gptqmodel's."""
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05
     qw = quantize_weight(weight, 4, 64, sym=False)
-    _assert_same_tensors(pack_awq(qw, backend="autoawq"), pack_awq(qw, backend="gptqmodel"))
+    ours = pack_awq(qw)
+    _assert_same_tensors(ours, pack_awq(qw, backend="autoawq"))
+    _assert_same_tensors(ours, pack_awq(qw, backend="gptqmodel"))
 
 
 def test_awq_refuses_what_the_gemm_layout_cannot_hold():
