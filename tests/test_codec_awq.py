@@ -116,3 +116,15 @@ def test_codec_dispatch_on_awq_config():
     qw = unpack_layer(tensors, qcfg)
     assert torch.equal(dequantize_layer(tensors, qcfg).to(torch.float16), _gemm_reference_dequant(layer).T)
     _assert_same_tensors(pack_layer(qw, qcfg, bias=tensors["bias"]), tensors)
+
+
+@pytest.mark.parametrize("column", [0, 7, 8])  # nibble 0, nibble 7 (its spill falls off the word), next word
+def test_packing_re_check_catches_uint8_codes_wider_than_4_bits(column):
+    from oftsurgery.errors import MergeError
+    from oftsurgery.quant.grid import QuantizedWeight
+
+    qw = unpack_awq(awq_tensors(awq_reference(64, 32, 32, seed=3)[0]), 32)
+    codes = qw.codes.T.contiguous()
+    codes[5, AWQ_PACK_ORDER[column % 8] + 8 * (column // 8)] += 16
+    with pytest.raises(MergeError):
+        pack_awq(QuantizedWeight(codes.T, qw.scales, qw.zeros, qw.g_idx, 4, 32))

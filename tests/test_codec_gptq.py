@@ -437,3 +437,15 @@ def test_dynamic_per_module_overrides():
     assert (down.bits, down.group_size) == (8, 32)
     assert layer_quant_config(qcfg, "model.layers.0.mlp.up_proj") == qcfg
     assert layer_quant_config(qcfg, "model.lm_head") is None
+
+
+@pytest.mark.parametrize("position", [0, 7, 8])  # first field, last field of a word (spills off), next word
+def test_packing_re_check_catches_uint8_codes_wider_than_bits(position):
+    """uint8 codes skip the range pass: the re-check after packing must catch a code that does not
+    fit, wherever its spilled bits go."""
+    qw = _random_layer(4, 32, 2)
+    codes = qw.codes.T.contiguous().to(torch.uint8)
+    codes[position, 3] = 16 + int(codes[position, 3])
+    wide = QuantizedWeight(codes.T, qw.scales, qw.zeros, qw.g_idx, 4, 32)
+    with pytest.raises(MergeError):
+        pack_gptq(wide, "gptq_v2")

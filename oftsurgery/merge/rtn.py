@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from oftsurgery.merge.plan import LayerPlan
     from oftsurgery.quant.grid import QuantizedWeight
 
-# float32 elements per chunk: ~8 MB on the CPU (stays in cache); on a GPU bigger chunks mean fewer launches
-CPU_CHUNK_ELEMENTS = 1 << 21
+# float32 elements per chunk: 4 MB on the CPU (stays in cache; measured best of 2^18..2^22); on a GPU bigger chunks mean fewer launches
+CPU_CHUNK_ELEMENTS = 1 << 20
 GPU_CHUNK_ELEMENTS = 1 << 27
 
 
@@ -116,7 +116,7 @@ def rtn_merge_layer(plan: "LayerPlan", qw: "QuantizedWeight") -> tuple["Quantize
         w3.add_(z)
         weight.clamp_(0, maxq)
         new_codes_t[r0:r1] = weight
-        acc[3] += (new_codes_t[r0:r1] != codes_t[r0:r1]).sum()
+        acc[3] += torch.count_nonzero(new_codes_t[r0:r1] != codes_t[r0:r1])
         w3.sub_(z).mul_(s)
         weight.sub_(target)
         acc[1] += torch.linalg.vector_norm(weight).double() ** 2

@@ -74,7 +74,9 @@ def _check_awq_packable(qw: QuantizedWeight) -> None:
         )
     if not torch.equal(qw.g_idx.cpu(), default_g_idx(qw.in_features, qw.group_size)):
         raise UnsupportedFormatError("AWQ GEMM has contiguous groups only; this layer has a reordered g_idx.")
-    for name, values in (("codes", qw.codes), ("zero points", qw.zeros)):
+    # uint8 codes are left to the re-check after packing (see gptq._check_code_range)
+    checks = [("zero points", qw.zeros)] + ([] if qw.codes.dtype == torch.uint8 else [("codes", qw.codes)])
+    for name, values in checks:
         low, high = torch.aminmax(values)
         if int(low) < 0 or int(high) > qw.maxq:
             raise ValueError(f"{name} outside [0, {qw.maxq}]")

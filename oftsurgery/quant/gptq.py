@@ -184,7 +184,11 @@ def gptq_module(qw: QuantizedWeight, bias: torch.Tensor | None = None, desc_act:
 
 
 def _check_code_range(qw: QuantizedWeight) -> None:
-    for name, values in (("codes", qw.codes), ("zero points", qw.zeros)):
+    """Codes and zero points must fit `bits`. uint8 codes are left to the re-check after packing
+    (cheaper than a pass over them): a code wider than `bits` never unpacks to itself, since its
+    high bits land in the neighbouring field or fall off the word."""
+    checks = [("zero points", qw.zeros)] + ([] if qw.codes.dtype == torch.uint8 else [("codes", qw.codes)])
+    for name, values in checks:
         if values.numel():
             low, high = torch.aminmax(values)
             if int(low) < 0 or int(high) > qw.maxq:
