@@ -211,38 +211,28 @@ class _Merger:
     def write_group(self, writer: "BackgroundWriter | InlineWriter", names: list[str]) -> None:
         """Write the tensors `names` (a decoder layer, or everything outside the layer stack).
 
-        The requantization happens here, on the calling thread; packing, the re-check, the copy to
-        the host and the writing happen in `writer`'s job (a worker thread for `BackgroundWriter`).
+        Requantization happens here, on the calling thread, one linear at a time; packing, the
+        re-check, the copy to the host and the writing happen in `writer`'s jobs (on a worker thread
+        for `BackgroundWriter`), one job per linear, so at most a few linears' codes exist at once.
         """
         layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
-        to_pack: list[tuple[str, "QuantizedWeight"]] = []
-        for prefix in layers_here:
-            self.current = prefix
-            layer = self.plan.layers[prefix]
-            if layer.targeted:
-                to_pack.append((prefix, self.solved_weight(prefix)))
-            elif self.plan.converts_format:
-                to_pack.append((prefix, self._converted_weight(prefix)))
-        owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in layers_here
-                                         if self.plan.layers[p].targeted or self.plan.converts_format)}
+        rewritten = [p for p in layers_here if self.plan.layers[p].targeted or self.plan.converts_format]
+        owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in rewritten)}
         untouched = [n for n in names if n not in owned]
         reader = self.reader
 
-        def job():
-            for name in untouched:  # untouched: the stored bytes, copied file to file
+        def copy_untouched():  # the stored bytes, file to file
+            for name in untouched:
                 where = reader.locate(name)
                 info = reader.tensors[name]
                 yield name, reader.get(name) if where is None else ("file", info.dtype, info.shape, *where)
-            for prefix, qw in to_pack:
-                try:
-                    packed = self._pack(prefix, qw)
-                except Exception as exc:
-                    raise WorkerFailed(prefix, exc) from exc
-                for suffix in sorted(packed):
-                    yield suffix, packed[suffix]
-                del packed
 
-        writer.submit(layers_here[0] if layers_here else "the tensors outside the decoder layers", job)
+        if untouched:
+            writer.submit(rewritten[0] if rewritten else "the tensors outside the decoder layers", copy_untouched)
+        for prefix in rewritten:
+            self.current = prefix
+            qw = self.solved_weight(prefix) if self.plan.layers[prefix].targeted else self._converted_weight(prefix)
+            writer.submit(prefix, lambda prefix=prefix, qw=qw: sorted(self._pack(prefix, qw).items()))
 
 
 def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[str]]:
