@@ -79,28 +79,43 @@ def build_rotations(path: Path, layers: int, block_size: int = 32, strength: flo
     save_rotations(RotationSet(blocks, {"parameterization": "cayley"}), path)
 
 
-# one merge in a fresh process: prints {"seconds", "cpu_seconds", "max_rss_bytes"}
+# one merge in a fresh process: prints {"seconds", "cpu_seconds", "layer_seconds", "max_rss_bytes"}
 _CHILD = r"""
 import json, resource, sys, time
 import torch  # imported before the clock starts: the merge is timed, not the interpreter's start-up
+import oftsurgery.merge.engine as engine
 from oftsurgery.merge import MergeOptions, merge_checkpoint
+marks = []  # the end of each iteration of the engine's per-decoder-layer loop (its progress iterator)
+original = engine._progress
+def timed(iterable, *args, **kwargs):
+    marks.append(time.perf_counter())
+    for item in original(iterable, *args, **kwargs):
+        yield item
+        marks.append(time.perf_counter())
+engine._progress = timed
 kwargs = dict(method="rtn", overwrite=True, progress=False)
 if sys.argv[4] != "default":
     kwargs["device"] = sys.argv[4]
+import oftsurgery
+print("code:", oftsurgery.__file__, file=sys.stderr)
 start, cpu = time.perf_counter(), time.process_time()
 merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], MergeOptions(**kwargs))
 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu,
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "layer_seconds": [b - a for a, b in zip(marks, marks[1:])],
                   "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
 def run_merge(code_root: Path, checkpoint: Path, rotations: Path, out: Path, device: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(code_root), GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
+    # run from the code root: `python -c` puts the working directory first on sys.path
     result = subprocess.run([sys.executable, "-c", _CHILD, str(checkpoint), str(rotations), str(out), device],
-                            env=env, capture_output=True, text=True)
+                            env=env, capture_output=True, text=True, cwd=str(code_root))
     if result.returncode:
         raise SystemExit(f"merge with {code_root} failed:\n{result.stderr[-3000:]}")
+    used = [line for line in result.stderr.splitlines() if line.startswith("code: ")]
+    if not used or not used[-1][6:].startswith(str(code_root)):
+        raise SystemExit(f"the merge imported {used[-1][6:] if used else 'an unknown oftsurgery'}, not {code_root}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -128,6 +143,9 @@ def main() -> None:
     if not rotations.is_file():
         build_rotations(rotations, args.layers)
     size = (checkpoint / "model.safetensors").stat().st_size
+    from oftsurgery.io import CheckpointReader
+
+    layer_bytes = sum(i.nbytes for n, i in CheckpointReader(checkpoint).tensors.items() if n.startswith("model.layers.0."))
     load = os.getloadavg()[0]
 
     rows = []
@@ -139,12 +157,15 @@ def main() -> None:
 
     print(f"checkpoint: {args.layers} decoder layer(s) 4096/11008 GPTQ 4-bit g128 sym, vocab {args.vocab}, "
           f"{size / 1e6:.0f} MB; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print(f"load average before: {load:.1f} (cores: {os.cpu_count()}); CPU seconds = all threads of the merging process")
-    print("| code | seconds | MB/s of checkpoint | CPU seconds | peak RSS (GB) |")
-    print("|---|---|---|---|---|")
+    print(f"load average before: {load:.1f} (cores: {os.cpu_count()}); CPU seconds: all threads of the merging "
+          f"process; last layer: the last decoder layer's loop iteration ({layer_bytes / 1e6:.0f} MB per layer), "
+          "after the one-time costs of the first")
+    print("| code | seconds | MB/s of checkpoint | CPU seconds | last layer s | its MB/s | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['seconds']:.1f} | {size / 1e6 / r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
-              f"{r['max_rss_bytes'] / 1e9:.2f} |")
+        last = r["layer_seconds"][-1] if r["layer_seconds"] else float("nan")
+        print(f"| {name} | {r['seconds']:.1f} | {size / 1e6 / r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {last:.2f} | "
+              f"{layer_bytes / 1e6 / last:.1f} | {r['max_rss_bytes'] / 1e9:.2f} |")
 
 
 if __name__ == "__main__":
