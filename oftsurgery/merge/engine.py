@@ -114,7 +114,7 @@ def requantize_layer(
         heldout_tokens = measured.tokens if measured is not fit else 0
     else:
         if method == "calibrated":
-            fallbacks.append("not calibrated: the calibration never reached this module; rounded to nearest")
+            fallbacks.append("not calibrated: the calibration never reached this module, so it was rounded to nearest")
 
         def residual(w) -> float:  # ‖E‖²_F in weight space: no data, H = I
             return float(torch.linalg.vector_norm(w - target, dtype=torch.float64) ** 2)
@@ -126,7 +126,7 @@ def requantize_layer(
     best = min(errors, key=errors.get)
     mode = preferred if errors[preferred] <= errors[best] * (1 + 1e-9) else best
     if mode == "kept":
-        fallbacks.append("kept: no requantized candidate beat the source codes; the adapter is left out here")
+        fallbacks.append("kept: no requantized candidate beat the source codes, so the adapter is left out here")
     elif mode != preferred:
         fallbacks.append(f"{mode}: round-to-nearest beat the calibrated solve")
     chosen = candidates[mode]

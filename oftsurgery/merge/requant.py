@@ -79,17 +79,22 @@ class _Layer:
         self.zeros_t = qw.zeros.to(dev)[self.g_idx].to(self.dtype)
         self.source_scales = qw.scales.to(dev)
         self.source_codes_t = qw.codes.to(dev).T.to(self.dtype)
+        self._target64 = None
 
     def scales_t(self, scales: "torch.Tensor", dtype=None) -> "torch.Tensor":
         return scales[self.g_idx].to(dtype or self.dtype)
 
     def error(self, codes_t: "torch.Tensor", scales: "torch.Tensor") -> "torch.Tensor":
-        """tr(E H Eᵀ) of a candidate, float64 0-dim on the device (Ŵ is exact in float64)."""
+        """tr(E H Eᵀ) of a candidate, float64 0-dim on the device.
+
+        s·(q − z) is exact in float32 (an fp16 scale times an integer below 2⁸), so only the
+        difference to the target needs float64."""
         import torch
 
-        f64 = torch.float64
-        err = self.scales_t(scales, f64) * (codes_t.to(f64) - self.zeros_t.to(f64)) - self.target_t.to(f64)
-        return self.hessian.error(err)
+        if self._target64 is None:
+            self._target64 = self.target_t.to(torch.float64)
+        weight = self.scales_t(scales, torch.float32) * (codes_t.float() - self.zeros_t.float())
+        return self.hessian.error(weight.double().sub_(self._target64))
 
     def rtn_codes_t(self) -> "torch.Tensor":
         import torch
@@ -386,8 +391,9 @@ class CalibratedResult:
 
 
 def _failure(exc: BaseException) -> str:
+    """One line; no "; ", which separates a layer's fallbacks in the report."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return (f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__).replace("; ", ", ")
 
 
 def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian, *, damp: float = DAMP,
@@ -398,7 +404,7 @@ def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian
     never worse than GPTQ's pass, and an exact fit (identity rotation) comes back unchanged. Nothing
     falls back silently: a Hessian that needs more damping, a GPTQ pass that cannot run (the codes
     then start from round-to-nearest) and a stage that fails (it is skipped) are listed in
-    `fallbacks`.
+    `fallbacks` (each "<kind>: <reason>", with no "; " inside).
     """
     import torch
 
@@ -414,16 +420,16 @@ def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian
             last = exc
             continue
         if attempt != damp:
-            fallbacks.append(f"cholesky: the Hessian is not positive definite at damp {damp:g}; "
-                             f"the GPTQ pass used damp {attempt:g}")
+            fallbacks.append(f"cholesky: the Hessian is not positive definite at damp {damp:g}, "
+                             f"so the GPTQ pass used damp {attempt:g}")
         try:
             codes = _gptq_pass(layer, perm, U, block_size)
         except RuntimeError as exc:
-            fallbacks.append(f"gptq failed ({_failure(exc)}); started from round-to-nearest codes")
+            fallbacks.append(f"gptq failed ({_failure(exc)}), so the codes start from round-to-nearest")
         break
     else:
-        fallbacks.append(f"cholesky: {last} (and at damp {', '.join(f'{d:g}' for d in RETRY_DAMPS if d > damp)}); "
-                         "started from round-to-nearest codes")
+        fallbacks.append(f"cholesky: {last} (and at damp {', '.join(f'{d:g}' for d in RETRY_DAMPS if d > damp)}), "
+                         "so the codes start from round-to-nearest")
     if codes is None:
         codes, stages = layer.rtn_codes_t(), ["rtn"]
     scales = layer.source_scales
@@ -438,10 +444,10 @@ def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian
             cand_codes, cand_scales = stage(codes, scales)
             err = layer.error(cand_codes, cand_scales)
         except RuntimeError as exc:  # includes torch's LinAlgError and out-of-memory
-            fallbacks.append(f"{name} failed ({_failure(exc)}); stage skipped")
+            fallbacks.append(f"{name} failed ({_failure(exc)}), stage skipped")
             continue
         if not bool(torch.isfinite(err)):
-            fallbacks.append(f"{name} failed (non-finite output error); stage skipped")
+            fallbacks.append(f"{name} failed (non-finite output error), stage skipped")
             continue
         if err < best_err * (1 - ACCEPT):
             codes, scales, best_err = cand_codes, cand_scales, err
