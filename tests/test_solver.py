@@ -544,3 +544,47 @@ def test_the_fallback_warning_counts_each_kind():
     warning = next(w for w in report.warnings() if "fell back" in w)
     assert warning.startswith("WARNING: 2 layer(s) fell back (1 cholesky, 1 kept, 1 refit_scales failed); first: a: cholesky:")
     assert report.to_dict()["summary"]["fallbacks"] == 2
+
+
+_KERNELS_CHILD = """
+import os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_solver import _problem
+from oftsurgery.merge import requant
+device = "cuda" if torch.cuda.is_available() else "cpu"
+mismatch = total = 0
+for dtype in (torch.float64, torch.float32):
+    for seed in range(2):
+        qw, target, H = _problem(seed, out_f=36, in_f=40, sym=seed == 0, permuted=seed == 1, move=0.8)
+        H = H.to(device, dtype)
+        start = requant.requantize_rtn(qw, target)
+        codes = {}
+        for kernels in ("torch", "triton"):
+            os.environ["OFTSURGERY_SOLVER_KERNELS"] = kernels
+            codes[kernels] = (requant.requantize_compensated(qw, target, H, block_size=16).codes,
+                              requant.refine_codes(start, target, H, sweeps=2, block_size=16).codes)
+        for a, b in zip(codes["torch"], codes["triton"]):
+            mismatch += int((a != b).sum()); total += a.numel()
+        assert not torch.equal(codes["torch"][0], start.codes)
+print(device, mismatch, total)
+"""
+
+
+def test_triton_block_kernels_do_what_the_torch_loops_do():
+    """The GPU kernels of kernels.py against the torch loops: in Triton's interpreter on a CPU
+    (exactly the same codes), compiled on a GPU (the same up to fused multiply-adds)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _KERNELS_CHILD, str(Path(__file__).parent)], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    device, mismatch, total = proc.stdout.split()
+    assert int(mismatch) <= (0 if device == "cpu" else int(total) // 1000), (device, mismatch, total)

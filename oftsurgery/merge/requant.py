@@ -78,7 +78,7 @@ class _Layer:
         self.target_t = target.to(dev, self.dtype).T.contiguous()
         self.zeros_t = qw.zeros.to(dev)[self.g_idx].to(self.dtype)
         self.source_scales = qw.scales.to(dev)
-        self.source_codes_t = qw.codes.to(dev).T.to(self.dtype)
+        self.source_codes_t = qw.codes.to(dev).T.contiguous().to(self.dtype)  # [in, out], rows contiguous
         self._target64 = None
 
     def scales_t(self, scales: "torch.Tensor", dtype=None) -> "torch.Tensor":
@@ -153,7 +153,7 @@ def _gptq_factor(hessian: "InputHessian", damp: float, act_order: bool, dtype) -
             if int(info) != 0 or not bool(torch.isfinite(U).all()):
                 hessian.cache[key] = SolverError(f"the inverse Hessian is not positive definite at damp {damp:g}")
             else:
-                hessian.cache[key] = (perm, U.to(dtype))
+                hessian.cache[key] = (perm, U.to(dtype).contiguous())  # rows contiguous: the loop reads rows
     factor = hessian.cache[key]
     if isinstance(factor, SolverError):
         raise factor
@@ -164,16 +164,21 @@ def _gptq_pass(layer: _Layer, perm: "torch.Tensor", U: "torch.Tensor", block_siz
     """Codes [in, out] (in the layer's dtype) from GPTQ's lazy-batch pass in the order `perm`."""
     import torch
 
+    from oftsurgery.merge import kernels
+
     w = layer.target_t[perm]  # a copy, rows in visiting order; updated with the compensations
     s = layer.scales_t(layer.source_scales)[perm]
     z = layer.zeros_t[perm]
     codes = torch.empty_like(w)
     n, maxq = w.shape[0], layer.maxq
+    fused = kernels.use_triton(w)
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
         wb, sb, zb, qb, ub = w[b0:b1], s[b0:b1], z[b0:b1], codes[b0:b1], U[b0:b1, b0:b1]
         errb = torch.empty_like(wb)
-        for j in range(b1 - b0):
+        if fused:  # the same loop as one GPU kernel per block (kernels.py)
+            kernels.gptq_block(wb, sb, zb, ub, qb, errb, maxq)
+        for j in range(0 if fused else b1 - b0):
             q = torch.clamp_(torch.round(wb[j] / sb[j]).add_(zb[j]), 0, maxq)
             qb[j] = q
             e = errb[j]
@@ -224,11 +229,13 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
     """Blocked coordinate descent on the codes [in, out] for tr(E (H + λI) Eᵀ); returns new codes."""
     import torch
 
+    from oftsurgery.merge import kernels
+
     dt = layer.dtype
     H = layer.hessian.matrix_as(dt)
     lam = layer.hessian.damping(damp).to(dt)
     s = layer.scales_t(scales)
-    codes = codes_t.to(dt, copy=True)
+    codes = codes_t.to(dt, memory_format=torch.contiguous_format, copy=True)
     err = s * (codes - layer.zeros_t) - layer.target_t  # Eᵀ
     grad = (H @ err).add_(err * lam)  # ((H + λI) Eᵀ)[i, o]: half the objective's gradient in Ŵ[o, i]
     del err
@@ -237,6 +244,7 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
     # zero curvature (H = 0, no damping) gets a denominator of −inf, i.e. no step
     neg_curv = torch.where(diag > 0, -diag, torch.full_like(diag, -torch.inf)).unsqueeze(1) * s
     n, maxq = codes.shape[0], layer.maxq
+    fused = kernels.use_triton(codes)
     for _ in range(sweeps):
         moved = torch.zeros((), dtype=torch.long, device=codes.device)
         for b0 in range(0, n, block_size):
@@ -244,7 +252,9 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
             gb = grad[b0:b1].clone()  # the block's gradient rows, kept current within the block
             cb, sb, nb, hb = codes[b0:b1], s[b0:b1], neg_curv[b0:b1], H[b0:b1, b0:b1]
             delta = torch.zeros_like(gb)  # changes of Ŵᵀ in this block
-            for j in range(b1 - b0):
+            if fused:  # the same loop as one GPU kernel per block (kernels.py)
+                kernels.refine_block(gb, cb, sb, nb, hb, delta, maxq)
+            for j in range(0 if fused else b1 - b0):
                 new = torch.clamp_(cb[j] + torch.round(gb[j] / nb[j]), 0, maxq)
                 d = delta[j]
                 torch.mul(new - cb[j], sb[j], out=d)
