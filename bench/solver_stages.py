@@ -94,15 +94,12 @@ if impl == "new":
         stats.matrix
         return stats
     H = timed("hessian", accumulate)
-    solve = lambda fn, q: fn(q, target, H)
     gptq = timed("gptq", lambda: new.requantize_compensated(qw, target, H))
-    best = gptq
 else:
     spec = importlib.util.spec_from_file_location("old_requant", old_path)
     old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
     H = timed("hessian", lambda: sum(x.double().T @ x.double() for x in X))
     gptq = timed("gptq", lambda: old.requantize_compensated(qw, target, H))
-    best = gptq
 
 errors = {"gptq": rel(gptq)}
 current = gptq
