@@ -75,7 +75,7 @@ def _relative(err: float, ref: float) -> float:
 
 def requantize_layer(
     plan: LayerPlan, qw: "QuantizedWeight", method: str, inputs: "CalibrationInputs | None" = None,
-    *, device: str = "cpu",
+    *, device: str = "cpu", target: "torch.Tensor | None" = None,
 ) -> tuple["QuantizedWeight", LayerReport]:
     """Fold the rotation into one layer and requantize it; return the new codes and its report line.
 
@@ -83,13 +83,15 @@ def requantize_layer(
     and the source codes are compared on the fitted calibration rows, and the reported residuals are
     measured on the held-out rows. rtn: rounding and weight-space residuals ‖E‖_F on `device`, no
     Hessian at all. Choosing anything but the requested mode is recorded as a `fallback`.
+    `target` is W·Rᵀ when the caller has it already.
     """
     import torch
 
     from oftsurgery.merge import requant
 
     start = time.perf_counter()
-    target = plan.target_weight(qw.dequantize())
+    if target is None:
+        target = plan.target_weight(qw.dequantize())
     calibrated = method == "calibrated" and inputs is not None and inputs.fit.reached
     if calibrated:
         dev = inputs.fit.device
@@ -202,14 +204,15 @@ class _Merger:
         cfg = layer_quant_config(self.plan.target, prefix) or self.plan.target
         return {f"{prefix}.{k}": v for k, v in pack_layer(qw, cfg, bias=bias).items()}
 
-    def requantize(self, prefix: str, inputs: "CalibrationInputs | None" = None) -> "QuantizedWeight":
+    def requantize(self, prefix: str, inputs: "CalibrationInputs | None" = None,
+                   target: "torch.Tensor | None" = None) -> "QuantizedWeight":
         """Fold the rotation into one targeted layer and requantize it (kept until the layer is written).
 
         With `--strict` the first fallback stops the merge (nothing is written): a strict user wants
         to know at the first layer, not after an hour of merging."""
         qw = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
         new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, inputs,
-                                          device=self.options.device)
+                                          device=self.options.device, target=target)
         if report.fallback and self.options.strict:
             raise MergeError(f"--strict: {prefix} fell back ({report.fallback}); nothing was written.")
         self.reports.append(report)
@@ -329,12 +332,16 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
     """
     plan = merger.plan
     prefix = runner.layer_prefix(index) + "."
+    # the layer is rebuilt once per input group: dequantize and rotate each weight once, not each time
+    unmerged: dict[str, "torch.Tensor"] = {}
 
     def current_weight(name: str):
         if name in merger.merged:
             return merger.merged[name].dequantize()
-        return plan.layers[name].target_weight(merger.source_weight(name).dequantize()) if name in plan.layers \
-            else merger.source_weight(name).dequantize()
+        if name not in unmerged:
+            weight = merger.source_weight(name).dequantize()
+            unmerged[name] = plan.layers[name].target_weight(weight) if name in plan.layers else weight
+        return unmerged[name]
 
     layer_module = runner.build_layer(index, current_weight)
     local = [n for n in runner.linear_names(layer_module)
@@ -344,7 +351,7 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
         inputs = _collect_hessians(layer_module, group, hidden, kwargs)
         for name in group:
             merger.current = prefix + name
-            merger.requantize(prefix + name, inputs.get(name))
+            merger.requantize(prefix + name, inputs.get(name), target=unmerged.pop(prefix + name, None))
         del inputs  # frees the group's Hessian and the solver's factors before the next group
 
 
