@@ -11,7 +11,8 @@ under a directory named by its parameters, three things that belong together:
   gptqmodel 7 writes; a byte-level BPE tokenizer trained locally, so a calibrated merge can tokenise;
 - `fp16/`: the same model in float16 with every linear equal to the GPTQ layer's dequantized weight
   (what a GPTQ tool would be handed to quantize: the bench's peer);
-- `rotations.safetensors`: random exact-Cayley OFT rotations (block 32) on every quantized linear.
+- `rotations-b32-s0.002-seed0.safetensors`: random exact-Cayley OFT rotations (block 32) on every
+  quantized linear (other strengths and block sizes are added next to the weights on demand).
 
 Everything is deterministic in `seed`. The vocabulary can be shrunk to keep the embeddings cheap;
 the tokenizer's own vocabulary is at most `TOKENIZER_VOCAB`, below any embedding size used here.
@@ -36,6 +37,10 @@ OUTLIER_CHANNELS = 0.005  # fraction of input channels scaled up (real LLM outli
 OUTLIER_CHANNEL_GAIN = 4.0
 OUTLIER_ENTRIES = 1e-4  # fraction of single weights replaced by 6-10 std spikes
 SHARD_SIZE = 2 * 1024**3  # bounds what the writers buffer: a 70B decoder layer in fp16 is 1.7 GB
+# std of the random skew parameters: W·Rᵀ then differs from W by ~2% (relative Frobenius norm) and
+# round-to-nearest changes (almost) no code, as with the trained adapters measured in bench/fidelity.py
+DEFAULT_ROTATION_STRENGTH = 0.002
+SPEC_FILE = "synthetic.json"
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -237,31 +242,35 @@ def _resolve(preset: str, vocab_size: int | None) -> tuple[LlamaShape, int]:
 
 
 def synthetic_spec(preset: str = "tiny", *, num_layers: int = 2, vocab_size: int | None = None, seed: int = 0,
-                   bits: int = 4, group_size: int = 128, rotation_strength: float = 0.02,
-                   block_size: int = 32) -> dict:
-    """Every parameter that decides a build's bytes; also its cache key (`cache_name`)."""
+                   bits: int = 4, group_size: int = 128) -> dict:
+    """Every parameter that decides the weights' bytes; also their cache key (`cache_name`)."""
     shape, vocab = _resolve(preset, vocab_size)
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}.")
     return {
         "preset": preset, **asdict(shape), "vocab_size": vocab, "num_layers": int(num_layers), "seed": int(seed),
         "bits": int(bits), "group_size": int(group_size), "sym": True, "desc_act": False, "format": "gptq",
-        "rotation_strength": float(rotation_strength), "block_size": int(block_size),
         "builder_version": BUILDER_VERSION,
     }
 
 
 def cache_name(spec: dict) -> str:
     return (f"{spec['preset']}-L{spec['num_layers']}-V{spec['vocab_size']}-b{spec['bits']}g{spec['group_size']}"
-            f"-rot{spec['block_size']}x{spec['rotation_strength']:g}-seed{spec['seed']}-v{spec['builder_version']}")
+            f"-seed{spec['seed']}-v{spec['builder_version']}")
+
+
+def rotations_name(strength: float, block_size: int, seed: int) -> str:
+    return f"rotations-b{block_size}-s{strength:g}-seed{seed}.safetensors"
 
 
 def build_synthetic_checkpoint(out_dir, preset: str = "tiny", *, num_layers: int = 2, vocab_size: int | None = None,
-                               seed: int = 0, bits: int = 4, group_size: int = 128, rotation_strength: float = 0.02,
-                               block_size: int = 32, overwrite: bool = False, log=None) -> SyntheticCheckpoint:
-    """Build gptq/, fp16/ and rotations.safetensors under `out_dir` (which appears only complete).
+                               seed: int = 0, bits: int = 4, group_size: int = 128,
+                               rotation_strength: float = DEFAULT_ROTATION_STRENGTH, block_size: int = 32,
+                               overwrite: bool = False, log=None) -> SyntheticCheckpoint:
+    """Build gptq/, fp16/ and a rotations file under `out_dir` (which appears only complete).
 
-    `log(msg)`, if given, receives one line per decoder layer (a 7B layer packs in ~10 s on 2 cores).
+    `log(msg)`, if given, receives one line per decoder layer (a 7B layer takes about a minute on
+    2 shared cores, mostly gptqmodel's packer).
     """
     import torch
 
@@ -271,7 +280,7 @@ def build_synthetic_checkpoint(out_dir, preset: str = "tiny", *, num_layers: int
     from oftsurgery.quant.grid import quantize_weight
 
     spec = synthetic_spec(preset, num_layers=num_layers, vocab_size=vocab_size, seed=seed, bits=bits,
-                          group_size=group_size, rotation_strength=rotation_strength, block_size=block_size)
+                          group_size=group_size)
     shape, vocab = _resolve(preset, vocab_size)
     tokenizer = build_tiny_tokenizer(min(vocab, TOKENIZER_VOCAB))
     if len(tokenizer) > vocab:
@@ -321,35 +330,47 @@ def build_synthetic_checkpoint(out_dir, preset: str = "tiny", *, num_layers: int
         (gptq_dir / "quantize_config.json").write_text(json.dumps(quant, indent=2) + "\n", encoding="utf-8")
         tokenizer.save_pretrained(gptq_dir)
         tokenizer.save_pretrained(fp_dir)
-        random_rotations(gptq_dir, tmp / "rotations.safetensors", strength=rotation_strength,
-                         block_size=block_size, seed=seed)
+        random_rotations(gptq_dir, tmp / rotations_name(rotation_strength, block_size, seed),
+                         strength=rotation_strength, block_size=block_size, seed=seed)
         spec["build_seconds"] = round(time.perf_counter() - started, 3)
-        (tmp / "synthetic.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
-    return _paths(Path(out_dir), spec)
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    return _checkpoint(Path(out_dir), spec, rotation_strength, block_size)
 
 
-def _paths(root: Path, spec: dict) -> SyntheticCheckpoint:
+def _checkpoint(root: Path, spec: dict, strength: float, block_size: int) -> SyntheticCheckpoint:
     root = root.expanduser().resolve()
+    spec = {**spec, "rotation_strength": float(strength), "block_size": int(block_size)}
     return SyntheticCheckpoint(root=root, gptq=root / "gptq", fp16=root / "fp16",
-                               rotations=root / "rotations.safetensors", spec=spec)
+                               rotations=root / rotations_name(strength, block_size, spec["seed"]), spec=spec)
 
 
 def synthetic_checkpoint(preset: str = "tiny", *, num_layers: int = 2, vocab_size: int | None = None, seed: int = 0,
-                         bits: int = 4, group_size: int = 128, rotation_strength: float = 0.02, block_size: int = 32,
-                         cache_dir=None, log=None) -> SyntheticCheckpoint:
+                         bits: int = 4, group_size: int = 128, rotation_strength: float = DEFAULT_ROTATION_STRENGTH,
+                         block_size: int = 32, cache_dir=None, log=None) -> SyntheticCheckpoint:
     """The cached build for these parameters under `cache_dir` (default: ~/.cache/oftsurgery/synthetic),
-    built first if missing. Builds are atomic, so a directory that exists is complete."""
+    built first if missing.
+
+    The weights are cached by everything that decides them (`cache_name`); rotations files of other
+    strengths or block sizes are added next to them on demand (they take well under a second).
+    Builds are atomic, so a directory or file that exists is complete.
+    """
+    from oftsurgery.io import atomic_output
     from oftsurgery.models import default_cache_dir
 
     spec = synthetic_spec(preset, num_layers=num_layers, vocab_size=vocab_size, seed=seed, bits=bits,
-                          group_size=group_size, rotation_strength=rotation_strength, block_size=block_size)
+                          group_size=group_size)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "synthetic"
     target = root / cache_name(spec)
-    if (target / "synthetic.json").is_file():
-        return _paths(target, json.loads((target / "synthetic.json").read_text(encoding="utf-8")))
-    return build_synthetic_checkpoint(target, preset, num_layers=num_layers, vocab_size=vocab_size, seed=seed,
-                                      bits=bits, group_size=group_size, rotation_strength=rotation_strength,
-                                      block_size=block_size, log=log)
+    if not (target / SPEC_FILE).is_file():
+        return build_synthetic_checkpoint(target, preset, num_layers=num_layers, vocab_size=vocab_size, seed=seed,
+                                          bits=bits, group_size=group_size, rotation_strength=rotation_strength,
+                                          block_size=block_size, log=log)
+    built = _checkpoint(target, json.loads((target / SPEC_FILE).read_text(encoding="utf-8")), rotation_strength,
+                        block_size)
+    if not built.rotations.is_file():
+        with atomic_output(built.rotations, is_file=True) as tmp:
+            random_rotations(built.gptq, tmp, strength=rotation_strength, block_size=block_size, seed=seed)
+    return built
 
 
 def decoder_layer_bytes(checkpoint) -> int:
