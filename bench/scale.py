@@ -41,7 +41,7 @@ RESULT_MARK = "SCALE-BENCH-RESULT "
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 MERGE_CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 ckpt, rotations, out, method, device, calib, tokens, seq_len = sys.argv[1:9]
 import torch
 import oftsurgery.merge.engine as engine
@@ -63,7 +63,7 @@ if hasattr(engine, "_progress"):
 # and, on a GPU, creating the CUDA context
 from oftsurgery._deps import gptqmodel
 gptqmodel()
-gpu = torch.cuda.is_available()
+gpu = torch.cuda.is_available() and (device.startswith("cuda") or device == "auto")
 if gpu:
     torch.zeros(1, device=device if device.startswith("cuda") else "cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -75,13 +75,12 @@ marks = max(loops, key=len) if loops else []
 print("SCALE-BENCH-RESULT " + json.dumps({
     "seconds": seconds,
     "layer_seconds": [b - a for a, b in zip(marks, marks[1:])] or None,
-    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "peak_gpu_bytes": torch.cuda.max_memory_allocated() if gpu else None,
 }), flush=True)
 """
 
 PEER_CHILD = r"""
-import gc, json, resource, sys, time
+import gc, json, sys, time
 fp_dir, warm_dir, device, calib, tokens, seq_len, bits, group_size = sys.argv[1:9]
 import torch
 from oftsurgery._deps import gptqmodel as import_gptqmodel
@@ -110,7 +109,7 @@ def quantize(path):
 warm_model, warm_seconds, _, _ = quantize(warm_dir)
 del warm_model
 gc.collect()
-gpu = torch.cuda.is_available()
+gpu = torch.cuda.is_available() and device.startswith("cuda")
 if gpu:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -122,7 +121,6 @@ for entries in (log.values() if isinstance(log, dict) else [log or []]):
             per_module[f"{entry['layer']}.{entry['module']}"] = float(entry["time"])
 print("SCALE-BENCH-RESULT " + json.dumps({
     "seconds": seconds, "warmup_seconds": warm_seconds, "calib_tokens": used_tokens, "module_seconds": per_module,
-    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "peak_gpu_bytes": torch.cuda.max_memory_allocated() if gpu else None,
 }), flush=True)
 """
@@ -163,19 +161,22 @@ def run_child(code: str, args: list[str], log_path: Path, label: str, memory_lim
     print(f"[scale] {label} ... (log: {log_path})", flush=True)
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run([sys.executable, "-c", code, *args], stdout=log, stderr=subprocess.STDOUT,
-                              env=child_env(), cwd=str(REPO), preexec_fn=_address_space_limit(memory_limit))
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=child_env(), cwd=str(REPO), preexec_fn=_address_space_limit(memory_limit))
+        # wait4: this child's own resource usage, so its peak RSS is known even when it fails
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
+    peak_rss = usage.ru_maxrss * 1024  # kilobytes on Linux
     text = log_path.read_text(encoding="utf-8", errors="replace")
     results = [line[len(RESULT_MARK):] for line in text.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not results:
         tail = [line for line in text.splitlines() if line.strip()][-3:]
         print(f"[scale] {label} FAILED (exit {proc.returncode}) after {wall:.0f}s: {' | '.join(tail)}", flush=True)
         return {"error": f"exit {proc.returncode}: {tail[-1] if tail else 'no output'}", "wall_s": wall,
-                "log": str(log_path)}
+                "peak_rss_bytes": peak_rss, "log": str(log_path)}
     result = json.loads(results[-1])
-    result["wall_s"] = wall
-    result["log"] = str(log_path)
+    result.update({"wall_s": wall, "peak_rss_bytes": peak_rss, "log": str(log_path)})
     print(f"[scale] {label} done in {wall:.1f}s", flush=True)
     return result
 
@@ -269,7 +270,8 @@ def render(results: dict) -> str:
     for key, run in rows.items():
         label = labels.get(key, key)
         if "error" in run:
-            lines.append(f"| {label} | failed: {run['error'][:80]} | | | | | | |")
+            lines.append(f"| {label} | failed after {run['wall_s']:.0f} s: {run['error'][:100]} | | | | "
+                         f"{_gb(run.get('peak_rss_bytes'))} | | |")
             continue
         ratio = "-" if key == "peer" or not peer_layer else f"{run['per_layer_s'] / peer_layer:.2f}x"
         solve = run.get("solve_per_layer_s")
@@ -395,7 +397,7 @@ def main(argv=None) -> dict:
     import torch
 
     from oftsurgery.io import CheckpointReader
-    from oftsurgery.testing.synthetic import decoder_layer_bytes, synthetic_checkpoint
+    from oftsurgery.testing.synthetic import decoder_layer_bytes, expected_size_bytes, synthetic_checkpoint
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device} was requested but torch sees no CUDA device.")
@@ -405,6 +407,12 @@ def main(argv=None) -> dict:
     build = dict(num_layers=args.layers, vocab_size=args.vocab, seed=args.seed,
                  rotation_strength=args.rotation_strength, cache_dir=work / "synthetic")
     log = lambda msg: print(f"[scale] {msg}", flush=True)  # noqa: E731
+    need = expected_size_bytes(args.preset, args.layers, args.vocab)
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < 1.2 * (need["gptq"] * 2 + need["fp16"]):  # checkpoint, its fp16 twin, one merged output at a time
+        log(f"warning: {free / 1e9:.1f} GB free under {work}; a build and a merge need about "
+            f"{(need['gptq'] * 2 + need['fp16']) / 1e9:.1f} GB (less if the build is cached)")
     started = time.perf_counter()
     ckpt = synthetic_checkpoint(args.preset, log=log, **build)
     log(f"checkpoint {ckpt.root} ready after {time.perf_counter() - started:.0f}s")
