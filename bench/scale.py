@@ -266,7 +266,8 @@ def render(results: dict) -> str:
         "| run | total s | per decoder layer s | solve s / layer | MB/s | peak RSS GB | peak GPU GB | ours / peer |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    labels = {"rtn": "merge --method rtn", "calibrated": "merge (calibrated)", "peer": "GPTQModel quantize (peer, warm)"}
+    labels = {"rtn": "merge --method rtn", "calibrated": "merge (calibrated)",
+              "peer": "GPTQModel quantize (peer, warm)"}
     for key, run in rows.items():
         label = labels.get(key, key)
         if "error" in run:
