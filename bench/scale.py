@@ -362,7 +362,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=256, help="calibration row length (the merge's default)")
     parser.add_argument("--calib", default="builtin:english", help="calibration text for merge and peer alike")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N, for the merges and the peer")
+    parser.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda or "
+                                                          "cuda:N, for the merges and the peer alike")
     parser.add_argument("--methods", default="rtn,calibrated", help="comma-separated: rtn, calibrated")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                         help="also time GPTQModel quantizing the fp16 twin")
@@ -386,6 +387,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--methods takes rtn and/or calibrated, not {','.join(unknown) or 'nothing'}")
     if args.layers < 1 or args.calib_tokens < args.seq_len:
         parser.error("--layers must be at least 1 and --calib-tokens at least --seq-len")
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.memory_limit and args.device.startswith("cuda"):
         parser.error("--memory-limit caps virtual memory, which CUDA reserves in bulk; use it for CPU runs only")
     args.methods = methods
