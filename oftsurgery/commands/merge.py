@@ -24,7 +24,8 @@ import click
               help="Number of calibration tokens.")
 @click.option("--seq-len", type=click.IntRange(min=8), default=256, show_default=True,
               help="Calibration sequence length.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where to compute: auto (the GPU when torch can use one, else the CPU), cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="NAMESPACE/NAME",
               help="After a successful merge, publish the output to this Hub repository.")

@@ -2,8 +2,12 @@
 
 Tensors are read and written in decoder-layer order, so memory holds one decoder layer (plus, in
 calibrated mode, the calibration activations), never the model. Tensors the adapter does not touch
-are copied with their bytes unchanged; layers it does touch get W′ = W·Rᵀ requantized on their
-source grid and packed through gptqmodel's packers. The output directory appears only complete.
+are copied with their bytes unchanged (file to file, never loaded); layers it does touch get
+W′ = W·Rᵀ requantized on their source grid and packed back into the checkpoint's layout, byte-exact
+with gptqmodel's packers. The work runs on one device (`--device`, default auto: the GPU when
+there is one), resolved before anything else. While the main thread solves decoder layer i+1, one
+worker thread packs and writes layer i (`pipeline.BackgroundWriter`). The output directory
+appears only complete.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from oftsurgery.device import AUTO, resolve_device
 from oftsurgery.errors import MergeError, OftSurgeryError
 from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
+from oftsurgery.merge.pipeline import BackgroundWriter, InlineWriter, WorkerFailed
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
 from oftsurgery.merge.report import LayerReport, MergeReport
 from oftsurgery.quant.config import QuantConfig, load_quant_config
@@ -31,6 +37,8 @@ METHODS = ("calibrated", "rtn")
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 256
 REPORT_FILE = "merge_report.json"
+# decoder layers queued between the solve (main thread) and pack+write (worker); 0: no worker thread
+PIPELINE_DEPTH = 1
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ class MergeOptions:
     calib: str | None = None
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
-    device: str = "cpu"
+    device: str = AUTO  # auto | cpu | cuda | cuda:N
     overwrite: bool = False
     max_shard_size: int = 5 * 1024**3
     command: str | None = None
@@ -183,14 +191,19 @@ class _Merger:
         self.current: str | None = None  # the layer being merged, named if something fails
         self._unpacked: dict[str, "QuantizedWeight"] = {}
 
-    def source_weight(self, prefix: str) -> "QuantizedWeight":
-        """A layer's stored codes and grid (per-module `dynamic` overrides applied), cached per decoder layer."""
+    def source_weight(self, prefix: str, cache: bool = True) -> "QuantizedWeight":
+        """A layer's stored codes (uint8) and grid (per-module `dynamic` overrides applied), unpacked on
+        the merge's device; cached per decoder layer unless `cache` is False."""
         from oftsurgery.quant.codec import layer_quant_config, unpack_layer
 
-        if prefix not in self._unpacked:
-            cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
-            self._unpacked[prefix] = unpack_layer(_layer_tensors(self.reader, prefix), cfg)
-        return self._unpacked[prefix]
+        if prefix in self._unpacked:
+            return self._unpacked[prefix]
+        cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
+        packed = {k: v.to(self.options.device) for k, v in _layer_tensors(self.reader, prefix).items()}
+        qw = unpack_layer(packed, cfg)
+        if cache:
+            self._unpacked[prefix] = qw
+        return qw
 
     def new_decoder_layer(self) -> None:
         self._unpacked.clear()
@@ -219,32 +232,59 @@ class _Merger:
         self.merged[prefix] = new_qw
         return new_qw
 
+    def rtn_layer(self, prefix: str) -> "QuantizedWeight":
+        """`--method rtn`: W·Rᵀ rounded on the source grid, vectorised on the device (no Hessian)."""
+        from oftsurgery.merge.rtn import rtn_merge_layer
+
+        qw = _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
+        new_qw, report = rtn_merge_layer(self.plan.layers[prefix], qw)
+        self.reports.append(report)
+        return new_qw
+
+    def solved_weight(self, prefix: str) -> "QuantizedWeight":
+        """The requantized weight of one targeted layer (requantized data-free if not done yet)."""
+        if prefix in self.merged:
+            return self.merged[prefix]
+        if self.options.method == "rtn":
+            return self.rtn_layer(prefix)
+        return self.requantize(prefix, None)
+
     def merged_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
-        """Packed output tensors for one targeted layer (requantized data-free if not done yet)."""
-        qw = self.merged[prefix] if prefix in self.merged else self.requantize(prefix, None)
-        return self._pack(prefix, qw)
+        """Packed output tensors for one targeted layer."""
+        return self._pack(prefix, self.solved_weight(prefix))
 
     def converted_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
         """An untargeted layer rewritten in the output format (GPTQ <-> AWQ only)."""
-        return self._pack(prefix, _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target))
+        return self._pack(prefix, self._converted_weight(prefix))
 
-    def write_group(self, writer: CheckpointWriter, names: list[str]) -> None:
+    def _converted_weight(self, prefix: str) -> "QuantizedWeight":
+        return _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
+
+    def write_group(self, writer: "BackgroundWriter | InlineWriter", names: list[str]) -> None:
+        """Write the tensors `names` (a decoder layer, or everything outside the layer stack).
+
+        Requantization happens here, on the calling thread, one linear at a time; packing, the
+        re-check, the copy to the host and the writing happen in `writer`'s jobs (on a worker thread
+        for `BackgroundWriter`), one job per linear, so at most a few linears' codes exist at once.
+        """
         layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
-        produced: dict[str, "torch.Tensor"] = {}
-        for prefix in layers_here:
+        rewritten = [p for p in layers_here if self.plan.layers[p].targeted or self.plan.converts_format]
+        owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in rewritten)}
+        untouched = [n for n in names if n not in owned]
+        reader = self.reader
+
+        def copy_untouched():  # the stored bytes, file to file
+            for name in untouched:
+                where = reader.locate(name)
+                info = reader.tensors[name]
+                yield name, reader.get(name) if where is None else ("file", info.dtype, info.shape, *where)
+
+        if untouched:
+            writer.submit(rewritten[0] if rewritten else "the tensors outside the decoder layers", copy_untouched)
+        for prefix in rewritten:
             self.current = prefix
-            layer = self.plan.layers[prefix]
-            if layer.targeted:
-                produced.update(self.merged_tensors(prefix))
-            elif self.plan.converts_format:
-                produced.update(self.converted_tensors(prefix))
-        owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in layers_here
-                                         if self.plan.layers[p].targeted or self.plan.converts_format)}
-        for name in names:
-            if name not in owned:
-                writer.add(name, self.reader.get(name))  # untouched: the stored bytes, unchanged
-        for name in sorted(produced):
-            writer.add(name, produced[name])
+            qw = self.solved_weight(prefix) if self.plan.layers[prefix].targeted else self._converted_weight(prefix)
+            writer.submit(prefix, lambda prefix=prefix, qw=qw: sorted(self._pack(prefix, qw).items()))
 
 
 def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[str]]:
@@ -363,17 +403,13 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
 
     if options.method not in METHODS:
         raise MergeError(f"--method must be one of {', '.join(METHODS)}, not {options.method!r}.")
+    options = replace(options, device=str(resolve_device(options.device, MergeError)))  # once, before any work
     started = time.perf_counter()
     reader = CheckpointReader(checkpoint, allow_pickle=options.allow_pickle)
     source = load_quant_config(checkpoint)
     rotations = load_rotations(adapter)
     plan = plan_merge(reader, source, rotations, options.requant)
     out_path = check_output_path(out, [checkpoint, adapter], overwrite=options.overwrite)
-    if options.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise MergeError("--device cuda was requested but no CUDA device is available.")
 
     merger = _Merger(reader, plan, options)
     report = MergeReport(
@@ -386,14 +422,23 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
     try:
         with atomic_output(out_path, overwrite=options.overwrite) as tmp:
             writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
-            merger.write_group(writer, outside)
-            if options.method == "calibrated" and plan.targeted:
-                _merge_calibrated(reader, merger, by_layer, writer, report)
-            else:
-                for index in _progress(by_layer, len(by_layer), "merging", options.progress):
-                    merger.new_decoder_layer()
-                    merger.write_group(writer, by_layer[index])
-            writer.close()
+            sink = BackgroundWriter(writer, PIPELINE_DEPTH) if PIPELINE_DEPTH > 0 else InlineWriter(writer)
+            try:
+                merger.write_group(sink, outside)
+                if options.method == "calibrated" and plan.targeted:
+                    _merge_calibrated(reader, merger, by_layer, sink, report)
+                else:
+                    for index in _progress(by_layer, len(by_layer), "merging", options.progress):
+                        merger.new_decoder_layer()
+                        merger.write_group(sink, by_layer[index])
+                sink.close()
+                writer.close()
+            except WorkerFailed as failed:  # raise what failed in the worker as if it failed here
+                merger.current = failed.label
+                raise failed.error from None
+            finally:
+                sink.abort()  # stop and wait for the worker before the temporary directory goes
+                writer.abort()
             report.layers = merger.reports
             report.seconds = time.perf_counter() - started
             _write_configs(reader, plan, tmp)
