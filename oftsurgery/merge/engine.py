@@ -219,18 +219,20 @@ class _Merger:
 
     def requantize(self, prefix: str, inputs: "CalibrationInputs | None" = None,
                    target: "torch.Tensor | None" = None) -> "QuantizedWeight":
-        """Fold the rotation into one targeted layer and requantize it (kept until the layer is written).
-
-        With `--strict` the first fallback stops the merge (nothing is written): a strict user wants
-        to know at the first layer, not after an hour of merging."""
+        """Fold the rotation into one targeted layer and requantize it (kept until the layer is written)."""
         qw = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
         new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, inputs,
                                           device=self.options.device, target=target)
+        self._record(prefix, report)
+        self.merged[prefix] = new_qw
+        return new_qw
+
+    def _record(self, prefix: str, report: LayerReport) -> None:
+        """Keep a layer's report line; with `--strict` the first fallback stops the merge (nothing is
+        written): a strict user wants to know at the first layer, not after an hour of merging."""
         if report.fallback and self.options.strict:
             raise MergeError(f"--strict: {prefix} fell back ({report.fallback}); nothing was written.")
         self.reports.append(report)
-        self.merged[prefix] = new_qw
-        return new_qw
 
     def rtn_layer(self, prefix: str) -> "QuantizedWeight":
         """`--method rtn`: W·Rᵀ rounded on the source grid, vectorised on the device (no Hessian)."""
@@ -238,7 +240,7 @@ class _Merger:
 
         qw = _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
         new_qw, report = rtn_merge_layer(self.plan.layers[prefix], qw)
-        self.reports.append(report)
+        self._record(prefix, report)
         return new_qw
 
     def solved_weight(self, prefix: str) -> "QuantizedWeight":
