@@ -30,6 +30,7 @@ from oftsurgery.quant.config import QuantConfig, load_quant_config
 if TYPE_CHECKING:
     import torch
 
+    from oftsurgery.merge.hessian import CalibrationInputs
     from oftsurgery.quant.grid import QuantizedWeight
 
 METHODS = ("calibrated", "rtn")
@@ -53,6 +54,7 @@ class MergeOptions:
     command: str | None = None
     progress: bool = True
     allow_pickle: bool = False  # read a pickle-only checkpoint with torch's weights-only loader
+    strict: bool = False  # any per-layer fallback (see LayerReport.fallback) is a MergeError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,40 +82,83 @@ def _relative(err: float, ref: float) -> float:
 
 
 def requantize_layer(
-    plan: LayerPlan, qw: "QuantizedWeight", method: str, hessian: "torch.Tensor | None"
+    plan: LayerPlan, qw: "QuantizedWeight", method: str, inputs: "CalibrationInputs | None" = None,
+    *, device: str = "cpu", target: "torch.Tensor | None" = None,
 ) -> tuple["QuantizedWeight", LayerReport]:
-    """Fold the rotation into one layer and requantize it; return the new codes and its report line."""
+    """Fold the rotation into one layer and requantize it; return the new codes and its report line.
+
+    Calibrated (with `inputs`): the solver runs on the inputs' device; its result, round-to-nearest
+    and the source codes are compared on the fitted calibration rows, and the reported residuals are
+    measured on the held-out rows. rtn: rounding and weight-space residuals ‖E‖_F on `device`, no
+    Hessian at all. Choosing anything but the requested mode is recorded as a `fallback`.
+    `target` is W·Rᵀ when the caller has it already.
+    """
     import torch
 
-    from oftsurgery.merge.requant import output_error, requantize_calibrated, requantize_rtn
+    from oftsurgery.merge import requant
 
     start = time.perf_counter()
-    weight = qw.dequantize()
-    target = plan.target_weight(weight)
-    H = hessian if hessian is not None else torch.eye(weight.shape[1])
-    candidates = {"rtn": requantize_rtn(qw, target)}
-    if method == "calibrated" and hessian is not None:
-        candidates["compensated"] = requantize_calibrated(qw, target, hessian)
-    errors = {mode: output_error(c.dequantize(), target, H) for mode, c in candidates.items()}
-    errors["kept"] = output_error(weight, target, H)
-    candidates["kept"] = qw
-    # prefer the requested mode; fall back to the best of the others only if it is better
-    preferred = "compensated" if "compensated" in candidates else "rtn"
+    if target is None:
+        target = plan.target_weight(qw.dequantize())
+    calibrated = method == "calibrated" and inputs is not None and inputs.fit.reached
+    if calibrated:
+        dev = inputs.fit.device
+    else:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    source = replace(qw, codes=qw.codes.to(dev), scales=qw.scales.to(dev), zeros=qw.zeros.to(dev), g_idx=qw.g_idx.to(dev))
+    weight, target = source.dequantize(), target.to(dev, torch.float32)
+    fallbacks: list[str] = []
+    heldout_tokens = 0
+    if calibrated:
+        fit, measured = inputs.fit, inputs.measured
+
+        def residual(w, stats=measured) -> float:  # tr(E H Eᵀ), E = w − target
+            return float(stats.error((w - target).T))
+
+        solved = requant.requantize_calibrated(source, target, fit)
+        fallbacks += solved.fallbacks
+        candidates = {"compensated": solved.weight, "rtn": requant.requantize_rtn(source, target)}
+        errors = {"compensated": solved.error,  # each candidate's error once, on the rows the solver fitted
+                  "rtn": residual(candidates["rtn"].dequantize(), fit), "kept": residual(weight, fit)}
+        preferred = "compensated"
+        heldout_tokens = measured.tokens if measured is not fit else 0
+    else:
+        if method == "calibrated":
+            fallbacks.append("not calibrated: the calibration never reached this module, so it was rounded to nearest")
+
+        def residual(w) -> float:  # ‖E‖²_F in weight space: no data, H = I
+            return float(torch.linalg.vector_norm(w - target, dtype=torch.float64) ** 2)
+
+        candidates = {"rtn": requant.requantize_rtn(source, target)}
+        errors = {"rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
+        preferred = "rtn"
+    candidates["kept"] = source
     best = min(errors, key=errors.get)
     mode = preferred if errors[preferred] <= errors[best] * (1 + 1e-9) else best
+    if mode == "kept":
+        fallbacks.append("kept: no requantized candidate beat the source codes, so the adapter is left out here")
+    elif mode != preferred:
+        fallbacks.append(f"{mode}: round-to-nearest beat the calibrated solve")
     chosen = candidates[mode]
-    ref = output_error(torch.zeros_like(target), target, H)
+    if calibrated:  # on held-out rows, so a merge worse than leaving the adapter out shows
+        ref, before, after = (residual(w) for w in (torch.zeros_like(target), weight, chosen.dequantize()))
+    else:
+        ref, before, after = residual(torch.zeros_like(target)), errors["kept"], errors[mode]
     report = LayerReport(
         name=plan.prefix,
         mode=mode,
-        codes_changed=float((chosen.codes != qw.codes).float().mean()),
-        scales_changed=float((chosen.scales != qw.scales).float().mean()),
-        residual_before=_relative(errors["kept"], ref),
-        residual_after=_relative(errors[mode], ref),
+        codes_changed=float((chosen.codes != source.codes).float().mean()),
+        scales_changed=float((chosen.scales != source.scales).float().mean()),
+        residual_before=_relative(before, ref),
+        residual_after=_relative(after, ref),
         rotation_strength=plan.rotations.strength(plan.prefix, plan.in_features),
         seconds=time.perf_counter() - start,
+        fallback="; ".join(fallbacks) or None,
+        heldout_tokens=heldout_tokens,
     )
-    return chosen, report
+    host = qw if mode == "kept" else replace(chosen, codes=chosen.codes.to(qw.codes.device),
+                                               scales=chosen.scales.to(qw.scales.device), zeros=qw.zeros, g_idx=qw.g_idx)
+    return host, report
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,13 +217,22 @@ class _Merger:
         cfg = layer_quant_config(self.plan.target, prefix) or self.plan.target
         return {f"{prefix}.{k}": v for k, v in pack_layer(qw, cfg, bias=bias).items()}
 
-    def requantize(self, prefix: str, hessian) -> "QuantizedWeight":
+    def requantize(self, prefix: str, inputs: "CalibrationInputs | None" = None,
+                   target: "torch.Tensor | None" = None) -> "QuantizedWeight":
         """Fold the rotation into one targeted layer and requantize it (kept until the layer is written)."""
         qw = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
-        new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, hessian)
-        self.reports.append(report)
+        new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, inputs,
+                                          device=self.options.device, target=target)
+        self._record(prefix, report)
         self.merged[prefix] = new_qw
         return new_qw
+
+    def _record(self, prefix: str, report: LayerReport) -> None:
+        """Keep a layer's report line; with `--strict` the first fallback stops the merge (nothing is
+        written): a strict user wants to know at the first layer, not after an hour of merging."""
+        if report.fallback and self.options.strict:
+            raise MergeError(f"--strict: {prefix} fell back ({report.fallback}); nothing was written.")
+        self.reports.append(report)
 
     def rtn_layer(self, prefix: str) -> "QuantizedWeight":
         """`--method rtn`: W·Rᵀ rounded on the source grid, vectorised on the device (no Hessian)."""
@@ -186,7 +240,7 @@ class _Merger:
 
         qw = _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
         new_qw, report = rtn_merge_layer(self.plan.layers[prefix], qw)
-        self.reports.append(report)
+        self._record(prefix, report)
         return new_qw
 
     def solved_weight(self, prefix: str) -> "QuantizedWeight":
@@ -265,23 +319,48 @@ def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[s
     return [names for _, names in groups]
 
 
-def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[str, Any]:
-    """H = Σ x xᵀ over every calibration token at the inputs of the named linears."""
+def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[str, "CalibrationInputs"]:
+    """H = Σ x xᵀ at the inputs of the named linears, one per distinct input tensor.
+
+    Linears that read the same tensor (q/k/v; gate/up) share one `CalibrationInputs`, so H and what
+    the solver derives from it are built once. H accumulates in float32 on the run device. Every
+    8th calibration row (`hessian.holdout_rows`) goes to the held-out statistics the report uses.
+    """
     import torch
 
-    hessians: dict[str, torch.Tensor] = {}
+    from oftsurgery.merge.hessian import CalibrationInputs, InputHessian, holdout_rows
 
-    def hook(mod, inputs, output, name):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-        hessians[name] = hessians.get(name, 0) + x.T @ x
-
-    hooks = [layer_module.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
-    with torch.no_grad():
-        for row in range(hidden.shape[0]):  # one row at a time bounds the attention memory
-            layer_module(hidden[row : row + 1], **kwargs)
-    for h in hooks:
-        h.remove()
-    return hessians
+    held_out = holdout_rows(hidden.shape[0])
+    shared: dict[str, CalibrationInputs] = {}
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [layer_module.get_submodule(n).register_forward_hook(
+        lambda mod, inputs, output, n=n: seen.append((n, inputs[0]))) for n in names]
+    try:
+        with torch.no_grad():
+            for row in range(hidden.shape[0]):  # one row at a time bounds the attention memory
+                seen.clear()
+                layer_module(hidden[row : row + 1], **kwargs)
+                distinct: list[tuple[torch.Tensor, list[str]]] = []
+                for name, x in seen:
+                    group = next((g for t, g in distinct if t is x), None)
+                    if group is None:
+                        distinct.append((x, [name]))
+                    elif name not in group:
+                        group.append(name)
+                for x, group in distinct:
+                    stats = next((shared[n] for n in group if n in shared), None)
+                    if stats is None:
+                        size, dev = x.shape[-1], x.device
+                        stats = CalibrationInputs(InputHessian(size, dev),
+                                                  InputHessian(size, dev, need_matrix=False) if held_out else None)
+                    for n in group:
+                        shared[n] = stats
+                    (stats.holdout if row in held_out else stats.fit).add(x)
+    finally:
+        seen.clear()
+        for h in hooks:
+            h.remove()
+    return shared
 
 
 def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwargs) -> None:
@@ -290,25 +369,32 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
     `hidden` is the merged model's stream (what the already-requantized earlier layers produce), so
     each layer compensates what earlier layers lost. Within the layer, linears not yet requantized
     hold their full-precision merged weight W·Rᵀ; those already done hold their requantized weight.
+    A targeted linear no calibration row reached is requantized without inputs, which the report
+    records as a fallback.
     """
     plan = merger.plan
     prefix = runner.layer_prefix(index) + "."
+    # the layer is rebuilt once per input group: dequantize and rotate each weight once, not each time
+    unmerged: dict[str, "torch.Tensor"] = {}
 
     def current_weight(name: str):
         if name in merger.merged:
             return merger.merged[name].dequantize()
-        return plan.layers[name].target_weight(merger.source_weight(name).dequantize()) if name in plan.layers \
-            else merger.source_weight(name).dequantize()
+        if name not in unmerged:
+            weight = merger.source_weight(name).dequantize()
+            unmerged[name] = plan.layers[name].target_weight(weight) if name in plan.layers else weight
+        return unmerged[name]
 
     layer_module = runner.build_layer(index, current_weight)
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
     for group in _input_groups(layer_module, local, hidden[:1], kwargs):
         layer_module = runner.build_layer(index, current_weight)
-        hessians = _collect_hessians(layer_module, group, hidden, kwargs)
+        inputs = _collect_hessians(layer_module, group, hidden, kwargs)
         for name in group:
             merger.current = prefix + name
-            merger.requantize(prefix + name, hessians[name])
+            merger.requantize(prefix + name, inputs.get(name), target=unmerged.pop(prefix + name, None))
+        del inputs  # frees the group's Hessian and the solver's factors before the next group
 
 
 def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,

@@ -122,8 +122,10 @@ def rtn_merge_layer(plan: "LayerPlan", qw: "QuantizedWeight") -> tuple["Quantize
         acc[1] += torch.linalg.vector_norm(weight).double() ** 2
     kept_err, rtn_err, ref, changed = acc.tolist()  # the one synchronisation
 
+    fallback = None
     if rtn_err > kept_err * (1 + 1e-9):
         chosen, mode, err, changed = qw, "kept", kept_err, 0.0
+        fallback = "kept: round-to-nearest came out further from W·Rᵀ than the source codes, so the adapter is left out here"
     else:
         chosen = replace(qw, codes=new_codes_t.T)
         mode, err = "rtn", rtn_err
@@ -136,5 +138,6 @@ def rtn_merge_layer(plan: "LayerPlan", qw: "QuantizedWeight") -> tuple["Quantize
         residual_after=math.sqrt(err / ref) if ref > 0 else 0.0,
         rotation_strength=plan.rotations.strength(plan.prefix, plan.in_features),
         seconds=time.perf_counter() - start,
+        fallback=fallback,
     )
     return chosen, report
