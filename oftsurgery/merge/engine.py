@@ -277,27 +277,37 @@ def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[s
     return [names for _, names in groups]
 
 
+_CALIB_BATCH_TOKENS = 4096  # calibration tokens per forward pass while collecting Hessians
+
+
 def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[str, "CalibrationInputs"]:
     """H = Σ x xᵀ at the inputs of the named linears, one per distinct input tensor.
 
     Linears that read the same tensor (q/k/v; gate/up) share one `CalibrationInputs`, so H and what
     the solver derives from it are built once. H accumulates in float32 on the run device. Every
     8th calibration row (`hessian.holdout_rows`) goes to the held-out statistics the report uses.
+    Rows go through the layer in batches of about `_CALIB_BATCH_TOKENS` tokens: few launches, and
+    the attention memory of a batch stays small.
     """
     import torch
 
     from oftsurgery.merge.hessian import CalibrationInputs, InputHessian, holdout_rows
 
-    held_out = holdout_rows(hidden.shape[0])
+    num_rows = hidden.shape[0]
+    held_out = holdout_rows(num_rows)
+    batch = max(1, _CALIB_BATCH_TOKENS // max(1, hidden.shape[1]))  # rows per forward
     shared: dict[str, CalibrationInputs] = {}
     seen: list[tuple[str, torch.Tensor]] = []
     hooks = [layer_module.get_submodule(n).register_forward_hook(
         lambda mod, inputs, output, n=n: seen.append((n, inputs[0]))) for n in names]
     try:
         with torch.no_grad():
-            for row in range(hidden.shape[0]):  # one row at a time bounds the attention memory
+            for first in range(0, num_rows, batch):
+                rows = range(first, min(first + batch, num_rows))
+                fit = [i for i, r in enumerate(rows) if r not in held_out]
+                held = [i for i, r in enumerate(rows) if r in held_out]
                 seen.clear()
-                layer_module(hidden[row : row + 1], **kwargs)
+                layer_module(hidden[rows.start : rows.stop], **kwargs)
                 distinct: list[tuple[torch.Tensor, list[str]]] = []
                 for name, x in seen:
                     group = next((g for t, g in distinct if t is x), None)
@@ -313,7 +323,10 @@ def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[st
                                                   InputHessian(size, dev, need_matrix=False) if held_out else None)
                     for n in group:
                         shared[n] = stats
-                    (stats.holdout if row in held_out else stats.fit).add(x)
+                    if fit:
+                        stats.fit.add(x if len(fit) == len(rows) else x[fit])
+                    if held:
+                        stats.holdout.add(x[held])
     finally:
         seen.clear()
         for h in hooks:
