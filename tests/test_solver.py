@@ -592,3 +592,19 @@ def test_triton_block_kernels_do_what_the_torch_loops_do():
     assert proc.returncode == 0, proc.stderr[-3000:]
     device, mismatch, total = proc.stdout.split()
     assert int(mismatch) <= (0 if device == "cpu" else int(total) // 1000), (device, mismatch, total)
+
+
+def test_a_failing_gptq_pass_is_recorded_and_polishing_starts_from_rounding(monkeypatch):
+    qw, target, H = _problem(4, move=0.6)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory; injected")
+
+    monkeypatch.setattr(requant, "_gptq_pass", broken)
+    result = requant.requantize_calibrated(qw, target, H)
+    assert result.fallbacks == ["gptq failed (RuntimeError: CUDA out of memory, injected), "
+                                "so the codes start from round-to-nearest"]
+    assert result.stages[0] == "rtn" and "refine_codes" in result.stages
+    s, z = _columns(qw)
+    rtn = requant.requantize_rtn(qw, target)
+    assert result.error < _objective(rtn.codes, s, z, target, H)
