@@ -119,6 +119,11 @@ def test_atomic_output_refuses_existing_and_overwrites_on_request(tmp_path):
     with pytest.raises(OutputPathError, match="--overwrite"):
         with atomic_output(out):
             pass
+    with pytest.raises(OutputPathError, match="not written by oftsurgery|holds neither"):
+        with atomic_output(out, overwrite=True):
+            pass
+    assert sorted(os.listdir(out)) == ["old.txt"]  # not ours: kept
+    (out / "merge_report.json").write_text(json.dumps({"checkpoint": "c", "adapter": "a", "method": "rtn"}))
     with atomic_output(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(os.listdir(out)) == ["new.txt"]
