@@ -25,7 +25,7 @@ import click
 
 THIRD_PARTY_LOGGERS = (
     "gptqmodel", "logbar", "tokenicer", "defuser", "device_smi", "transformers", "huggingface_hub", "datasets",
-    "peft", "accelerate", "optimum", "torch", "torchao", "triton", "httpx", "httpx2", "httpcore", "urllib3",
+    "peft", "accelerate", "optimum", "torch", "torchao", "triton", "httpx", "httpx2", "httpcore", "httpcore2", "urllib3",
     "filelock", "fsspec", "matplotlib", "PIL",
 )
 # read by those libraries when they are imported (only where the user has not set them)

@@ -26,8 +26,12 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def describe(value: Any) -> str:
     """`'32' (a string)`: the value and its JSON type, for messages."""
-    kind = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (true/false)"
+    kind = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
     text = repr(value)
     if len(text) > 40:
         text = text[:37] + "..."
