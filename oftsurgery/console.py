@@ -67,11 +67,25 @@ def configure_third_party(verbosity: int) -> None:
         log.setLevel(level)
         if name not in _OWN_HANDLERS and not log.handlers:  # else Python's lastResort prints WARNINGs
             log.addHandler(handler)
+    ours = logging.getLogger("oftsurgery")  # our own notes (Hub retries, stale temporaries removed)
+    ours.setLevel(logging.INFO if verbosity else logging.WARNING)
+    if not ours.handlers:
+        ours.addHandler(handler)
     try:  # transformers resets its level from TRANSFORMERS_VERBOSITY when imported; later, it keeps ours
         if "transformers" in sys.modules:
             sys.modules["transformers"].logging.set_verbosity(level)
     except Exception:  # noqa: BLE001 - a transformers without that API: the env variable still applies
         pass
+
+
+class _Formatter(logging.Formatter):
+    """`Note: ...` for oftsurgery's own messages, `LEVEL name: ...` for the others'."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.name == "oftsurgery" or record.name.startswith("oftsurgery."):
+            return f"Note: {message}"
+        return f"{record.levelname} {record.name}: {message}"
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -81,7 +95,7 @@ class _StderrHandler(logging.StreamHandler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(_Formatter())
 
     @property  # type: ignore[override]
     def stream(self):

@@ -324,7 +324,7 @@ class _Context:
                 if attempt > self.retries or not _is_transient(exc):
                     raise _hub_error(exc, stage, self, attempt) from exc
                 wait = min(self.retry_wait * 2 ** (attempt - 1), MAX_RETRY_WAIT)
-                logger.warning("the Hub failed while %s (%s); retry %d of %d in %.0f s", stage,
+                logger.warning("the Hub failed while %s (%s); retry %d of %d in %.3g s", stage,
                                self.scrub(type(exc).__name__), attempt, self.retries, wait)
                 time.sleep(wait)
 
