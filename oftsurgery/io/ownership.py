@@ -97,7 +97,10 @@ def check_replaceable(out: Path, is_file: bool) -> None:
         return
     if not out.is_dir():
         raise OutputPathError(f"Not replacing {out}: it is a file and the output is a folder{refuse}")
-    entries = sorted(out.iterdir())
+    try:
+        entries = sorted(out.iterdir())
+    except OSError as exc:
+        raise OutputPathError(f"Not replacing {out}: its contents cannot be listed ({exc.strerror or exc}).") from None
     if not entries:
         return
     if not (is_merge_output(out) or is_adapter_output(out)):
