@@ -58,6 +58,7 @@ def assert_refused(result: Result, exit_code: int, *words: str) -> str:
     assert message.strip() and message.endswith((".", "?")), f"not one sentence: {message!r}"
     for word in words:
         assert word.lower() in message.lower(), f"{word!r} not in {message!r}"
+    print(f"[exit {result.exit_code}] Error: {message}")  # the table of messages: pytest -s -k ...
     return message
 
 

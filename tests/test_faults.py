@@ -100,9 +100,7 @@ def checkpoint_command(command: str, checkpoint: Path, work: Path, rotations: Pa
 def refused(args: list, exit_code: int, words: tuple[str, ...], inputs: list[Path], work: Path) -> str:
     with unchanged(*inputs), nothing_written(work):
         result = invoke(args)
-    message = assert_refused(result, exit_code, *words)
-    print(f"[exit {result.exit_code}] Error: {message}")  # the table of messages: pytest -s -k ...
-    return message
+    return assert_refused(result, exit_code, *words)
 
 
 # -- broken checkpoint files --------------------------------------------------------------------------
