@@ -788,19 +788,25 @@ def _run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
                           env=env, timeout=600, cwd=cwd, preexec_fn=_restore_default_signals)
 
 
-@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
-def test_verify_json_is_pure_json_and_chatter_goes_to_stderr_only_with_v(verbose, merged_rtn, tiny_gptq_dir,
-                                                                          rotations):
-    args = ["verify", merged_rtn, "--base", tiny_gptq_dir, "--adapter", rotations, "--tokens", "64", "--seq-len",
-            "32", "--json", *(["-v"] if verbose else [])]
-    done = _run_cli(*args)
+def test_verify_json_is_pure_json_and_nothing_else_is_said(merged_rtn, tiny_gptq_dir, rotations):
+    """gptqmodel prints its banner and INFO lines to stdout when imported and when loading: none of it shows."""
+    done = _run_cli("verify", merged_rtn, "--base", tiny_gptq_dir, "--adapter", rotations, "--tokens", "64",
+                    "--seq-len", "32", "--json")
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout)  # nothing but our JSON on stdout
     assert figures["eval_tokens"] == 64
-    if verbose:
-        assert "GPT-QModel" in done.stderr or "INFO" in done.stderr, done.stderr  # the chatter exists...
-    else:
-        assert done.stderr == ""  # ...and is silent by default
+    assert done.stderr == ""
+
+
+def test_third_party_chatter_goes_to_stderr_and_only_with_v(tiny_gptq_dir, rotations, tmp_path):
+    quiet = _run_cli(*_merge_args(tiny_gptq_dir, rotations, tmp_path / "quiet"))
+    loud = _run_cli(*_merge_args(tiny_gptq_dir, rotations, tmp_path / "loud", "-v"))
+    assert quiet.returncode == loud.returncode == 0, (quiet.stderr, loud.stderr)
+    assert "GPT-QModel" in loud.stderr and "INFO" in loud.stderr  # the chatter exists (the packer imports gptqmodel)
+    assert quiet.stderr == ""  # and is silent by default
+    for done in (quiet, loud):  # stdout: our three result lines, nothing else
+        lines = done.stdout.splitlines()
+        assert len(lines) == 3 and lines[0].startswith("merged 14 layer(s)") and lines[2].startswith("wrote "), lines
 
 
 def test_an_error_after_gptqmodel_was_imported_is_one_line(merged_rtn, tiny_gptq_dir, rotations, tmp_path):
