@@ -93,10 +93,10 @@ def check_shapes(merged: "CheckpointReader", merged_quant: "QuantConfig", base: 
                 "does not."
             )
         if merged_layers[name] != base_layers[name]:
+            (m_in, m_out), (b_in, b_out) = merged_layers[name], base_layers[name]
             raise InvalidCheckpointError(
-                f"{merged.path} was not merged from {base.path}: {name} is {merged_layers[name][0]}x"
-                f"{merged_layers[name][1]} (in x out) in one and {base_layers[name][0]}x{base_layers[name][1]} in the "
-                "other."
+                f"{merged.path} was not merged from {base.path}: its {name} is {m_in}x{m_out} (in x out), the "
+                f"base's is {b_in}x{b_out}."
             )
 
     def plain(reader, layers):
@@ -110,8 +110,8 @@ def check_shapes(merged: "CheckpointReader", merged_quant: "QuantConfig", base: 
                 return "absent" if name not in table else "x".join(map(str, table[name])) or "scalar"
 
             raise InvalidCheckpointError(
-                f"{merged.path} was not merged from {base.path}: the tensor {name} is {shape_in(merged_plain)} in "
-                f"the first and {shape_in(base_plain)} in the second."
+                f"{merged.path} was not merged from {base.path}: its tensor {name} is {shape_in(merged_plain)}, the "
+                f"base's is {shape_in(base_plain)}."
             )
 
 
