@@ -56,26 +56,44 @@ def third_party_output() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if _results is not None else contextlib.redirect_stdout(sys.stderr)
 
 
-def configure_third_party(verbosity: int) -> None:
-    """Set third-party logging for this process: ERROR by default, INFO with -v, DEBUG with -vv."""
-    for key, value in (_VERBOSE_ENV if verbosity else _QUIET_ENV).items():
+@contextlib.contextmanager
+def third_party_logging(verbosity: int) -> Iterator[None]:
+    """Third-party logging while a command runs: ERROR by default, INFO with -v, DEBUG with -vv, on
+    stderr; oftsurgery's own notes at WARNING (INFO with -v). The levels of loggers that existed
+    before, our handlers and the environment variables are restored afterwards, so later in-process
+    use and exit-time logging (torch's) see the process as it was."""
+    env = _VERBOSE_ENV if verbosity else _QUIET_ENV
+    saved_env = {key: os.environ.get(key) for key in env}
+    for key, value in env.items():
         os.environ.setdefault(key, value)
     level = logging.ERROR if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     handler = _stderr_handler()
-    for name in THIRD_PARTY_LOGGERS:
+    loggers = {name: level for name in THIRD_PARTY_LOGGERS}
+    loggers["oftsurgery"] = logging.INFO if verbosity else logging.WARNING  # Hub retries, removed temporaries
+    # only loggers that existed before: a library imported meanwhile (torch) has set up its own, and
+    # putting back the level of our placeholder would undo that (torch then logs INFO at exit)
+    existing = logging.root.manager.loggerDict
+    saved_levels = {name: existing[name].level for name in loggers
+                    if isinstance(existing.get(name), logging.Logger)}
+    added = []
+    for name, wanted in loggers.items():
         log = logging.getLogger(name)
-        log.setLevel(level)
+        log.setLevel(wanted)
         if name not in _OWN_HANDLERS and not log.handlers:  # else Python's lastResort prints WARNINGs
             log.addHandler(handler)
-    ours = logging.getLogger("oftsurgery")  # our own notes (Hub retries, stale temporaries removed)
-    ours.setLevel(logging.INFO if verbosity else logging.WARNING)
-    if not ours.handlers:
-        ours.addHandler(handler)
-    try:  # transformers resets its level from TRANSFORMERS_VERBOSITY when imported; later, it keeps ours
-        if "transformers" in sys.modules:
-            sys.modules["transformers"].logging.set_verbosity(level)
-    except Exception:  # noqa: BLE001 - a transformers without that API: the env variable still applies
-        pass
+            added.append(log)
+    try:
+        yield
+    finally:
+        for name, previous in saved_levels.items():
+            logging.getLogger(name).setLevel(previous)
+        for log in added:
+            log.removeHandler(handler)
+        for key, previous in saved_env.items():
+            if previous is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = previous
 
 
 class _Formatter(logging.Formatter):
@@ -183,8 +201,7 @@ def _stdout_for_results_only(verbosity: int) -> Iterator[None]:
 @contextlib.contextmanager
 def session(verbosity: int = 0) -> Iterator[None]:
     """Run one CLI command: results only on stdout, third parties quiet unless `verbosity` > 0."""
-    configure_third_party(verbosity)
-    with warnings.catch_warnings(), _stdout_for_results_only(verbosity):
+    with third_party_logging(verbosity), warnings.catch_warnings(), _stdout_for_results_only(verbosity):
         warnings.showwarning = _show_warning(verbosity)
         if not verbosity:
             warnings.simplefilter("default")  # ours once per place; others dropped by show()
