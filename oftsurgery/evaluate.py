@@ -7,13 +7,12 @@ the merge was a no-op.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from oftsurgery.console import third_party_output
 from oftsurgery.errors import CalibrationError, InvalidCheckpointError
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ def load_quantized_model(path: str | Path, device: str = "cpu", backend: str | N
         backend = BACKEND.TORCH if not str(device).startswith("cuda") else BACKEND.AUTO
     try:
         # gptqmodel prints its banner and config to stdout; keep stdout for our own output (--json)
-        with contextlib.redirect_stdout(sys.stderr):
+        with third_party_output():
             model = gm.GPTQModel.load(str(path), backend=backend, device=device)
     except Exception as exc:
         raise InvalidCheckpointError(f"gptqmodel could not load {path} ({type(exc).__name__}: {exc}).") from None

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from oftsurgery.console import echo
+
 
 @click.command("inspect")
 @click.argument("path", metavar="CHECKPOINT|ADAPTER_OR_ROTATIONS", type=click.Path(path_type=str))
@@ -44,9 +46,9 @@ def command(path: str, as_json: bool, layers: bool, plot: str | None, show_all: 
 
     summary = summarize_checkpoint(path)
     if as_json:
-        click.echo(json.dumps(summary.to_dict(with_layers=layers), indent=2))
+        echo(json.dumps(summary.to_dict(with_layers=layers), indent=2))
     else:
-        click.echo(render_summary(summary))
+        echo(render_summary(summary))
 
 
 def _inspect_rotations(path: str, as_json: bool, plot: str | None, show_all: bool) -> None:
@@ -54,9 +56,9 @@ def _inspect_rotations(path: str, as_json: bool, plot: str | None, show_all: boo
 
     summary = summarize_rotations(path)
     if as_json:
-        click.echo(json.dumps(summary.to_dict(), indent=2))
+        echo(json.dumps(summary.to_dict(), indent=2))
     else:
-        click.echo(summary.render(top=None if show_all else 20))
+        echo(summary.render(top=None if show_all else 20))
     if plot:
         from oftsurgery.plots import plot_rotation_strength
 

@@ -412,13 +412,24 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
     rotations = load_rotations(adapter)
     plan = plan_merge(reader, source, rotations, options.requant)
     out_path = check_output_path(out, [checkpoint, adapter], overwrite=options.overwrite)
+    if options.method == "calibrated" and plan.targeted:
+        from oftsurgery.merge.calibration import load_calibration_text
+
+        load_calibration_text(options.calib)  # a bad source fails now, not after the first layers (read once)
+    elif options.calib is not None and options.method == "rtn":
+        import warnings
+
+        warnings.warn(f"The rtn method reads no calibration text; calib={options.calib!r} is ignored.", stacklevel=2)
+    from oftsurgery.provenance import checkpoint_fingerprint
+
+    fingerprint = checkpoint_fingerprint(reader, source)  # lets `verify` check what this was merged from
 
     merger = _Merger(reader, plan, options)
     report = MergeReport(
         checkpoint=str(checkpoint), adapter=str(adapter), output=str(out_path), method=options.method,
         source_format=source.describe(), output_format=plan.target.describe(), calibration=None,
         calib_tokens=0, residual_space="activations" if options.method == "calibrated" else "weights",
-        identity_modules=plan.identity_modules, command=options.command,
+        identity_modules=plan.identity_modules, command=options.command, checkpoint_fingerprint=fingerprint,
     )
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
     try:

@@ -48,6 +48,7 @@ class MergeReport:
     seconds: float = 0.0
     command: str | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)
+    checkpoint_fingerprint: str | None = None  # of the source checkpoint; `verify` checks it (oftsurgery.provenance)
 
     # ---- aggregate figures ----
     @property
