@@ -30,6 +30,7 @@ METHODS = ("calibrated", "rtn")
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 256
 REPORT_FILE = "merge_report.json"
+SELF_CHECK_ROWS = 2  # calibration rows the layer runner is checked on against the model's own forward
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,13 @@ class _Merger:
             self._unpacked[prefix] = unpack_layer(_layer_tensors(self.reader, prefix), cfg)
         return self._unpacked[prefix]
 
+    def source_weight_float(self, prefix: str) -> "torch.Tensor":
+        """A layer's stored weights dequantized (not cached: the runner's self-check runs once)."""
+        from oftsurgery.quant.codec import layer_quant_config, unpack_layer
+
+        cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
+        return unpack_layer(_layer_tensors(self.reader, prefix), cfg).dequantize()
+
     def new_decoder_layer(self) -> None:
         self._unpacked.clear()
         self.merged.clear()
@@ -159,10 +167,14 @@ class _Merger:
         cfg = layer_quant_config(self.plan.target, prefix) or self.plan.target
         return {f"{prefix}.{k}": v for k, v in pack_layer(qw, cfg, bias=bias).items()}
 
-    def requantize(self, prefix: str, hessian) -> "QuantizedWeight":
-        """Fold the rotation into one targeted layer and requantize it (kept until the layer is written)."""
+    def requantize(self, prefix: str, hessian, fallback: str | None = None) -> "QuantizedWeight":
+        """Fold the rotation into one targeted layer and requantize it (kept until the layer is written).
+
+        `fallback`: why this layer did not get the requested method (recorded in its report line)."""
         qw = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
         new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, hessian)
+        if fallback is not None:
+            report.fallback = fallback
         self.reports.append(report)
         self.merged[prefix] = new_qw
         return new_qw
@@ -195,34 +207,54 @@ class _Merger:
             writer.add(name, produced[name])
 
 
-def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[str]]:
-    """Targeted linears of a decoder layer grouped by the input they share, in execution order.
+def _input_groups(runner, layer_module, index: int, names: list[str], hidden) -> tuple[list[list[str]], list[str]]:
+    """Targeted linears of a decoder layer grouped by the input they share, in execution order, and the
+    targeted linears no calibration row reaches.
 
-    For a Llama block this is [q, k, v], [o], [gate, up], [down]: each group's input depends only on
-    the groups before it, so requantizing group by group lets every group see (and compensate) what
-    the earlier groups of the same layer will really feed it.
+    For a Llama block the groups are [q, k, v], [o], [gate, up], [down]: each group's input depends
+    only on the groups before it, so requantizing group by group lets every group see (and
+    compensate) what the earlier groups of the same layer will really feed it. MoE experts run only
+    on the tokens routed to them, so batches of rows are run until every linear has been seen; an
+    expert no calibration token is routed to is returned as unreached.
     """
     import torch
 
-    seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
-    hooks = [
-        layer_module.get_submodule(name).register_forward_hook(
-            lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
-        )
-        for name in names
-    ]
-    with torch.no_grad():
-        layer_module(sample, **kwargs)
-    for h in hooks:
-        h.remove()
-    groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, tensor in seen:
-        group = next((g for t, g in groups if t is tensor), None)
-        if group is None:
-            groups.append((tensor, [name]))
-        elif name not in group:
-            group.append(name)
-    return [names for _, names in groups]
+    kwargs = runner.layer_kwargs(index)
+    rows = runner.batch_rows(hidden.shape[1])
+    groups: list[list[str]] = []
+    seen_names: set[str] = set()
+    for start in range(0, hidden.shape[0], rows):
+        seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
+        hooks = [
+            layer_module.get_submodule(name).register_forward_hook(
+                lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
+            )
+            for name in names
+        ]
+        try:
+            with torch.no_grad():
+                layer_module(hidden[start : start + rows], **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        batch_groups: list[tuple[torch.Tensor, list[str]]] = []
+        for name, tensor in seen:
+            group = next((g for t, g in batch_groups if t is tensor), None)
+            if group is None:
+                batch_groups.append((tensor, [name]))
+            elif name not in group:
+                group.append(name)
+        for _, group in batch_groups:
+            new = [n for n in group if n not in seen_names]
+            if new:
+                groups.append(new)
+                seen_names.update(new)
+        if len(seen_names) == len(names):
+            break
+    return groups, [n for n in names if n not in seen_names]
+
+
+NO_CALIBRATION_TOKENS = "no calibration token reached it (an MoE expert the router never chose); requantized without data"
 
 
 def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[str, Any]:
@@ -263,12 +295,17 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
     layer_module = runner.build_layer(index, current_weight)
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
-    for group in _input_groups(layer_module, local, hidden[:1], kwargs):
+    groups, unreached = _input_groups(runner, layer_module, index, local, hidden)
+    for name in unreached:
+        merger.current = prefix + name
+        merger.requantize(prefix + name, None, fallback=NO_CALIBRATION_TOKENS)
+    for group in groups:
         layer_module = runner.build_layer(index, current_weight)
         hessians = _collect_hessians(layer_module, group, hidden, kwargs)
         for name in group:
             merger.current = prefix + name
-            merger.requantize(prefix + name, hessians[name])
+            hessian = hessians.get(name)  # routing can shift once earlier groups are requantized
+            merger.requantize(prefix + name, hessian, fallback=None if hessian is not None else NO_CALIBRATION_TOKENS)
 
 
 def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,
@@ -344,8 +381,11 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
                          "use --method rtn or add the tokenizer files.") from None
     ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
     report.calibration, report.calib_tokens = desc, int(ids.numel())
-    runner = LayerwiseModel(reader.config, reader.get, device=options.device)
-    hidden, kwargs = runner.first_layer_inputs(ids)
+    runner = LayerwiseModel(reader.config, reader.get, device=options.device, tensor_names=reader.tensors)
+    # refuse before any merge work if the runner does not reproduce the model's own forward
+    report.runner_check = max(runner.verify(ids[:SELF_CHECK_ROWS], merger.source_weight_float), default=0.0)
+    hidden, _ = runner.first_layer_inputs(ids)
+
     def merged_weight(name: str) -> torch.Tensor:
         """Float weight of a linear as the merged model will hold it."""
         if name in merger.merged:
@@ -357,11 +397,10 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
         merger.new_decoder_layer()
         prefix = runner.layer_prefix(index) + "."
         if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
-            _calibrate_decoder_layer(runner, merger, index, hidden, kwargs)
+            _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index))
         merger.write_group(writer, names)
         layer_module = runner.build_layer(index, merged_weight)
-        with torch.no_grad():
-            hidden = torch.cat([_first(layer_module(hidden[r : r + 1], **kwargs)) for r in range(hidden.shape[0])])
+        hidden = runner.forward_layer(layer_module, index, hidden)
 
 
 def _first(output):

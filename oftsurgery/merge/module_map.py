@@ -156,18 +156,21 @@ def stock_tensor(layer: "nn.Module", prefix: str, name: str, tensors: Checkpoint
     """
     import torch
 
-    full = f"{prefix}.{name}"
+    def join(*parts: str) -> str:
+        return ".".join(p for p in parts if p)
+
+    full = join(prefix, name)
     if tensors.has(full):
         return tensors.get(full)
     owner_name, _, leaf = name.rpartition(".")
     owner = layer.get_submodule(owner_name) if owner_name else layer
     if leaf == "weight" and owner_name.endswith("gate_up_proj"):
-        parent = f"{prefix}.{owner_name[: -len('gate_up_proj')]}"
+        parent = join(prefix, owner_name[: -len("gate_up_proj")])
         if tensors.has(f"{parent}gate_proj.weight") and tensors.has(f"{parent}up_proj.weight"):
             return torch.cat([tensors.get(f"{parent}gate_proj.weight"), tensors.get(f"{parent}up_proj.weight")])
     param = owner._parameters.get(leaf)
     if param is not None and param.dim() == 3:
-        base = f"{prefix}.{owner_name}" if owner_name else prefix
+        base = join(prefix, owner_name)
         projection = leaf[: -len("_bias")] if leaf.endswith("_bias") else leaf
         kind = "bias" if leaf.endswith("_bias") else "weight"
         experts = range(_expert_count(owner, param))

@@ -20,6 +20,7 @@ class LayerReport:
     rotation_strength: float  # ‖R − I‖_F
     seconds: float = 0.0
     scales_changed: float = 0.0  # fraction of fp16 scales the merge refitted
+    fallback: str | None = None  # why this layer did not get the requested method (None: it did)
 
     @property
     def worse_than_base(self) -> bool:
@@ -42,6 +43,7 @@ class MergeReport:
     seconds: float = 0.0
     command: str | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)
+    runner_check: float | None = None  # calibrated: largest relative error of the layer runner vs the model's own forward
 
     # ---- aggregate figures ----
     @property
@@ -75,6 +77,12 @@ class MergeReport:
                 f"WARNING: the merge changed only {self.codes_changed:.3%} of the codes and "
                 f"{self.scales_changed:.3%} of the scales; the fine-tune is probably lost "
                 "(was the adapter trained? try --method calibrated)."
+            )
+        fell_back = [l.name for l in self.layers if l.fallback]
+        if fell_back:
+            out.append(
+                f"WARNING: {len(fell_back)} layer(s) did not get the {self.method} method (first: {fell_back[0]}: "
+                f"{next(l.fallback for l in self.layers if l.fallback)}); see merge_report.json."
             )
         worse = [l.name for l in self.layers if l.worse_than_base]
         if worse:
