@@ -196,23 +196,25 @@ def test_merges_load_and_track_the_adapted_model(arch_checkpoint, tmp_path):
         assert torch.isfinite(logits).all()
         return float((logits - adapted).pow(2).mean())
 
-    base_gptqmodel = gap(_gptqmodel_logits(path, ids))
+    with torch.no_grad():  # the base's own weights in float (equal to gptqmodel's dequantizer: test_codec_gptq)
+        base_gap = gap(load_dequantized_model(path)(input_ids=ids).logits)
     try:
-        base_transformers = gap(_transformers_logits(path, ids))
+        _transformers_logits(path, ids)
+        base_loads_in_transformers = None
     except Exception as exc:  # Phi-3: transformers cannot load GPTQModel's split gate/up at all
-        base_transformers = exc
+        base_loads_in_transformers = exc
     for method in ("rtn", "calibrated"):
         out = tmp_path / method
         report = merge_checkpoint(path, rot, out, MergeOptions(method=method, **FAST))
         assert len(report.layers) == len(load_rotations(rot).blocks) and report.codes_changed > 0.05, (arch, method)
         assert not any(l.fallback for l in report.layers), (arch, method)
-        assert gap(_gptqmodel_logits(out, ids)) < 0.5 * base_gptqmodel, (arch, method)
-        if isinstance(base_transformers, Exception):
-            assert arch == "phi3", (arch, base_transformers)
-            with pytest.raises(type(base_transformers)):  # the merge loads exactly as well as its source
+        assert gap(_gptqmodel_logits(out, ids)) < 0.5 * base_gap, (arch, method)
+        if base_loads_in_transformers is not None:
+            assert arch == "phi3", (arch, base_loads_in_transformers)
+            with pytest.raises(type(base_loads_in_transformers)):  # the merge loads exactly as well as its source
                 _transformers_logits(out, ids)
         else:
-            assert gap(_transformers_logits(out, ids)) < 0.5 * base_transformers, (arch, method)
+            assert gap(_transformers_logits(out, ids)) < 0.5 * base_gap, (arch, method)
         if method == "calibrated":
             assert report.runner_check is not None and report.runner_check <= 1e-4
 
@@ -249,3 +251,70 @@ def test_moe_expert_no_token_reaches_is_reported_not_silently_rounded(tmp_path):
     assert any("did not get the calibrated method" in w for w in report.warnings())
     data = (tmp_path / "out" / "merge_report.json").read_text()
     assert "no calibration token reached it" in data
+
+
+# ------------------------------------------------------------------------------------------------
+# adapters trained on fused modules, checkpoints that store them split
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("side", ["input", "input+oft_s", "output"])
+def test_fused_rotation_moves_onto_split_layers_exactly(side):
+    """W_fused·Rᵀ (and oft_s, or an output-side R) cut into the split layers equals each split layer's own merge."""
+    from oftsurgery.merge.plan import LayerPlan, split_fused_targets
+    from oftsurgery.oft.adapter_io import RotationSet
+    from oftsurgery.oft.rotation import cayley_exact, skew_from_params
+
+    g = torch.Generator().manual_seed(0)
+    b, hidden, inter = 16, 64, 96
+    features = hidden if side != "output" else 2 * inter
+    blocks = cayley_exact(skew_from_params(torch.randn(features // b, b * (b - 1) // 2, generator=g) * 0.1, b))
+    fused = "model.layers.0.mlp.gate_up_proj"
+    scales = {fused: torch.rand(2 * inter, 1, generator=g) + 0.5} if side == "input+oft_s" else {}
+    rotations = RotationSet({fused: blocks}, {}, scales, {fused} if side == "output" else set())
+    layers = {f"model.layers.0.mlp.{p}": LayerPlan(f"model.layers.0.mlp.{p}", hidden, inter) for p in ("gate_proj", "up_proj")}
+    split = split_fused_targets(rotations, layers)
+    assert set(split.blocks) == set(layers)
+    gate, up = torch.randn(inter, hidden, generator=g), torch.randn(inter, hidden, generator=g)
+    whole = rotations.merged_weight(fused, torch.cat([gate, up]))
+    torch.testing.assert_close(split.merged_weight("model.layers.0.mlp.gate_proj", gate), whole[:inter])
+    torch.testing.assert_close(split.merged_weight("model.layers.0.mlp.up_proj", up), whole[inter:])
+
+
+def test_output_side_rotation_straddling_split_layers_is_refused():
+    from oftsurgery.errors import InvalidAdapterError
+    from oftsurgery.merge.plan import LayerPlan, split_fused_targets
+    from oftsurgery.oft.adapter_io import RotationSet
+
+    fused = "model.layers.0.mlp.gate_up_proj"
+    rotations = RotationSet({fused: torch.eye(64).expand(3, 64, 64).clone()}, {}, {}, {fused})
+    layers = {f"model.layers.0.mlp.{p}": LayerPlan(f"model.layers.0.mlp.{p}", 64, 96) for p in ("gate_proj", "up_proj")}
+    with pytest.raises(InvalidAdapterError, match="straddle"):
+        split_fused_targets(rotations, layers)
+
+
+def test_phi3_adapter_on_fused_gate_up_merges_into_gptqmodels_split_layers(tmp_path):
+    """An adapter trained on the float Phi-3 (targets mlp.gate_up_proj) merged into GPTQModel's Phi-3,
+    against the stock float model with that fused weight rotated directly."""
+    from oftsurgery.models import tiny_gptq
+    from oftsurgery.oft.adapter_io import RotationSet, save_rotations
+    from oftsurgery.oft.rotation import cayley_exact, skew_from_params
+
+    path = tiny_gptq("phi3")
+    g = torch.Generator().manual_seed(3)
+    fused = {f"model.layers.{i}.mlp.gate_up_proj": cayley_exact(skew_from_params(torch.randn(2, 32 * 31 // 2, generator=g) * 0.08, 32))
+             for i in (0, 1)}
+    rotations = RotationSet(fused, {"parameterization": "cayley"})
+    save_rotations(rotations, tmp_path / "r.safetensors")
+    report = merge_checkpoint(path, tmp_path / "r.safetensors", tmp_path / "out", MergeOptions(**FAST))
+    assert sorted(l.name.rsplit(".", 1)[1] for l in report.layers) == ["gate_proj", "gate_proj", "up_proj", "up_proj"]
+    reference = load_dequantized_model(path)
+    with torch.no_grad():
+        for name in fused:
+            linear = reference.get_submodule(name)
+            linear.weight.copy_(rotations.merged_weight(name, linear.weight))
+    ids = _tokens(path)
+    with torch.no_grad():
+        adapted = reference(input_ids=ids).logits
+        base_gap = float((load_dequantized_model(path)(input_ids=ids).logits - adapted).pow(2).mean())
+        merged_gap = float((load_dequantized_model(tmp_path / "out")(input_ids=ids).logits - adapted).pow(2).mean())
+    assert merged_gap < 0.3 * base_gap, (merged_gap, base_gap)
