@@ -335,6 +335,7 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
         calib_tokens=0, residual_space="activations" if options.method == "calibrated" else "weights",
         identity_modules=plan.identity_modules, command=options.command,
     )
+    _describe_serving(plan, report)
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
     try:
         with atomic_output(out_path, overwrite=options.overwrite) as tmp:
@@ -403,8 +404,15 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
         hidden = runner.forward_layer(layer_module, index, hidden)
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
+def _describe_serving(plan: MergePlan, report: MergeReport) -> None:
+    """Which vLLM/transformers kernels the input and the output load with; warn if the merge loses Marlin."""
+    from oftsurgery.serving import marlin_lost_warnings, serving_contract
+
+    shapes = {p: (l.in_features, l.out_features) for p, l in plan.layers.items()}
+    source, output = serving_contract(plan.source, shapes), serving_contract(plan.target, shapes)
+    names = {"vllm": "vLLM", "transformers": "transformers"}
+    report.serving = {names[e]: {"input": source[e].describe(), "output": output[e].describe()} for e in source}
+    report.serving_warnings = marlin_lost_warnings(source, output)
 
 
 def _write_configs(reader: CheckpointReader, plan: MergePlan, out_dir: Path) -> None:

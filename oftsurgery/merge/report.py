@@ -44,6 +44,8 @@ class MergeReport:
     command: str | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)
     runner_check: float | None = None  # calibrated: largest relative error of the layer runner vs the model's own forward
+    serving: dict[str, dict[str, str]] = field(default_factory=dict)  # engine -> {"input": ..., "output": ...} kernels
+    serving_warnings: list[str] = field(default_factory=list)  # the output serves on slower kernels than the input
 
     # ---- aggregate figures ----
     @property
@@ -69,7 +71,7 @@ class MergeReport:
         return sum(vals) / max(1, len(vals))
 
     def warnings(self) -> list[str]:
-        out = []
+        out = list(self.serving_warnings)
         # a gentle fine-tune can survive through refitted scales with well under 1% of codes changed,
         # so only a merge that moved neither is flagged
         if self.layers and max(self.codes_changed, self.scales_changed) < NEGLIGIBLE_CHANGE:
@@ -102,6 +104,9 @@ class MergeReport:
         ]
         if self.identity_modules:
             lines.append(f"{len(self.identity_modules)} of the rotations are exactly the identity (untrained?)")
+        for engine, kernels in self.serving.items():
+            same = kernels["input"] == kernels["output"]
+            lines.append(f"serving in {engine}: {kernels['output']}" + ("" if same else f" (input: {kernels['input']})"))
         return "\n".join(lines + self.warnings())
 
     def to_dict(self) -> dict[str, Any]:
