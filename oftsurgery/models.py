@@ -424,8 +424,11 @@ def smollm2_gptq(out_dir=None, **quantize_kwargs) -> Path:
 # AWQ-format checkpoints on CPU
 # --------------------------------------------------------------------------------------------------
 
-def make_awq_checkpoint(fp_dir, out_dir, *, group_size: int = 128, backend: str = "gptqmodel") -> Path:
+def make_awq_checkpoint(fp_dir, out_dir, *, group_size: int = 128, backend: str = "gptqmodel",
+                        symmetric_grid: bool = False) -> Path:
     """Pack every decoder-layer linear of an fp16 checkpoint into AWQ GEMM format (4-bit, asymmetric).
+
+    symmetric_grid: fit symmetric grids (every zero point 8), still stored as zero-point AWQ.
 
     gptqmodel's AWQ *quantization* needs CUDA; on CPU we fit min/max grids per group ourselves and
     pack them with the AWQ packer. The files are format-identical to what AWQ tools write (no
@@ -447,7 +450,7 @@ def make_awq_checkpoint(fp_dir, out_dir, *, group_size: int = 128, backend: str 
             writer.add(name, tensor)
             continue
         prefix = name[: -len(".weight")]
-        qw = quantize_weight(tensor.float(), 4, group_size, sym=False)
+        qw = quantize_weight(tensor.float(), 4, group_size, sym=symmetric_grid)
         bias = reader.get(f"{prefix}.bias") if f"{prefix}.bias" in reader else None
         for key, value in pack_awq(qw, bias=bias, backend=backend).items():
             if key != "bias":

@@ -122,3 +122,27 @@ def test_marlin_lost_warning_logic():
     src = serving_contract(gptq(), LLAMA_7B)
     assert marlin_lost_warnings(src, serving_contract(gptq(), LLAMA_7B)) == []
     assert len(marlin_lost_warnings(src, serving_contract(gptq(4, 128, False), LLAMA_7B))) == 2  # vLLM and transformers
+
+
+def test_awq_with_midpoint_zero_points_converts_to_symmetric_gptq_that_keeps_marlin(tiny_fp_dir, tmp_path):
+    """When every AWQ zero point is 8 the same weights are symmetric GPTQ: that variant is written."""
+    import torch
+
+    from oftsurgery.evaluate import load_dequantized_model
+    from oftsurgery.models import make_awq_checkpoint
+
+    awq_dir = make_awq_checkpoint(tiny_fp_dir, tmp_path / "awq", group_size=32, symmetric_grid=True)
+    rot = identity_rotations(awq_dir, tmp_path / "id.safetensors")
+    report = merge_checkpoint(awq_dir, rot, tmp_path / "gptq", MergeOptions(method="rtn", requant="gptq", progress=False))
+    written = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert written["sym"] is True and written["checkpoint_format"] == "gptq"
+    assert report.serving_warnings == []
+    source, converted = load_dequantized_model(awq_dir), load_dequantized_model(tmp_path / "gptq")
+    for (name, a), b in zip(source.state_dict().items(), converted.state_dict().values()):
+        assert torch.equal(a, b), name
+    from oftsurgery.evaluate import load_quantized_model
+
+    ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # gptqmodel reads the symmetric v1 zero points as we meant them
+        err = (load_quantized_model(tmp_path / "gptq")(input_ids=ids).logits.float() - source(input_ids=ids).logits).abs().max()
+    assert err < 2e-2, float(err)

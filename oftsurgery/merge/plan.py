@@ -73,8 +73,13 @@ def _is_identity(blocks: "torch.Tensor") -> bool:
 
 
 def target_quant_config(source: QuantConfig, requant: str | None, layers: dict[str, LayerPlan],
-                        awq_zero_has_zero: bool = False) -> QuantConfig:
-    """The output's quantization config for `--requant` (None: the source's method)."""
+                        awq_zero_has_zero: bool = False, awq_zeros_symmetric: bool = False) -> QuantConfig:
+    """The output's quantization config for `--requant` (None: the source's method).
+
+    AWQ → GPTQ is asymmetric GPTQ (v2 when a zero point is 0, which v1's stored z−1 cannot hold),
+    except when every AWQ zero point is the midpoint 8: then it is symmetric v1 GPTQ, exactly the
+    same weights, and the variant vLLM's Marlin kernel serves.
+    """
     method = (requant or source.method).lower()
     if method == source.method:
         return source
@@ -95,7 +100,8 @@ def target_quant_config(source: QuantConfig, requant: str | None, layers: dict[s
                "version": "gemm", "modules_to_not_convert": None}
         return parse_quant_config(raw, "output config")
     if method == "gptq":
-        raw = {"quant_method": "gptq", "bits": 4, "group_size": source.group_size, "desc_act": False, "sym": False,
+        raw = {"quant_method": "gptq", "bits": 4, "group_size": source.group_size, "desc_act": False,
+               "sym": bool(awq_zeros_symmetric),
                "checkpoint_format": "gptq_v2" if awq_zero_has_zero else "gptq", "pack_dtype": "int32",
                "lm_head": False, "true_sequential": True}
         return parse_quant_config(raw, "output config")
@@ -196,14 +202,16 @@ def plan_merge(reader: "CheckpointReader", source: QuantConfig, rotations, requa
             identity.append(module)  # still merged: the pipeline must reproduce it exactly
         plan.rotations = rotations
 
-    zero_has_zero = False
+    zero_has_zero, zeros_symmetric = False, False
     if source.is_awq and (requant or "awq").lower() == "gptq":
         from oftsurgery.quant.awq import unpack_awq
 
+        zeros_symmetric = True
         for prefix in layers:
             qw = unpack_awq({k: reader.get(f"{prefix}.{k}") for k in ("qweight", "qzeros", "scales")}, source.group_size)
+            zeros_symmetric = zeros_symmetric and bool((qw.zeros == 2 ** (source.bits - 1)).all())
             if bool((qw.zeros == 0).any()):
                 zero_has_zero = True
                 break
-    target = target_quant_config(source, requant, layers, zero_has_zero)
+    target = target_quant_config(source, requant, layers, zero_has_zero, zeros_symmetric and not zero_has_zero)
     return MergePlan(source=source, target=target, layers=layers, identity_modules=identity)
