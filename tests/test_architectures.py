@@ -318,3 +318,24 @@ def test_phi3_adapter_on_fused_gate_up_merges_into_gptqmodels_split_layers(tmp_p
         base_gap = float((load_dequantized_model(path)(input_ids=ids).logits - adapted).pow(2).mean())
         merged_gap = float((load_dequantized_model(tmp_path / "out")(input_ids=ids).logits - adapted).pow(2).mean())
     assert merged_gap < 0.3 * base_gap, (merged_gap, base_gap)
+
+
+def test_a_targeted_layer_the_model_has_no_module_for_is_refused_not_rounded(tmp_path):
+    """Checkpoint names the model class does not have would never be calibrated: refused up front."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from oftsurgery.models import tiny_gptq
+
+    source = tiny_gptq("llama")
+    path = tmp_path / "renamed"
+    shutil.copytree(source, path)
+    tensors = load_file(path / "model.safetensors")
+    renamed = {k.replace("layers.0.mlp.up_proj.", "layers.0.mlp.extra_proj."): v for k, v in tensors.items()}
+    save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
+    rot = random_rotations(path, tmp_path / "r.safetensors", strength=0.05, select=lambda n: "extra_proj" in n)
+    with pytest.raises(UnsupportedFormatError, match=r"model\.layers\.0\.mlp\.extra_proj .*LlamaForCausalLM has no such"):
+        merge_checkpoint(path, rot, tmp_path / "out", MergeOptions(**FAST))
+    assert not (tmp_path / "out").exists()
+    merge_checkpoint(path, rot, tmp_path / "rtn", MergeOptions(method="rtn", **FAST))  # data-free still works

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oftsurgery.errors import MergeError, OftSurgeryError
+from oftsurgery.errors import MergeError, OftSurgeryError, UnsupportedFormatError
 from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
 from oftsurgery.merge.report import LayerReport, MergeReport
@@ -383,6 +383,12 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
     ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
     report.calibration, report.calib_tokens = desc, int(ids.numel())
     runner = LayerwiseModel(reader.config, reader.get, device=options.device, tensor_names=reader.tensors)
+    unknown = [p.prefix for p in merger.plan.targeted if p.prefix not in runner.module_linears()]
+    if unknown:
+        raise UnsupportedFormatError(
+            f"{unknown[0]} is a targeted quantized layer of the checkpoint but {runner.architecture} has no such "
+            "decoder-layer module, so calibration could not reach it; use --method rtn."
+        )
     # refuse before any merge work if the runner does not reproduce the model's own forward
     report.runner_check = max(runner.verify(ids[:SELF_CHECK_ROWS], merger.source_weight_float), default=0.0)
     hidden, _ = runner.first_layer_inputs(ids)

@@ -113,6 +113,10 @@ class LayerwiseModel:
 
         return [name for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
 
+    def module_linears(self) -> set[str]:
+        """Full names of every linear in the decoder layers, in the checkpoint layout."""
+        return {f"{self.layer_prefix(i)}.{name}" for i, layer in enumerate(self.layers) for name in self.linear_names(layer)}
+
     def _tensors(self, linear_weight: Callable[[str], "torch.Tensor"]) -> CheckpointTensors:
         return CheckpointTensors(self._names, self._tensor, linear_weight)
 
