@@ -179,7 +179,8 @@ def build_tiny_llama(
 # is a multiple of 32 so 4-bit g32 GPTQ fits; windows of 16 tokens are shorter than the 64-token
 # calibration rows the tests use, so sliding-window masks really cut attention.
 _TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+                    initializer_range=0.08)
 TINY_SLIDING_WINDOW = 16
 
 TINY_ARCHITECTURES: dict[str, dict] = {
@@ -214,8 +215,9 @@ def tiny_config(architecture: str, tokenizer=None) -> dict:
 def build_tiny_model(architecture: str, out_dir, *, seed: int = 0, dtype="float16") -> Path:
     """Save a randomly initialised causal LM of `architecture` (fp16 safetensors) with a tokenizer.
 
-    Weights are drawn with a wider spread than the transformers default so tiny models' layers
-    matter (activations change visibly from layer to layer); same arguments give the same files.
+    Weights are drawn with a wider spread than the transformers default (initializer_range 0.08) so
+    tiny models' layers matter (activations change visibly from layer to layer); same arguments give
+    the same files.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -225,7 +227,6 @@ def build_tiny_model(architecture: str, out_dir, *, seed: int = 0, dtype="float1
     tokenizer = build_tiny_tokenizer(512)
     fields = tiny_config(architecture, tokenizer)
     config = AutoConfig.for_model(**fields)
-    config.initializer_range = 0.08
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(_torch_dtype(dtype)).eval()
     model.save_pretrained(out, safe_serialization=True)

@@ -104,6 +104,9 @@ class MergeReport:
         ]
         if self.identity_modules:
             lines.append(f"{len(self.identity_modules)} of the rotations are exactly the identity (untrained?)")
+        if self.runner_check is not None:
+            lines.append(f"calibration activations checked against the model's own forward: largest relative "
+                         f"error per decoder layer {self.runner_check:.1e}")
         for engine, kernels in self.serving.items():
             same = kernels["input"] == kernels["output"]
             lines.append(f"serving in {engine}: {kernels['output']}" + ("" if same else f" (input: {kernels['input']})"))
