@@ -167,14 +167,10 @@ class _Merger:
         cfg = layer_quant_config(self.plan.target, prefix) or self.plan.target
         return {f"{prefix}.{k}": v for k, v in pack_layer(qw, cfg, bias=bias).items()}
 
-    def requantize(self, prefix: str, hessian, fallback: str | None = None) -> "QuantizedWeight":
-        """Fold the rotation into one targeted layer and requantize it (kept until the layer is written).
-
-        `fallback`: why this layer did not get the requested method (recorded in its report line)."""
+    def requantize(self, prefix: str, hessian) -> "QuantizedWeight":
+        """Fold the rotation into one targeted layer and requantize it (kept until the layer is written)."""
         qw = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
         new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, hessian)
-        if fallback is not None:
-            report.fallback = fallback
         self.reports.append(report)
         self.merged[prefix] = new_qw
         return new_qw
@@ -254,7 +250,15 @@ def _input_groups(runner, layer_module, index: int, names: list[str], hidden) ->
     return groups, [n for n in names if n not in seen_names]
 
 
-NO_CALIBRATION_TOKENS = "no calibration token reached it (an MoE expert the router never chose); requantized without data"
+NO_CALIBRATION_TOKENS = ("not calibrated: no calibration token was routed to this MoE expert, "
+                         "so it was rounded to nearest")
+
+
+def _requantize_unreached(merger: "_Merger", name: str) -> None:
+    """Requantize a linear no calibration token reached, without data, and say so in its report line."""
+    merger.current = name
+    merger.requantize(name, None)
+    merger.reports[-1].fallback = merger.reports[-1].fallback or NO_CALIBRATION_TOKENS
 
 
 def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[str, Any]:
@@ -297,15 +301,16 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
     groups, unreached = _input_groups(runner, layer_module, index, local, hidden)
     for name in unreached:
-        merger.current = prefix + name
-        merger.requantize(prefix + name, None, fallback=NO_CALIBRATION_TOKENS)
+        _requantize_unreached(merger, prefix + name)
     for group in groups:
         layer_module = runner.build_layer(index, current_weight)
         hessians = _collect_hessians(layer_module, group, hidden, kwargs)
         for name in group:
+            if name not in hessians:  # an expert's routing can shift once earlier groups are requantized
+                _requantize_unreached(merger, prefix + name)
+                continue
             merger.current = prefix + name
-            hessian = hessians.get(name)  # routing can shift once earlier groups are requantized
-            merger.requantize(prefix + name, hessian, fallback=None if hessian is not None else NO_CALIBRATION_TOKENS)
+            merger.requantize(prefix + name, hessians[name])
 
 
 def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,

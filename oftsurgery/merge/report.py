@@ -20,7 +20,8 @@ class LayerReport:
     rotation_strength: float  # ‖R − I‖_F
     seconds: float = 0.0
     scales_changed: float = 0.0  # fraction of fp16 scales the merge refitted
-    fallback: str | None = None  # why this layer did not get the requested method (None: it did)
+    # None, or why this layer did not get the requested method: "<kind>: <reason>"
+    fallback: str | None = None
 
     @property
     def worse_than_base(self) -> bool:
@@ -80,12 +81,11 @@ class MergeReport:
                 f"{self.scales_changed:.3%} of the scales; the fine-tune is probably lost "
                 "(was the adapter trained? try --method calibrated)."
             )
-        fell_back = [l.name for l in self.layers if l.fallback]
+        fell_back = [(l.name, l.fallback) for l in self.layers if l.fallback]
         if fell_back:
-            out.append(
-                f"WARNING: {len(fell_back)} layer(s) did not get the {self.method} method (first: {fell_back[0]}: "
-                f"{next(l.fallback for l in self.layers if l.fallback)}); see merge_report.json."
-            )
+            name, reason = fell_back[0]
+            out.append(f"WARNING: {len(fell_back)} layer(s) fell back; first: {name}: {reason} "
+                       "(every layer's reason is in merge_report.json).")
         worse = [l.name for l in self.layers if l.worse_than_base]
         if worse:
             out.append(
