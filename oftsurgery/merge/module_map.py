@@ -42,7 +42,6 @@ def hf_config_from(config: dict[str, Any]):
         raise UnsupportedFormatError(
             f"transformers does not know the model architecture {cfg.get('model_type')!r} ({exc})."
         ) from None
-    hf_config.use_cache = False
     return hf_config
 
 
@@ -57,6 +56,7 @@ def build_skeleton(config: dict[str, Any], *, checkpoint_layout: bool) -> "nn.Mo
     from transformers import AutoModelForCausalLM
 
     hf_config = hf_config_from(config)
+    hf_config.use_cache = False
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
