@@ -348,3 +348,30 @@ def test_a_targeted_layer_the_model_has_no_module_for_is_refused_not_rounded(tmp
         merge_checkpoint(path, rot, tmp_path / "out", MergeOptions(**FAST))
     assert not (tmp_path / "out").exists()
     merge_checkpoint(path, rot, tmp_path / "rtn", MergeOptions(method="rtn", **FAST))  # data-free still works
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen3_moe", "mixtral"])
+def test_stock_tensor_inverts_defusers_split(arch):
+    """defuser splits a real stock model (what gptqmodel does before quantizing); assembling the stock
+    parameters back from the split tensors gives the originals exactly."""
+    import copy
+    import io
+    from contextlib import redirect_stdout
+
+    import defuser
+    from transformers import AutoModelForCausalLM
+
+    from oftsurgery.merge.module_map import CheckpointTensors, hf_config_from, stock_tensor
+    from oftsurgery.models import tiny_config
+
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(hf_config_from(tiny_config(arch) | {"vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}), dtype=torch.float32)
+    split = copy.deepcopy(stock)
+    with redirect_stdout(io.StringIO()):
+        assert defuser.convert_model(split, cleanup_original=True)
+    state = split.state_dict()
+    tensors = CheckpointTensors(state, state.__getitem__, lambda prefix: state[f"{prefix}.weight"])
+    fused = [n for n in dict(stock.named_parameters()) if n not in state]
+    assert fused, "defuser split nothing"
+    for name, param in stock.named_parameters():
+        assert torch.equal(stock_tensor(stock, "", name, tensors), param.detach()), name
