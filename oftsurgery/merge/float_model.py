@@ -266,8 +266,9 @@ class LayerwiseModel:
 
         The reference is the stock transformers model (its own classes and fused modules, every
         layer materialised in turn from the same weights) run on `input_ids` in one call. The runner
-        goes its own way: its captured embeddings and per-layer arguments, its split layout, rows in
-        batches. Raises UnsupportedFormatError naming the architecture and the first layer whose
+        goes its own way: its captured embeddings (compared with what the reference's layer 0
+        receives) and per-layer arguments, its split layout, rows in batches; each of its layers is
+        run on the input the reference's layer received. Raises UnsupportedFormatError naming the architecture and the first layer whose
         output differs by more than `tolerance` (relative L2).
         """
         import torch
@@ -283,17 +284,20 @@ class LayerwiseModel:
             return weights[prefix]
 
         tensors = self._tensors(cached_weight)
-        ours = self.first_layer_inputs(input_ids)[0]
-        state = {"hidden": ours}
+        embedded = self.first_layer_inputs(input_ids)[0]
+        state: dict[str, torch.Tensor] = {}
         errors: list[float] = []
 
         def pre_hook(index: int):
             def hook(module, args, kwargs):
                 theirs, _ = self._call_arguments(module, args, kwargs)
                 if index == 0:
-                    err = relative_error(state["hidden"], theirs)
+                    err = relative_error(embedded, theirs)
                     if not err <= tolerance:
                         raise _Mismatch(0, err, "the input of decoder layer 0 (the embeddings)")
+                # each layer is compared on the reference's own input: rounding differences cannot pile
+                # up across layers (or flip an MoE router's choice), so any mismatch is this layer's
+                state["input"] = theirs
                 prefix = self.layer_prefix(index)
                 for name, param in list(module.named_parameters()):
                     value = stock_tensor(module, prefix, name, tensors)
@@ -311,14 +315,13 @@ class LayerwiseModel:
             def hook(module, args, kwargs, output):
                 theirs = _first(output)
                 layer = self.build_layer(index, cached_weight)
-                ours = self.forward_layer(layer, index, state["hidden"])
+                ours = self.forward_layer(layer, index, state.pop("input"))
                 release(module)
                 weights.clear()
                 err = relative_error(ours, theirs)
                 errors.append(err)
                 if not err <= tolerance:
                     raise _Mismatch(index, err, f"decoder layer {index}")
-                state["hidden"] = ours
             return hook
 
         hooks = []
