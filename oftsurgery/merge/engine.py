@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oftsurgery.device import AUTO, resolve_device
-from oftsurgery.errors import MergeError, OftSurgeryError
+from oftsurgery.errors import MergeError, OftSurgeryError, UnsupportedFormatError
 from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
 from oftsurgery.merge.pipeline import BackgroundWriter, InlineWriter, WorkerFailed
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
@@ -39,6 +39,7 @@ DEFAULT_SEQ_LEN = 256
 REPORT_FILE = "merge_report.json"
 # decoder layers queued between the solve (main thread) and pack+write (worker); 0: no worker thread
 PIPELINE_DEPTH = 1
+SELF_CHECK_ROWS = 2  # calibration rows the layer runner is checked on against the model's own forward
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,13 @@ class _Merger:
             self._unpacked[prefix] = qw
         return qw
 
+    def source_weight_float(self, prefix: str) -> "torch.Tensor":
+        """A layer's stored weights dequantized (not cached: the runner's self-check runs once)."""
+        from oftsurgery.quant.codec import layer_quant_config, unpack_layer
+
+        cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
+        return unpack_layer(_layer_tensors(self.reader, prefix), cfg).dequantize()
+
     def new_decoder_layer(self) -> None:
         self._unpacked.clear()
         self.merged.clear()
@@ -289,34 +297,62 @@ class _Merger:
             writer.submit(prefix, lambda prefix=prefix, qw=qw: sorted(self._pack(prefix, qw).items()))
 
 
-def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[str]]:
-    """Targeted linears of a decoder layer grouped by the input they share, in execution order.
+def _input_groups(runner, layer_module, index: int, names: list[str], hidden) -> tuple[list[list[str]], list[str]]:
+    """Targeted linears of a decoder layer grouped by the input they share, in execution order, and the
+    targeted linears no calibration row reaches.
 
-    For a Llama block this is [q, k, v], [o], [gate, up], [down]: each group's input depends only on
-    the groups before it, so requantizing group by group lets every group see (and compensate) what
-    the earlier groups of the same layer will really feed it.
+    For a Llama block the groups are [q, k, v], [o], [gate, up], [down]: each group's input depends
+    only on the groups before it, so requantizing group by group lets every group see (and
+    compensate) what the earlier groups of the same layer will really feed it. MoE experts run only
+    on the tokens routed to them, so batches of rows are run until every linear has been seen; an
+    expert no calibration token is routed to is returned as unreached.
     """
     import torch
 
-    seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
-    hooks = [
-        layer_module.get_submodule(name).register_forward_hook(
-            lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
-        )
-        for name in names
-    ]
-    with torch.no_grad():
-        layer_module(sample, **kwargs)
-    for h in hooks:
-        h.remove()
-    groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, tensor in seen:
-        group = next((g for t, g in groups if t is tensor), None)
-        if group is None:
-            groups.append((tensor, [name]))
-        elif name not in group:
-            group.append(name)
-    return [names for _, names in groups]
+    kwargs = runner.layer_kwargs(index)
+    rows = runner.batch_rows(hidden.shape[1])
+    groups: list[list[str]] = []
+    seen_names: set[str] = set()
+    for start in range(0, hidden.shape[0], rows):
+        seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
+        hooks = [
+            layer_module.get_submodule(name).register_forward_hook(
+                lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
+            )
+            for name in names
+        ]
+        try:
+            with torch.no_grad():
+                layer_module(hidden[start : start + rows], **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        batch_groups: list[tuple[torch.Tensor, list[str]]] = []
+        for name, tensor in seen:
+            group = next((g for t, g in batch_groups if t is tensor), None)
+            if group is None:
+                batch_groups.append((tensor, [name]))
+            elif name not in group:
+                group.append(name)
+        for _, group in batch_groups:
+            new = [n for n in group if n not in seen_names]
+            if new:
+                groups.append(new)
+                seen_names.update(new)
+        if len(seen_names) == len(names):
+            break
+    return groups, [n for n in names if n not in seen_names]
+
+
+NO_CALIBRATION_TOKENS = ("not calibrated: no calibration token was routed to this MoE expert, "
+                         "so it was rounded to nearest")
+
+
+def _requantize_unreached(merger: "_Merger", name: str) -> None:
+    """Requantize a linear no calibration token reached, without data, and say so in its report line."""
+    merger.current = name
+    merger.requantize(name, None)
+    merger.reports[-1].fallback = merger.reports[-1].fallback or NO_CALIBRATION_TOKENS
 
 
 def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[str, "CalibrationInputs"]:
@@ -388,10 +424,16 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
     layer_module = runner.build_layer(index, current_weight)
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
-    for group in _input_groups(layer_module, local, hidden[:1], kwargs):
+    groups, unreached = _input_groups(runner, layer_module, index, local, hidden)
+    for name in unreached:
+        _requantize_unreached(merger, prefix + name)
+    for group in groups:
         layer_module = runner.build_layer(index, current_weight)
         inputs = _collect_hessians(layer_module, group, hidden, kwargs)
         for name in group:
+            if name not in inputs:  # an expert's routing can shift once earlier groups are requantized
+                _requantize_unreached(merger, prefix + name)
+                continue
             merger.current = prefix + name
             merger.requantize(prefix + name, inputs.get(name), target=unmerged.pop(prefix + name, None))
         del inputs  # frees the group's Hessian and the solver's factors before the next group
@@ -431,6 +473,7 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
         calib_tokens=0, residual_space="activations" if options.method == "calibrated" else "weights",
         identity_modules=plan.identity_modules, command=options.command, checkpoint_fingerprint=fingerprint,
     )
+    _describe_serving(plan, report)
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
     try:
         with atomic_output(out_path, overwrite=options.overwrite) as tmp:
@@ -486,8 +529,17 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
                          "use --method rtn or add the tokenizer files.") from None
     ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
     report.calibration, report.calib_tokens = desc, int(ids.numel())
-    runner = LayerwiseModel(reader.config, reader.get, device=options.device)
-    hidden, kwargs = runner.first_layer_inputs(ids)
+    runner = LayerwiseModel(reader.config, reader.get, device=options.device, tensor_names=reader.tensors)
+    unknown = [p.prefix for p in merger.plan.targeted if p.prefix not in runner.module_linears()]
+    if unknown:
+        raise UnsupportedFormatError(
+            f"{unknown[0]} is a targeted quantized layer of the checkpoint but {runner.architecture} has no such "
+            "decoder-layer module, so calibration could not reach it; use --method rtn."
+        )
+    # refuse before any merge work if the runner does not reproduce the model's own forward
+    report.runner_check = max(runner.verify(ids[:SELF_CHECK_ROWS], merger.source_weight_float), default=0.0)
+    hidden, _ = runner.first_layer_inputs(ids)
+
     def merged_weight(name: str) -> torch.Tensor:
         """Float weight of a linear as the merged model will hold it."""
         if name in merger.merged:
@@ -499,15 +551,21 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
         merger.new_decoder_layer()
         prefix = runner.layer_prefix(index) + "."
         if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
-            _calibrate_decoder_layer(runner, merger, index, hidden, kwargs)
+            _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index))
         merger.write_group(writer, names)
         layer_module = runner.build_layer(index, merged_weight)
-        with torch.no_grad():
-            hidden = torch.cat([_first(layer_module(hidden[r : r + 1], **kwargs)) for r in range(hidden.shape[0])])
+        hidden = runner.forward_layer(layer_module, index, hidden)
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
+def _describe_serving(plan: MergePlan, report: MergeReport) -> None:
+    """Which vLLM/transformers kernels the input and the output load with; warn if the merge loses Marlin."""
+    from oftsurgery.serving import marlin_lost_warnings, serving_contract
+
+    shapes = {p: (l.in_features, l.out_features) for p, l in plan.layers.items()}
+    source, output = serving_contract(plan.source, shapes), serving_contract(plan.target, shapes)
+    names = {"vllm": "vLLM", "transformers": "transformers"}
+    report.serving = {names[e]: {"input": source[e].describe(), "output": output[e].describe()} for e in source}
+    report.serving_warnings = marlin_lost_warnings(source, output)
 
 
 def _write_configs(reader: CheckpointReader, plan: MergePlan, out_dir: Path) -> None:
