@@ -401,15 +401,22 @@ def test_a_broken_solver_fails_the_identity_checks(broken, monkeypatch, tiny_gpt
             return result
 
         monkeypatch.setattr(requant, "requantize_calibrated", solver)
-    else:
-        real = requant.requantize_rtn
-        monkeypatch.setattr(requant, "requantize_rtn", lambda *a, **k: _perturb_one_code(real(*a, **k)))
+    else:  # a round-to-nearest that gets one code wrong and does not notice
+        from oftsurgery.merge import rtn
+
+        real = rtn.rtn_merge_layer
+
+        def broken_rtn(plan, qw):
+            chosen, report = real(plan, qw)
+            return _perturb_one_code(chosen), report
+
+        monkeypatch.setattr(rtn, "rtn_merge_layer", broken_rtn)
     method = broken.split("-")[0]
     report = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", MergeOptions(method=method, **FAST))
     with pytest.raises(AssertionError):
         assert_identity_merge(report, tiny_gptq_dir, tmp_path / "out")
-    if broken == "calibrated-misreporting":
-        assert report.codes_changed > 0 and report.fallbacks == []
+    if broken in ("calibrated-misreporting", "rtn"):  # wrong codes written, and nothing reported
+        assert report.fallbacks == []
     else:  # the source codes, or round-to-nearest which on an identity target is the same: a fallback
         assert all(l.mode in ("kept", "rtn") and l.fallback.startswith(f"{l.mode}:") for l in report.layers)
         assert any("WARNING: 14 layer(s) fell back" in w for w in report.warnings())

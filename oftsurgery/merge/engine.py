@@ -2,8 +2,12 @@
 
 Tensors are read and written in decoder-layer order, so memory holds one decoder layer (plus, in
 calibrated mode, the calibration activations), never the model. Tensors the adapter does not touch
-are copied with their bytes unchanged; layers it does touch get W′ = W·Rᵀ requantized on their
-source grid and packed through gptqmodel's packers. The output directory appears only complete.
+are copied with their bytes unchanged (file to file, never loaded); layers it does touch get
+W′ = W·Rᵀ requantized on their source grid and packed back into the checkpoint's layout, byte-exact
+with gptqmodel's packers. The work runs on one device (`--device`, default auto: the GPU when
+there is one), resolved before anything else. While the main thread solves decoder layer i+1, one
+worker thread packs and writes layer i (`pipeline.BackgroundWriter`). The output directory
+appears only complete.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oftsurgery.errors import MergeError, OftSurgeryError
+from oftsurgery.device import AUTO, resolve_device
+from oftsurgery.errors import MergeError, OftSurgeryError, UnsupportedFormatError
 from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
+from oftsurgery.merge.pipeline import BackgroundWriter, InlineWriter, WorkerFailed
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
 from oftsurgery.merge.report import LayerReport, MergeReport
 from oftsurgery.quant.config import QuantConfig, load_quant_config
@@ -31,6 +37,9 @@ METHODS = ("calibrated", "rtn")
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 256
 REPORT_FILE = "merge_report.json"
+# decoder layers queued between the solve (main thread) and pack+write (worker); 0: no worker thread
+PIPELINE_DEPTH = 1
+SELF_CHECK_ROWS = 2  # calibration rows the layer runner is checked on against the model's own forward
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,7 @@ class MergeOptions:
     calib: str | None = None
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
-    device: str = "cpu"
+    device: str = AUTO  # auto | cpu | cuda | cuda:N
     overwrite: bool = False
     max_shard_size: int = 5 * 1024**3
     command: str | None = None
@@ -183,14 +192,26 @@ class _Merger:
         self.current: str | None = None  # the layer being merged, named if something fails
         self._unpacked: dict[str, "QuantizedWeight"] = {}
 
-    def source_weight(self, prefix: str) -> "QuantizedWeight":
-        """A layer's stored codes and grid (per-module `dynamic` overrides applied), cached per decoder layer."""
+    def source_weight(self, prefix: str, cache: bool = True) -> "QuantizedWeight":
+        """A layer's stored codes (uint8) and grid (per-module `dynamic` overrides applied), unpacked on
+        the merge's device; cached per decoder layer unless `cache` is False."""
         from oftsurgery.quant.codec import layer_quant_config, unpack_layer
 
-        if prefix not in self._unpacked:
-            cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
-            self._unpacked[prefix] = unpack_layer(_layer_tensors(self.reader, prefix), cfg)
-        return self._unpacked[prefix]
+        if prefix in self._unpacked:
+            return self._unpacked[prefix]
+        cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
+        packed = {k: v.to(self.options.device) for k, v in _layer_tensors(self.reader, prefix).items()}
+        qw = unpack_layer(packed, cfg)
+        if cache:
+            self._unpacked[prefix] = qw
+        return qw
+
+    def source_weight_float(self, prefix: str) -> "torch.Tensor":
+        """A layer's stored weights dequantized (not cached: the runner's self-check runs once)."""
+        from oftsurgery.quant.codec import layer_quant_config, unpack_layer
+
+        cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
+        return unpack_layer(_layer_tensors(self.reader, prefix), cfg).dequantize()
 
     def new_decoder_layer(self) -> None:
         self._unpacked.clear()
@@ -206,75 +227,132 @@ class _Merger:
 
     def requantize(self, prefix: str, inputs: "CalibrationInputs | None" = None,
                    target: "torch.Tensor | None" = None) -> "QuantizedWeight":
-        """Fold the rotation into one targeted layer and requantize it (kept until the layer is written).
-
-        With `--strict` the first fallback stops the merge (nothing is written): a strict user wants
-        to know at the first layer, not after an hour of merging."""
+        """Fold the rotation into one targeted layer and requantize it (kept until the layer is written)."""
         qw = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
         new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, inputs,
                                           device=self.options.device, target=target)
-        if report.fallback and self.options.strict:
-            raise MergeError(f"--strict: {prefix} fell back ({report.fallback}); nothing was written.")
-        self.reports.append(report)
+        self._record(prefix, report)
         self.merged[prefix] = new_qw
         return new_qw
 
+    def _record(self, prefix: str, report: LayerReport) -> None:
+        """Keep a layer's report line; with `--strict` the first fallback stops the merge (nothing is
+        written): a strict user wants to know at the first layer, not after an hour of merging."""
+        if report.fallback and self.options.strict:
+            raise MergeError(f"--strict: {prefix} fell back ({report.fallback}); nothing was written.")
+        self.reports.append(report)
+
+    def rtn_layer(self, prefix: str) -> "QuantizedWeight":
+        """`--method rtn`: W·Rᵀ rounded on the source grid, vectorised on the device (no Hessian)."""
+        from oftsurgery.merge.rtn import rtn_merge_layer
+
+        qw = _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
+        new_qw, report = rtn_merge_layer(self.plan.layers[prefix], qw)
+        self._record(prefix, report)
+        return new_qw
+
+    def solved_weight(self, prefix: str) -> "QuantizedWeight":
+        """The requantized weight of one targeted layer (requantized data-free if not done yet)."""
+        if prefix in self.merged:
+            return self.merged[prefix]
+        if self.options.method == "rtn":
+            return self.rtn_layer(prefix)
+        return self.requantize(prefix, None)
+
     def merged_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
-        """Packed output tensors for one targeted layer (requantized data-free if not done yet)."""
-        qw = self.merged[prefix] if prefix in self.merged else self.requantize(prefix, None)
-        return self._pack(prefix, qw)
+        """Packed output tensors for one targeted layer."""
+        return self._pack(prefix, self.solved_weight(prefix))
 
     def converted_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
         """An untargeted layer rewritten in the output format (GPTQ <-> AWQ only)."""
-        return self._pack(prefix, _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target))
+        return self._pack(prefix, self._converted_weight(prefix))
 
-    def write_group(self, writer: CheckpointWriter, names: list[str]) -> None:
+    def _converted_weight(self, prefix: str) -> "QuantizedWeight":
+        return _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
+
+    def write_group(self, writer: "BackgroundWriter | InlineWriter", names: list[str]) -> None:
+        """Write the tensors `names` (a decoder layer, or everything outside the layer stack).
+
+        Requantization happens here, on the calling thread, one linear at a time; packing, the
+        re-check, the copy to the host and the writing happen in `writer`'s jobs (on a worker thread
+        for `BackgroundWriter`), one job per linear, so at most a few linears' codes exist at once.
+        """
         layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
-        produced: dict[str, "torch.Tensor"] = {}
-        for prefix in layers_here:
+        rewritten = [p for p in layers_here if self.plan.layers[p].targeted or self.plan.converts_format]
+        owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in rewritten)}
+        untouched = [n for n in names if n not in owned]
+        reader = self.reader
+
+        def copy_untouched():  # the stored bytes, file to file
+            for name in untouched:
+                where = reader.locate(name)
+                info = reader.tensors[name]
+                yield name, reader.get(name) if where is None else ("file", info.dtype, info.shape, *where)
+
+        if untouched:
+            writer.submit(rewritten[0] if rewritten else "the tensors outside the decoder layers", copy_untouched)
+        for prefix in rewritten:
             self.current = prefix
-            layer = self.plan.layers[prefix]
-            if layer.targeted:
-                produced.update(self.merged_tensors(prefix))
-            elif self.plan.converts_format:
-                produced.update(self.converted_tensors(prefix))
-        owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in layers_here
-                                         if self.plan.layers[p].targeted or self.plan.converts_format)}
-        for name in names:
-            if name not in owned:
-                writer.add(name, self.reader.get(name))  # untouched: the stored bytes, unchanged
-        for name in sorted(produced):
-            writer.add(name, produced[name])
+            qw = self.solved_weight(prefix) if self.plan.layers[prefix].targeted else self._converted_weight(prefix)
+            writer.submit(prefix, lambda prefix=prefix, qw=qw: sorted(self._pack(prefix, qw).items()))
 
 
-def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[str]]:
-    """Targeted linears of a decoder layer grouped by the input they share, in execution order.
+def _input_groups(runner, layer_module, index: int, names: list[str], hidden) -> tuple[list[list[str]], list[str]]:
+    """Targeted linears of a decoder layer grouped by the input they share, in execution order, and the
+    targeted linears no calibration row reaches.
 
-    For a Llama block this is [q, k, v], [o], [gate, up], [down]: each group's input depends only on
-    the groups before it, so requantizing group by group lets every group see (and compensate) what
-    the earlier groups of the same layer will really feed it.
+    For a Llama block the groups are [q, k, v], [o], [gate, up], [down]: each group's input depends
+    only on the groups before it, so requantizing group by group lets every group see (and
+    compensate) what the earlier groups of the same layer will really feed it. MoE experts run only
+    on the tokens routed to them, so batches of rows are run until every linear has been seen; an
+    expert no calibration token is routed to is returned as unreached.
     """
     import torch
 
-    seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
-    hooks = [
-        layer_module.get_submodule(name).register_forward_hook(
-            lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
-        )
-        for name in names
-    ]
-    with torch.no_grad():
-        layer_module(sample, **kwargs)
-    for h in hooks:
-        h.remove()
-    groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, tensor in seen:
-        group = next((g for t, g in groups if t is tensor), None)
-        if group is None:
-            groups.append((tensor, [name]))
-        elif name not in group:
-            group.append(name)
-    return [names for _, names in groups]
+    kwargs = runner.layer_kwargs(index)
+    rows = runner.batch_rows(hidden.shape[1])
+    groups: list[list[str]] = []
+    seen_names: set[str] = set()
+    for start in range(0, hidden.shape[0], rows):
+        seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
+        hooks = [
+            layer_module.get_submodule(name).register_forward_hook(
+                lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
+            )
+            for name in names
+        ]
+        try:
+            with torch.no_grad():
+                layer_module(hidden[start : start + rows], **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        batch_groups: list[tuple[torch.Tensor, list[str]]] = []
+        for name, tensor in seen:
+            group = next((g for t, g in batch_groups if t is tensor), None)
+            if group is None:
+                batch_groups.append((tensor, [name]))
+            elif name not in group:
+                group.append(name)
+        for _, group in batch_groups:
+            new = [n for n in group if n not in seen_names]
+            if new:
+                groups.append(new)
+                seen_names.update(new)
+        if len(seen_names) == len(names):
+            break
+    return groups, [n for n in names if n not in seen_names]
+
+
+NO_CALIBRATION_TOKENS = ("not calibrated: no calibration token was routed to this MoE expert, "
+                         "so it was rounded to nearest")
+
+
+def _requantize_unreached(merger: "_Merger", name: str) -> None:
+    """Requantize a linear no calibration token reached, without data, and say so in its report line."""
+    merger.current = name
+    merger.requantize(name, None)
+    merger.reports[-1].fallback = merger.reports[-1].fallback or NO_CALIBRATION_TOKENS
 
 
 _CALIB_BATCH_TOKENS = 4096  # calibration tokens per forward pass while collecting Hessians
@@ -300,33 +378,33 @@ def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[st
     seen: list[tuple[str, torch.Tensor]] = []
     hooks = [layer_module.get_submodule(n).register_forward_hook(
         lambda mod, inputs, output, n=n: seen.append((n, inputs[0]))) for n in names]
+    # fitted and held-out rows never share a forward pass: an MoE expert's input holds only the
+    # tokens routed to it, so it could not be split by row afterwards
+    parts = (("fit", [r for r in range(num_rows) if r not in held_out]), ("holdout", sorted(held_out)))
     try:
         with torch.no_grad():
-            for first in range(0, num_rows, batch):
-                rows = range(first, min(first + batch, num_rows))
-                fit = [i for i, r in enumerate(rows) if r not in held_out]
-                held = [i for i, r in enumerate(rows) if r in held_out]
-                seen.clear()
-                layer_module(hidden[rows.start : rows.stop], **kwargs)
-                distinct: list[tuple[torch.Tensor, list[str]]] = []
-                for name, x in seen:
-                    group = next((g for t, g in distinct if t is x), None)
-                    if group is None:
-                        distinct.append((x, [name]))
-                    elif name not in group:
-                        group.append(name)
-                for x, group in distinct:
-                    stats = next((shared[n] for n in group if n in shared), None)
-                    if stats is None:
-                        size, dev = x.shape[-1], x.device
-                        stats = CalibrationInputs(InputHessian(size, dev),
-                                                  InputHessian(size, dev, need_matrix=False) if held_out else None)
-                    for n in group:
-                        shared[n] = stats
-                    if fit:
-                        stats.fit.add(x if len(fit) == len(rows) else x[fit])
-                    if held:
-                        stats.holdout.add(x[held])
+            for part, rows in parts:
+                for first in range(0, len(rows), batch):
+                    chunk = rows[first : first + batch]
+                    seen.clear()
+                    layer_module(hidden[chunk[0] : chunk[-1] + 1] if chunk[-1] - chunk[0] == len(chunk) - 1
+                                 else hidden[chunk], **kwargs)
+                    distinct: list[tuple[torch.Tensor, list[str]]] = []
+                    for name, x in seen:
+                        group = next((g for t, g in distinct if t is x), None)
+                        if group is None:
+                            distinct.append((x, [name]))
+                        elif name not in group:
+                            group.append(name)
+                    for x, group in distinct:
+                        stats = next((shared[n] for n in group if n in shared), None)
+                        if stats is None:
+                            size, dev = x.shape[-1], x.device
+                            stats = CalibrationInputs(InputHessian(size, dev),
+                                                      InputHessian(size, dev, need_matrix=False) if held_out else None)
+                        for n in group:
+                            shared[n] = stats
+                        getattr(stats, part).add(x)
     finally:
         seen.clear()
         for h in hooks:
@@ -359,10 +437,16 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
     layer_module = runner.build_layer(index, current_weight)
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
-    for group in _input_groups(layer_module, local, hidden[:1], kwargs):
+    groups, unreached = _input_groups(runner, layer_module, index, local, hidden)
+    for name in unreached:
+        _requantize_unreached(merger, prefix + name)
+    for group in groups:
         layer_module = runner.build_layer(index, current_weight)
         inputs = _collect_hessians(layer_module, group, hidden, kwargs)
         for name in group:
+            if name not in inputs:  # an expert's routing can shift once earlier groups are requantized
+                _requantize_unreached(merger, prefix + name)
+                continue
             merger.current = prefix + name
             merger.requantize(prefix + name, inputs.get(name), target=unmerged.pop(prefix + name, None))
         del inputs  # frees the group's Hessian and the solver's factors before the next group
@@ -376,37 +460,54 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
 
     if options.method not in METHODS:
         raise MergeError(f"--method must be one of {', '.join(METHODS)}, not {options.method!r}.")
+    options = replace(options, device=str(resolve_device(options.device, MergeError)))  # once, before any work
     started = time.perf_counter()
     reader = CheckpointReader(checkpoint, allow_pickle=options.allow_pickle)
     source = load_quant_config(checkpoint)
     rotations = load_rotations(adapter)
     plan = plan_merge(reader, source, rotations, options.requant)
     out_path = check_output_path(out, [checkpoint, adapter], overwrite=options.overwrite)
-    if options.device.startswith("cuda"):
-        import torch
+    if options.method == "calibrated" and plan.targeted:
+        from oftsurgery.merge.calibration import load_calibration_text
 
-        if not torch.cuda.is_available():
-            raise MergeError("--device cuda was requested but no CUDA device is available.")
+        load_calibration_text(options.calib)  # a bad source fails now, not after the first layers (read once)
+    elif options.calib is not None and options.method == "rtn":
+        import warnings
+
+        warnings.warn(f"The rtn method reads no calibration text; calib={options.calib!r} is ignored.", stacklevel=2)
+    from oftsurgery.provenance import checkpoint_fingerprint
+
+    fingerprint = checkpoint_fingerprint(reader, source)  # lets `verify` check what this was merged from
 
     merger = _Merger(reader, plan, options)
     report = MergeReport(
         checkpoint=str(checkpoint), adapter=str(adapter), output=str(out_path), method=options.method,
         source_format=source.describe(), output_format=plan.target.describe(), calibration=None,
         calib_tokens=0, residual_space="activations" if options.method == "calibrated" else "weights",
-        identity_modules=plan.identity_modules, command=options.command,
+        identity_modules=plan.identity_modules, command=options.command, checkpoint_fingerprint=fingerprint,
     )
+    _describe_serving(plan, report)
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
     try:
         with atomic_output(out_path, overwrite=options.overwrite) as tmp:
             writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
-            merger.write_group(writer, outside)
-            if options.method == "calibrated" and plan.targeted:
-                _merge_calibrated(reader, merger, by_layer, writer, report)
-            else:
-                for index in _progress(by_layer, len(by_layer), "merging", options.progress):
-                    merger.new_decoder_layer()
-                    merger.write_group(writer, by_layer[index])
-            writer.close()
+            sink = BackgroundWriter(writer, PIPELINE_DEPTH) if PIPELINE_DEPTH > 0 else InlineWriter(writer)
+            try:
+                merger.write_group(sink, outside)
+                if options.method == "calibrated" and plan.targeted:
+                    _merge_calibrated(reader, merger, by_layer, sink, report)
+                else:
+                    for index in _progress(by_layer, len(by_layer), "merging", options.progress):
+                        merger.new_decoder_layer()
+                        merger.write_group(sink, by_layer[index])
+                sink.close()
+                writer.close()
+            except WorkerFailed as failed:  # raise what failed in the worker as if it failed here
+                merger.current = failed.label
+                raise failed.error from None
+            finally:
+                sink.abort()  # stop and wait for the worker before the temporary directory goes
+                writer.abort()
             report.layers = merger.reports
             report.seconds = time.perf_counter() - started
             _write_configs(reader, plan, tmp)
@@ -441,8 +542,17 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
                          "use --method rtn or add the tokenizer files.") from None
     ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
     report.calibration, report.calib_tokens = desc, int(ids.numel())
-    runner = LayerwiseModel(reader.config, reader.get, device=options.device)
-    hidden, kwargs = runner.first_layer_inputs(ids)
+    runner = LayerwiseModel(reader.config, reader.get, device=options.device, tensor_names=reader.tensors)
+    unknown = [p.prefix for p in merger.plan.targeted if p.prefix not in runner.module_linears()]
+    if unknown:
+        raise UnsupportedFormatError(
+            f"{unknown[0]} is a targeted quantized layer of the checkpoint but {runner.architecture} has no such "
+            "decoder-layer module, so calibration could not reach it; use --method rtn."
+        )
+    # refuse before any merge work if the runner does not reproduce the model's own forward
+    report.runner_check = max(runner.verify(ids[:SELF_CHECK_ROWS], merger.source_weight_float), default=0.0)
+    hidden, _ = runner.first_layer_inputs(ids)
+
     def merged_weight(name: str) -> torch.Tensor:
         """Float weight of a linear as the merged model will hold it."""
         if name in merger.merged:
@@ -454,15 +564,21 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
         merger.new_decoder_layer()
         prefix = runner.layer_prefix(index) + "."
         if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
-            _calibrate_decoder_layer(runner, merger, index, hidden, kwargs)
+            _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index))
         merger.write_group(writer, names)
         layer_module = runner.build_layer(index, merged_weight)
-        with torch.no_grad():
-            hidden = torch.cat([_first(layer_module(hidden[r : r + 1], **kwargs)) for r in range(hidden.shape[0])])
+        hidden = runner.forward_layer(layer_module, index, hidden)
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
+def _describe_serving(plan: MergePlan, report: MergeReport) -> None:
+    """Which vLLM/transformers kernels the input and the output load with; warn if the merge loses Marlin."""
+    from oftsurgery.serving import marlin_lost_warnings, serving_contract
+
+    shapes = {p: (l.in_features, l.out_features) for p, l in plan.layers.items()}
+    source, output = serving_contract(plan.source, shapes), serving_contract(plan.target, shapes)
+    names = {"vllm": "vLLM", "transformers": "transformers"}
+    report.serving = {names[e]: {"input": source[e].describe(), "output": output[e].describe()} for e in source}
+    report.serving_warnings = marlin_lost_warnings(source, output)
 
 
 def _write_configs(reader: CheckpointReader, plan: MergePlan, out_dir: Path) -> None:
