@@ -355,43 +355,56 @@ def _requantize_unreached(merger: "_Merger", name: str) -> None:
     merger.reports[-1].fallback = merger.reports[-1].fallback or NO_CALIBRATION_TOKENS
 
 
+_CALIB_BATCH_TOKENS = 4096  # calibration tokens per forward pass while collecting Hessians
+
+
 def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[str, "CalibrationInputs"]:
     """H = Σ x xᵀ at the inputs of the named linears, one per distinct input tensor.
 
     Linears that read the same tensor (q/k/v; gate/up) share one `CalibrationInputs`, so H and what
     the solver derives from it are built once. H accumulates in float32 on the run device. Every
     8th calibration row (`hessian.holdout_rows`) goes to the held-out statistics the report uses.
+    Rows go through the layer in batches of about `_CALIB_BATCH_TOKENS` tokens: few launches, and
+    the attention memory of a batch stays small.
     """
     import torch
 
     from oftsurgery.merge.hessian import CalibrationInputs, InputHessian, holdout_rows
 
-    held_out = holdout_rows(hidden.shape[0])
+    num_rows = hidden.shape[0]
+    held_out = holdout_rows(num_rows)
+    batch = max(1, _CALIB_BATCH_TOKENS // max(1, hidden.shape[1]))  # rows per forward
     shared: dict[str, CalibrationInputs] = {}
     seen: list[tuple[str, torch.Tensor]] = []
     hooks = [layer_module.get_submodule(n).register_forward_hook(
         lambda mod, inputs, output, n=n: seen.append((n, inputs[0]))) for n in names]
+    # fitted and held-out rows never share a forward pass: an MoE expert's input holds only the
+    # tokens routed to it, so it could not be split by row afterwards
+    parts = (("fit", [r for r in range(num_rows) if r not in held_out]), ("holdout", sorted(held_out)))
     try:
         with torch.no_grad():
-            for row in range(hidden.shape[0]):  # one row at a time bounds the attention memory
-                seen.clear()
-                layer_module(hidden[row : row + 1], **kwargs)
-                distinct: list[tuple[torch.Tensor, list[str]]] = []
-                for name, x in seen:
-                    group = next((g for t, g in distinct if t is x), None)
-                    if group is None:
-                        distinct.append((x, [name]))
-                    elif name not in group:
-                        group.append(name)
-                for x, group in distinct:
-                    stats = next((shared[n] for n in group if n in shared), None)
-                    if stats is None:
-                        size, dev = x.shape[-1], x.device
-                        stats = CalibrationInputs(InputHessian(size, dev),
-                                                  InputHessian(size, dev, need_matrix=False) if held_out else None)
-                    for n in group:
-                        shared[n] = stats
-                    (stats.holdout if row in held_out else stats.fit).add(x)
+            for part, rows in parts:
+                for first in range(0, len(rows), batch):
+                    chunk = rows[first : first + batch]
+                    seen.clear()
+                    layer_module(hidden[chunk[0] : chunk[-1] + 1] if chunk[-1] - chunk[0] == len(chunk) - 1
+                                 else hidden[chunk], **kwargs)
+                    distinct: list[tuple[torch.Tensor, list[str]]] = []
+                    for name, x in seen:
+                        group = next((g for t, g in distinct if t is x), None)
+                        if group is None:
+                            distinct.append((x, [name]))
+                        elif name not in group:
+                            group.append(name)
+                    for x, group in distinct:
+                        stats = next((shared[n] for n in group if n in shared), None)
+                        if stats is None:
+                            size, dev = x.shape[-1], x.device
+                            stats = CalibrationInputs(InputHessian(size, dev),
+                                                      InputHessian(size, dev, need_matrix=False) if held_out else None)
+                        for n in group:
+                            shared[n] = stats
+                        getattr(stats, part).add(x)
     finally:
         seen.clear()
         for h in hooks:
