@@ -10,11 +10,11 @@ where the header maps each tensor name to {"dtype", "shape", "data_offsets": [be
 into the data, which must be covered without holes) plus `"__metadata__": {"format": "pt"}`, and
 may end in spaces. Since the header is only known when the shard is complete, each shard starts
 with room reserved for it; at the shard's end the header is written into that room, padded with
-spaces (or, when it does not fit or would waste a noticeable share of a small file, the data is
-moved once behind a header of the exact size). The data section starts on an 8-byte boundary and
-every tensor whose size is a multiple of 8 bytes is written in arrival order, so each stays
-aligned; the rare others are kept aside (in memory, or as a byte range of a source file) and
-written at the shard's end, largest element size first, which keeps them aligned too.
+spaces. When it does not fit, or the shard is small enough that moving it is cheaper than carrying
+the room, the data is moved once behind a header of the exact size. The data section starts on an
+8-byte boundary and every tensor whose size is a multiple of 8 bytes is written in arrival order, so
+each stays aligned; the rare others are kept aside (in memory, or as a byte range of a source file)
+and written at the shard's end, largest element size first, which keeps them aligned too.
 
 Shards are written as `part-N.safetensors` and renamed to `model-0000k-of-0000N.safetensors` at
 `close()`, once N is known. Use it inside `atomic_output` so the directory appears only complete.
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 SIDE_FILE_SKIP = {"config.json", "quantize_config.json", "README.md", INDEX_FILE}
 ALIGN = 8
+# a shard up to this size is rewritten once behind an exact header rather than carry the unused room
+# (copying it is cheap); a bigger one keeps the room as spaces (at most 1/4096 of --max-shard-size)
+SMALL_SHARD = 64 * 1024**2
 COPY_CHUNK = 64 * 1024**2
 _DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -96,7 +99,7 @@ class _Shard:
             self.pending.clear()
             header = json.dumps({**self.entries, "__metadata__": {"format": "pt"}}, separators=(",", ":")).encode()
             exact = len(header) + (-len(header)) % ALIGN
-            if exact <= self.room and self.room - exact <= max(64 * 1024, self.end // 100):
+            if exact <= self.room and (self.room - exact <= 64 * 1024 or self.end > SMALL_SHARD):
                 self.file.seek(0)
                 _write_all(self.file, memoryview(struct.pack("<Q", self.room) + header.ljust(self.room, b" ")))
                 self.file.truncate(8 + self.room + self.end)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,6 +192,7 @@ class _Merger:
         self.merged: dict[str, "QuantizedWeight"] = {}
         self.current: str | None = None  # the layer being merged, named if something fails
         self._unpacked: dict[str, "QuantizedWeight"] = {}
+        self._reads: dict[str, Any] = {}  # prefix -> Future of its packed tensors, read ahead
 
     def source_weight(self, prefix: str, cache: bool = True) -> "QuantizedWeight":
         """A layer's stored codes (uint8) and grid (per-module `dynamic` overrides applied), unpacked on
@@ -200,7 +202,9 @@ class _Merger:
         if prefix in self._unpacked:
             return self._unpacked[prefix]
         cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
-        packed = {k: v.to(self.options.device) for k, v in _layer_tensors(self.reader, prefix).items()}
+        ahead = self._reads.pop(prefix, None)
+        stored = ahead.result() if ahead is not None else _layer_tensors(self.reader, prefix)
+        packed = {k: v.to(self.options.device) for k, v in stored.items()}
         qw = unpack_layer(packed, cfg)
         if cache:
             self._unpacked[prefix] = qw
@@ -291,10 +295,23 @@ class _Merger:
 
         if untouched:
             writer.submit(rewritten[0] if rewritten else "the tensors outside the decoder layers", copy_untouched)
-        for prefix in rewritten:
-            self.current = prefix
-            qw = self.solved_weight(prefix) if self.plan.layers[prefix].targeted else self._converted_weight(prefix)
-            writer.submit(prefix, lambda prefix=prefix, qw=qw: sorted(self._pack(prefix, qw).items()))
+        # the linears still to requantize here (rtn, conversion) read the next one's packed tensors on
+        # a reader thread while this one computes: disk reads overlap the work
+        unread = [p for p in rewritten if p not in self.merged and p not in self._unpacked]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oftsurgery-read") as reads:
+            try:
+                for prefix in rewritten:
+                    self.current = prefix
+                    if prefix in unread:
+                        for ahead in unread[unread.index(prefix) : unread.index(prefix) + 2]:
+                            if ahead not in self._reads:
+                                self._reads[ahead] = reads.submit(_layer_tensors, reader, ahead)
+                    qw = self.solved_weight(prefix) if self.plan.layers[prefix].targeted else self._converted_weight(prefix)
+                    writer.submit(prefix, lambda prefix=prefix, qw=qw: sorted(self._pack(prefix, qw).items()))
+            finally:
+                for future in self._reads.values():
+                    future.cancel()
+                self._reads.clear()
 
 
 def _input_groups(runner, layer_module, index: int, names: list[str], hidden) -> tuple[list[list[str]], list[str]]:

@@ -7,7 +7,7 @@ under a directory named by its parameters, three things that belong together:
 - `gptq/`: a Llama checkpoint whose 7 linears per decoder layer are random weights drawn like a real
   layer (normal, std 0.02, a few outlier input channels and single outliers), rounded onto a
   gptqmodel-style grid (4-bit, g128, symmetric, desc_act off, format "gptq") by our codec and packed
-  by gptqmodel's packer (`pack_gptq`); the config and `quantize_config.json` have the shape
+  by our codec (`pack_gptq`, byte-identical to gptqmodel's packer); the config and `quantize_config.json` have the shape
   gptqmodel 7 writes; a byte-level BPE tokenizer trained locally, so a calibrated merge can tokenise;
 - `fp16/`: the same model in float16 with every linear equal to the GPTQ layer's dequantized weight
   (what a GPTQ tool would be handed to quantize: the bench's peer);
@@ -270,7 +270,7 @@ def build_synthetic_checkpoint(out_dir, preset: str = "tiny", *, num_layers: int
     """Build gptq/, fp16/ and a rotations file under `out_dir` (which appears only complete).
 
     `log(msg)`, if given, receives one line per decoder layer (a 7B layer takes about a minute on
-    2 shared cores, mostly gptqmodel's packer).
+    2 shared cores).
     """
     import torch
 
