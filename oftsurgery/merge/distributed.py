@@ -417,6 +417,7 @@ class DistributedRanks(SingleProcess):
         try:
             yield
         except BaseException as exc:
+            _group_state["failed"] = True
             self._stop_signals()
             self._remove_temporary()
             error = self._settle(exc, out)
@@ -518,8 +519,7 @@ def rank_device(requested: str, local_rank: int, local_world_size: int) -> str:
 @contextmanager
 def open_ranks(device: str) -> Iterator[SingleProcess]:
     """The ranks of this merge: the caller's process group if one is initialised, else one set up
-    from torchrun's environment (NCCL for CUDA, gloo for the CPU; torn down after a successful
-    merge), else a single process."""
+    from torchrun's environment (NCCL for CUDA, gloo for the CPU), else a single process."""
     try:
         import torch.distributed as dist
     except ImportError:  # a torch built without distributed support
@@ -530,21 +530,40 @@ def open_ranks(device: str) -> Iterator[SingleProcess]:
         return
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if dist.is_initialized():
-        yield DistributedRanks(rank_device(device, local_rank, local_world))
-        return
-    if not launched_by_torchrun():
-        yield SingleProcess(device)
-        return
-    device = rank_device(device, local_rank, local_world)
-    if device.startswith("cuda"):
-        import torch
+    if not dist.is_initialized():
+        if not launched_by_torchrun():
+            yield SingleProcess(device)
+            return
+        _join_group(rank_device(device, local_rank, local_world))
+    yield DistributedRanks(rank_device(device, local_rank, local_world))
 
+
+_group_state = {"ours": False, "failed": False}
+
+
+def _join_group(device: str) -> None:
+    """Initialise the default process group from torchrun's environment, for the rest of the process.
+
+    Kept, not torn down after the merge: a group initialised again in the same process would meet
+    the first one's keys in torchrun's store and hang. It is destroyed at exit unless a merge failed
+    (tearing down a group whose peers are gone can block).
+    """
+    import atexit
+
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
         dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device(device))
     else:
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
-    yield DistributedRanks(device)
-    # reached only after a successful merge: after a failure the process is ending, and tearing
-    # down a group whose peers are gone can block
-    dist.destroy_process_group()
+    _group_state["ours"] = True
+    atexit.register(_leave_group)
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if _group_state["ours"] and not _group_state["failed"] and dist.is_initialized():
+        dist.destroy_process_group()
