@@ -157,8 +157,15 @@ class SingleProcess:
     world_size = 1
     distributed = False
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", device_error: OftSurgeryError | None = None):
         self.device = device
+        self._device_error = device_error
+
+    def check_device(self) -> None:
+        """Raise the reason the requested device cannot be used (raised inside `guard`, so that in a
+        distributed merge one rank says it, not every rank)."""
+        if self._device_error is not None:
+            raise self._device_error
 
     @property
     def is_writer(self) -> bool:
@@ -231,10 +238,10 @@ class DistributedRanks(SingleProcess):
     distributed = True
     _merges = 0  # merges started in this process: keys of the store are per merge
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, device_error: OftSurgeryError | None = None):
         import torch.distributed as dist
 
-        super().__init__(device)
+        super().__init__(device, device_error)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         backend = str(dist.get_backend()).lower()
@@ -406,7 +413,7 @@ class DistributedRanks(SingleProcess):
             shutil.rmtree(self._temporary, ignore_errors=True)
 
     @contextmanager
-    def guard(self, out: Path) -> Iterator[None]:
+    def guard(self, out: str | Path) -> Iterator[None]:
         """Around one merge on every rank: turn any failure into one report across the ranks.
 
         The first rank to post its failure raises it (prefixed with its rank unless it is rank 0);
@@ -420,7 +427,7 @@ class DistributedRanks(SingleProcess):
             _group_state["failed"] = True
             self._stop_signals()
             self._remove_temporary()
-            error = self._settle(exc, out)
+            error = self._settle(exc, _shown_path(out))
             if "TORCHELASTIC_RUN_ID" not in os.environ:
                 for signum, handler in saved.items():
                     try:
@@ -432,6 +439,9 @@ class DistributedRanks(SingleProcess):
             raise error from exc
 
     def _settle(self, exc: BaseException, out: Path) -> BaseException:
+        lost = _caused_by(exc, CollectiveError)
+        if lost is not None:
+            exc = lost
         peer = self._posted()
         if peer is None and isinstance(exc, CollectiveError):
             # a failing rank posts before its connections close; give the store a moment anyway
@@ -462,6 +472,10 @@ class DistributedRanks(SingleProcess):
             error = exc
             detail = " ".join(str(exc).split()) or "no message"
             message, code = f"Rank {self.rank}: unexpected {type(exc).__name__}: {detail}", 1
+        if self.rank != 0 and not isinstance(exc, CollectiveError):
+            # the same bad input fails every rank at once: give rank 0, whose message has no rank
+            # prefix, a moment to say it first
+            time.sleep(0.5)
         if self._post({"rank": self.rank, "message": message, "exit_code": code}):
             return error
         peer = self._posted() or {"rank": -1, "message": "another rank ended the merge", "exit_code": 1}
@@ -470,6 +484,24 @@ class DistributedRanks(SingleProcess):
 
 class CollectiveError(RuntimeError):
     """A collective failed in transport: a peer closed its connections or died."""
+
+
+def _caused_by(exc: BaseException, kind: type) -> BaseException | None:
+    """`exc` or the first exception of that kind in its chain of causes (the engine wraps errors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _shown_path(out: str | Path) -> Path:
+    try:
+        return Path(out).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return Path(out).expanduser().absolute()
 
 
 def _no_leaf(shard: int) -> Sums | None:
@@ -497,23 +529,36 @@ def primary_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def rank_device(requested: str, local_rank: int, local_world_size: int) -> str:
-    """The device a rank computes on: `cuda` means this rank's own GPU, `cuda:LOCAL_RANK`."""
+def rank_device(requested: str, local_rank: int = 0, local_world_size: int = 1, *, distributed: bool = False) -> str:
+    """The device a rank computes on. In a distributed merge `cuda` means this rank's own GPU,
+    `cuda:LOCAL_RANK`; in one process the request is kept as given."""
     import torch
 
     if not requested.startswith("cuda"):
         return requested
     if not torch.cuda.is_available():
         raise MergeError("--device cuda was requested but no CUDA device is available.")
+    if not distributed:
+        return requested
     if requested != "cuda":
         if local_world_size > 1:
             raise MergeError(f"With {local_world_size} processes per node pass --device cuda, not {requested}: each "
                              "rank uses the GPU numbered by its LOCAL_RANK.")
         return requested
     if local_rank >= torch.cuda.device_count():
-        raise MergeError(f"Rank with LOCAL_RANK {local_rank} needs cuda:{local_rank}, but only "
-                         f"{torch.cuda.device_count()} GPU(s) are visible.")
+        raise MergeError(f"LOCAL_RANK {local_rank} needs cuda:{local_rank}, but only {torch.cuda.device_count()} "
+                         "GPU(s) are visible.")
     return f"cuda:{local_rank}"
+
+
+def _resolve(requested: str, distributed: bool) -> tuple[str, OftSurgeryError | None]:
+    """The rank's device, or the CPU and the reason the request fails (raised later, inside `guard`)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        return rank_device(requested, local_rank, local_world, distributed=distributed), None
+    except OftSurgeryError as exc:
+        return "cpu", exc
 
 
 @contextmanager
@@ -523,19 +568,14 @@ def open_ranks(device: str) -> Iterator[SingleProcess]:
     try:
         import torch.distributed as dist
     except ImportError:  # a torch built without distributed support
-        yield SingleProcess(device)
+        dist = None
+    if dist is None or not dist.is_available() or not (dist.is_initialized() or launched_by_torchrun()):
+        yield SingleProcess(*_resolve(device, distributed=False))
         return
-    if not dist.is_available():
-        yield SingleProcess(device)
-        return
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    resolved, error = _resolve(device, distributed=True)
     if not dist.is_initialized():
-        if not launched_by_torchrun():
-            yield SingleProcess(device)
-            return
-        _join_group(rank_device(device, local_rank, local_world))
-    yield DistributedRanks(rank_device(device, local_rank, local_world))
+        _join_group(resolved)
+    yield DistributedRanks(resolved, error)
 
 
 _group_state = {"ours": False, "failed": False}

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oftsurgery.errors import MergeError, OftSurgeryError
 from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
+from oftsurgery.merge.distributed import SingleProcess, open_ranks
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
 from oftsurgery.merge.report import LayerReport, MergeReport
 from oftsurgery.quant.config import QuantConfig, load_quant_config
@@ -128,10 +130,12 @@ def _group_by_decoder_layer(names: list[str]) -> tuple[list[str], dict[int, list
 
 
 class _Merger:
-    def __init__(self, reader: CheckpointReader, plan: MergePlan, options: MergeOptions):
+    def __init__(self, reader: CheckpointReader, plan: MergePlan, options: MergeOptions,
+                 ranks: SingleProcess | None = None):
         self.reader = reader
         self.plan = plan
         self.options = options
+        self.ranks = ranks or SingleProcess(options.device)
         self.reports: list[LayerReport] = []
         # the requantized weights of the decoder layer just written, to feed the next layer
         self.merged: dict[str, "QuantizedWeight"] = {}
@@ -167,6 +171,43 @@ class _Merger:
         self.merged[prefix] = new_qw
         return new_qw
 
+    def solve(self, prefixes: list[str], hessian_for) -> None:
+        """Requantize the named targeted layers, each on the rank that owns it, and give every rank
+        the results, in the order given (on one process: all here, in that order).
+
+        `hessian_for(prefix)` is the layer's input Hessian, or None for a data-free requantization.
+        """
+        ranks = self.ranks
+        owners = ranks.assign(prefixes, [self._solve_cost(p) for p in prefixes])
+        for prefix in prefixes:
+            if owners[prefix] == ranks.rank:
+                self.current = prefix
+                self.requantize(prefix, hessian_for(prefix))
+                self.reports[-1].rank = ranks.rank
+        if not ranks.distributed:
+            return
+        for prefix in prefixes:  # the same order on every rank
+            mine = owners[prefix] == ranks.rank
+            qw = self.merged.get(prefix) if mine else None
+            tensors, info = ranks.share(
+                owners[prefix],
+                {"codes": qw.codes, "scales": qw.scales, "zeros": qw.zeros, "g_idx": qw.g_idx} if mine else None,
+                asdict(next(r for r in reversed(self.reports) if r.name == prefix)) if mine else None)
+            if not mine:
+                source = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
+                self.merged[prefix] = replace(source, **tensors)
+                self.reports.append(LayerReport(**info))
+        # every rank lists the layers in the same order, whoever solved them
+        order = {p: i for i, p in enumerate(prefixes)}
+        done = [r for r in self.reports if r.name in order]
+        rest = [r for r in self.reports if r.name not in order]
+        self.reports = rest + sorted(done, key=lambda r: order[r.name])
+
+    def _solve_cost(self, prefix: str) -> float:
+        """What requantizing a layer costs, roughly: the calibrated solve grows as out·in², rounding as out·in."""
+        layer = self.plan.layers[prefix]
+        return float(layer.out_features * layer.in_features * (layer.in_features if self.options.method == "calibrated" else 1))
+
     def merged_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
         """Packed output tensors for one targeted layer (requantized data-free if not done yet)."""
         qw = self.merged[prefix] if prefix in self.merged else self.requantize(prefix, None)
@@ -176,8 +217,12 @@ class _Merger:
         """An untargeted layer rewritten in the output format (GPTQ <-> AWQ only)."""
         return self._pack(prefix, _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target))
 
-    def write_group(self, writer: CheckpointWriter, names: list[str]) -> None:
+    def write_group(self, writer: CheckpointWriter | None, names: list[str]) -> None:
+        """Write these tensors (writer None: a rank that does not write, which still solves its share)."""
         layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
+        self.solve([p for p in layers_here if self.plan.layers[p].targeted and p not in self.merged], lambda p: None)
+        if writer is None:
+            return
         produced: dict[str, "torch.Tensor"] = {}
         for prefix in layers_here:
             self.current = prefix
@@ -244,12 +289,13 @@ def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[st
     return hessians
 
 
-def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwargs) -> None:
+def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwargs, num_rows: int) -> None:
     """Requantize the targeted linears of decoder layer `index` group by group on real activations.
 
     `hidden` is the merged model's stream (what the already-requantized earlier layers produce), so
     each layer compensates what earlier layers lost. Within the layer, linears not yet requantized
     hold their full-precision merged weight W·Rᵀ; those already done hold their requantized weight.
+    In a distributed merge `hidden` holds this rank's rows of the `num_rows` calibration rows.
     """
     plan = merger.plan
     prefix = runner.layer_prefix(index) + "."
@@ -260,62 +306,84 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
         return plan.layers[name].target_weight(merger.source_weight(name).dequantize()) if name in plan.layers \
             else merger.source_weight(name).dequantize()
 
+    import torch
+
+    ranks = merger.ranks
     layer_module = runner.build_layer(index, current_weight)
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
-    for group in _input_groups(layer_module, local, hidden[:1], kwargs):
+    # any input shows which linears share one; a rank that carries no rows uses zeros
+    sample = hidden[:1] if hidden.shape[0] else torch.zeros((1, *hidden.shape[1:]), dtype=hidden.dtype,
+                                                              device=hidden.device)
+    first_row = ranks.local_rows(num_rows).start
+    for group in _input_groups(layer_module, local, sample, kwargs):
         layer_module = runner.build_layer(index, current_weight)
-        hessians = _collect_hessians(layer_module, group, hidden, kwargs)
-        for name in group:
-            merger.current = prefix + name
-            merger.requantize(prefix + name, hessians[name])
+        # each rank sums the shards of its own rows; the shards are added in one fixed order
+        hessians = ranks.sum_over_shards(num_rows, lambda rows: _collect_hessians(
+            layer_module, group, hidden[rows.start - first_row : rows.stop - first_row], kwargs))
+        merger.solve([prefix + name for name in group], lambda p: hessians[p[len(prefix):]])
 
 
 def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,
                      options: MergeOptions = MergeOptions()) -> MergeReport:
     """Merge an OFT adapter (PEFT dir of any generation, or an `extract` rotations file) into a
-    GPTQ/AWQ checkpoint and write a checkpoint of the requested format to `out`."""
+    GPTQ/AWQ checkpoint and write a checkpoint of the requested format to `out`.
+
+    Under `torchrun`, or inside a process group the caller initialised, every rank calls this and
+    the merge runs across the ranks (docs/distributed.md): rank 0 writes the same bytes a single
+    process would, and every rank returns the report.
+    """
+    with open_ranks(options.device) as ranks, ranks.guard(out):
+        return _merge(checkpoint, adapter, out, replace(options, device=ranks.device), ranks)
+
+
+def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess) -> MergeReport:
     from oftsurgery.oft.adapter_io import load_rotations
 
     if options.method not in METHODS:
         raise MergeError(f"--method must be one of {', '.join(METHODS)}, not {options.method!r}.")
+    ranks.check_device()
     started = time.perf_counter()
     reader = CheckpointReader(checkpoint, allow_pickle=options.allow_pickle)
     source = load_quant_config(checkpoint)
     rotations = load_rotations(adapter)
     plan = plan_merge(reader, source, rotations, options.requant)
-    out_path = check_output_path(out, [checkpoint, adapter], overwrite=options.overwrite)
-    if options.device.startswith("cuda"):
-        import torch
+    # only the writing rank's file system matters (other nodes may not even see it)
+    out_path = check_output_path(out, [checkpoint, adapter], overwrite=options.overwrite) if ranks.is_writer \
+        else Path(out).expanduser().resolve()
+    ranks.sync()  # every rank's inputs checked: a rank that refused them stops the others here
 
-        if not torch.cuda.is_available():
-            raise MergeError("--device cuda was requested but no CUDA device is available.")
-
-    merger = _Merger(reader, plan, options)
+    merger = _Merger(reader, plan, options, ranks)
     report = MergeReport(
         checkpoint=str(checkpoint), adapter=str(adapter), output=str(out_path), method=options.method,
         source_format=source.describe(), output_format=plan.target.describe(), calibration=None,
         calib_tokens=0, residual_space="activations" if options.method == "calibrated" else "weights",
-        identity_modules=plan.identity_modules, command=options.command,
+        identity_modules=plan.identity_modules, command=options.command, world_size=ranks.world_size,
     )
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
+    progress = ranks.progress(options.progress)
     try:
-        with atomic_output(out_path, overwrite=options.overwrite) as tmp:
-            writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
+        output = atomic_output(out_path, overwrite=options.overwrite) if ranks.is_writer else nullcontext(None)
+        with output as tmp:
+            writer = None
+            if tmp is not None:
+                ranks.track_temporary(tmp)
+                writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
             merger.write_group(writer, outside)
             if options.method == "calibrated" and plan.targeted:
-                _merge_calibrated(reader, merger, by_layer, writer, report)
+                _merge_calibrated(reader, merger, by_layer, writer, report, progress)
             else:
-                for index in _progress(by_layer, len(by_layer), "merging", options.progress):
+                for index in _progress(by_layer, len(by_layer), "merging", progress):
                     merger.new_decoder_layer()
                     merger.write_group(writer, by_layer[index])
-            writer.close()
             report.layers = merger.reports
             report.seconds = time.perf_counter() - started
-            _write_configs(reader, plan, tmp)
-            copy_side_files(reader.side_files(), tmp)
-            report.write(tmp / REPORT_FILE)
-            _write_card(tmp, report, plan)
+            if writer is not None:
+                writer.close()
+                _write_configs(reader, plan, tmp)
+                copy_side_files(reader.side_files(), tmp)
+                report.write(tmp / REPORT_FILE)
+                _write_card(tmp, report, plan)
     except OftSurgeryError:
         raise
     except Exception as exc:
@@ -328,7 +396,7 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
     return report
 
 
-def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeReport) -> None:
+def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeReport, progress: bool) -> None:
     import torch
 
     from oftsurgery.merge.calibration import calibration_batches, load_calibration_text
@@ -345,23 +413,30 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
     ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
     report.calibration, report.calib_tokens = desc, int(ids.numel())
     runner = LayerwiseModel(reader.config, reader.get, device=options.device)
-    hidden, kwargs = runner.first_layer_inputs(ids)
+    # each rank carries its own rows (all of them in one process); one without rows keeps row 0's
+    # keyword arguments and an empty stream
+    num_rows = ids.shape[0]
+    mine = merger.ranks.local_rows(num_rows)
+    hidden, kwargs = runner.first_layer_inputs(ids[mine.start : mine.stop] if mine else ids[:1])
+    if not mine:
+        hidden = hidden[:0]
     def merged_weight(name: str) -> torch.Tensor:
         """Float weight of a linear as the merged model will hold it."""
         if name in merger.merged:
             return merger.merged[name].dequantize()
         return merger.source_weight(name).dequantize()
 
-    for index in _progress(by_layer, len(by_layer), "merging (calibrated)", options.progress):
+    for index in _progress(by_layer, len(by_layer), "merging (calibrated)", progress):
         names = by_layer[index]
         merger.new_decoder_layer()
         prefix = runner.layer_prefix(index) + "."
         if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
-            _calibrate_decoder_layer(runner, merger, index, hidden, kwargs)
+            _calibrate_decoder_layer(runner, merger, index, hidden, kwargs, num_rows)
         merger.write_group(writer, names)
         layer_module = runner.build_layer(index, merged_weight)
         with torch.no_grad():
-            hidden = torch.cat([_first(layer_module(hidden[r : r + 1], **kwargs)) for r in range(hidden.shape[0])])
+            if hidden.shape[0]:
+                hidden = torch.cat([_first(layer_module(hidden[r : r + 1], **kwargs)) for r in range(hidden.shape[0])])
 
 
 def _first(output):

@@ -20,6 +20,7 @@ class LayerReport:
     rotation_strength: float  # ‖R − I‖_F
     seconds: float = 0.0
     scales_changed: float = 0.0  # fraction of fp16 scales the merge refitted
+    rank: int = 0  # the rank that solved this layer in a distributed merge (0 in a single process)
 
     @property
     def worse_than_base(self) -> bool:
@@ -42,6 +43,7 @@ class MergeReport:
     seconds: float = 0.0
     command: str | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1  # processes the merge ran on (torchrun ranks)
 
     # ---- aggregate figures ----
     @property
