@@ -37,8 +37,12 @@ def shard_hessians(x: torch.Tensor, rows: range, batch: int) -> dict[str, torch.
     return sums
 
 
-def hessian(out: Path, num_rows: int, batch: int) -> None:
+def hessian(out: Path, num_rows: int, batch: int, gather_budget: int | None = None) -> None:
+    from oftsurgery.merge import distributed
+
     x = calibration_rows(num_rows)
+    if gather_budget is not None:  # partial sums then travel in many small chunks
+        distributed.GATHER_BUDGET = gather_budget
     with open_ranks("cpu") as ranks:
         mine = ranks.local_rows(num_rows)
         local = x[mine.start:mine.stop]  # each rank holds only its own rows, as in a merge
@@ -106,6 +110,22 @@ def _step(ranks, failing_rank: int, where: str) -> None:
     time.sleep(60)
 
 
+def api_merges(out: Path, jobs: list[dict]) -> None:
+    """The Python API inside a process group the caller initialised: every rank calls merge_checkpoint."""
+    import torch.distributed as dist
+
+    from oftsurgery.merge import MergeOptions, merge_checkpoint
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for job in jobs:
+        options = MergeOptions(method=job["method"], calib="builtin:code", calib_tokens=job["calib_tokens"],
+                               seq_len=32, progress=False)
+        report = merge_checkpoint(job["checkpoint"], job["adapter"], out / job["name"], options)
+        (out / f"{job['name']}-report-rank{rank}.json").write_text(json.dumps(report.to_dict()))
+    dist.destroy_process_group()
+
+
 def _terminate(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt  # as the CLI does: torchrun's SIGTERM runs the cleanup
 
@@ -119,8 +139,10 @@ def main() -> None:
     try:
         if scenario == "pieces":  # one launch for several checks: starting workers is the slow part
             for num_rows in map(int, args):
-                hessian(out, num_rows, batch=2)
+                hessian(out, num_rows, batch=2, gather_budget=7 if num_rows == int(args[0]) else None)
             share(out)
+        elif scenario == "api-merges":
+            api_merges(out, json.loads(args[0]))
         elif scenario == "fail":
             fail(out, int(args[0]), args[1])
         else:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from dist_helpers import error_lines, torchrun, worker_env
+from dist_helpers import TESTS, error_lines, torchrun, worker_env
 from merge_helpers import all_tensors, assert_bytes_equal, random_rotations
 from oftsurgery.merge import MergeOptions, merge_checkpoint
 
@@ -49,30 +49,51 @@ def _assert_same_checkpoint(single_dir, dist_dir):
             assert (single_dir / config).read_bytes() == (dist_dir / config).read_bytes(), config
 
 
-@pytest.mark.parametrize(
-    "fixture,nproc,calib_tokens,method",
-    [("tiny_gptq_dir", 2, 512, "calibrated"), ("tiny_awq_dir", 3, 160, "calibrated"), ("tiny_gptq_dir", 2, 512, "rtn")],
-    ids=["gptq-2-ranks", "awq-3-ranks-one-without-rows", "rtn-2-ranks"])
-def test_torchrun_merge_writes_the_single_process_bytes(fixture, nproc, calib_tokens, method, request, tmp_path):
-    ckpt = request.getfixturevalue(fixture)
-    rot = random_rotations(ckpt, tmp_path / "r.safetensors", strength=0.05)
-    single = _single(ckpt, rot, tmp_path / "single", calib_tokens, method)
-    assert single.codes_changed > 0  # the merge did something the ranks must reproduce
-
-    result = torchrun(nproc, _merge_args(ckpt, rot, tmp_path / "dist", calib_tokens, method), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert error_lines(result) == []
-    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports (and writes)
-    _assert_same_checkpoint(tmp_path / "single", tmp_path / "dist")
-
-    report = json.loads((tmp_path / "dist" / "merge_report.json").read_text())
+def _assert_same_report(report: dict, single, nproc: int) -> None:
     assert report["world_size"] == nproc and single.world_size == 1
     assert [l["name"] for l in report["layers"]] == [l.name for l in single.layers]
     assert {l["rank"] for l in report["layers"]} == set(range(nproc))  # every rank solved some
     for got, expected in zip(report["layers"], single.layers):
         for key in ("mode", "codes_changed", "scales_changed", "residual_before", "residual_after"):
             assert got[key] == getattr(expected, key), (got["name"], key)
+
+
+def test_torchrun_merge_writes_the_single_process_bytes(tiny_gptq_dir, tmp_path):
+    """`torchrun --standalone --nproc-per-node 2 -m oftsurgery merge …`, calibrated: 16 calibration
+    rows, 8 per rank; every layer group dealt out to both ranks."""
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
+    single = _single(tiny_gptq_dir, rot, tmp_path / "single", 512)
+    assert single.codes_changed > 0  # the merge did something the ranks must reproduce
+
+    result = torchrun(2, _merge_args(tiny_gptq_dir, rot, tmp_path / "dist", 512), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert error_lines(result) == []
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports (and writes)
+    _assert_same_checkpoint(tmp_path / "single", tmp_path / "dist")
+    _assert_same_report(json.loads((tmp_path / "dist" / "merge_report.json").read_text()), single, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist", "r.safetensors", "single"]
+
+
+def test_python_api_in_a_process_group_the_caller_initialised(tiny_awq_dir, tiny_gptq_dir, tmp_path):
+    """Three ranks call merge_checkpoint inside their own gloo group, twice: a calibrated AWQ merge on
+    5 calibration rows (rank 2 carries none: 8 shards over 3 ranks) and an rtn GPTQ merge."""
+    jobs = []
+    for name, ckpt, method, tokens in (("awq", tiny_awq_dir, "calibrated", 160), ("rtn", tiny_gptq_dir, "rtn", 512)):
+        rot = random_rotations(ckpt, tmp_path / f"{name}.safetensors", strength=0.05)
+        jobs.append({"name": name, "checkpoint": str(ckpt), "adapter": str(rot), "method": method,
+                     "calib_tokens": tokens})
+    result = torchrun(3, [TESTS / "dist_worker.py", "api-merges", tmp_path / "dist", json.dumps(jobs)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for job in jobs:
+        single = _single(job["checkpoint"], job["adapter"], tmp_path / f"single-{job['name']}", job["calib_tokens"],
+                         job["method"])
+        assert single.codes_changed > 0
+        _assert_same_checkpoint(tmp_path / f"single-{job['name']}", tmp_path / "dist" / job["name"])
+        reports = [json.loads((tmp_path / "dist" / f"{job['name']}-report-rank{r}.json").read_text()) for r in range(3)]
+        written = json.loads((tmp_path / "dist" / job["name"] / "merge_report.json").read_text())
+        for report in reports:  # every rank returns the report rank 0 wrote
+            assert report["layers"] == written["layers"]
+            _assert_same_report(report, single, 3)
 
 
 FAILING_HOOK = '''
