@@ -24,7 +24,8 @@ import click
               help="Number of calibration tokens.")
 @click.option("--seq-len", type=click.IntRange(min=8), default=256, show_default=True,
               help="Calibration sequence length.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu or cuda (cuda:N). Under torchrun, cuda is each rank's own GPU (cuda:LOCAL_RANK).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="NAMESPACE/NAME",
               help="After a successful merge, publish the output to this Hub repository.")
@@ -50,6 +51,11 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
       oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./SmolLM2-GPTQ-merged
       oftsurgery merge ./SmolLM2-GPTQ rotations.safetensors --out ./merged-awq --requant awq
       oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./merged --method rtn
+
+    Across processes or GPUs, with the same bytes as one process (docs/distributed.md):
+
+    \b
+      torchrun --standalone --nproc-per-node 8 -m oftsurgery merge ./GPTQ ./adapter -o ./merged --device cuda
     """
     from oftsurgery.merge import MergeOptions, merge_checkpoint, parse_size
 
