@@ -246,7 +246,8 @@ class DistributedRanks(SingleProcess):
         self.world_size = dist.get_world_size()
         backend = str(dist.get_backend()).lower()
         # tensors travel on the device the backend carries: NCCL needs CUDA, gloo prefers the CPU
-        if "gloo" in backend and not ("nccl" in backend and device.startswith("cuda")):
+        self.cpu_capable = "gloo" in backend
+        if self.cpu_capable and not ("nccl" in backend and device.startswith("cuda")):
             self.comm_device = "cpu"
         elif "nccl" in backend:
             import torch
@@ -295,7 +296,9 @@ class DistributedRanks(SingleProcess):
         import torch
         import torch.distributed as dist
 
-        flag = torch.ones(1, device=self.comm_device)
+        # through gloo where there is one: NCCL would block in C++ until every rank has joined its
+        # (lazily made) communicator, where a rank that failed meanwhile could not be noticed
+        flag = torch.ones(1, device="cpu" if self.cpu_capable else self.comm_device)
         self._wait(dist.all_reduce(flag, async_op=True))
 
     def broadcast_json(self, obj: Any, src: int) -> Any:
@@ -574,19 +577,22 @@ def open_ranks(device: str) -> Iterator[SingleProcess]:
         return
     resolved, error = _resolve(device, distributed=True)
     if not dist.is_initialized():
-        _join_group(resolved)
+        _join_group(device, resolved)
     yield DistributedRanks(resolved, error)
 
 
 _group_state = {"ours": False, "failed": False}
 
 
-def _join_group(device: str) -> None:
+def _join_group(requested: str, device: str) -> None:
     """Initialise the default process group from torchrun's environment, for the rest of the process.
 
-    Kept, not torn down after the merge: a group initialised again in the same process would meet
-    the first one's keys in torchrun's store and hang. It is destroyed at exit unless a merge failed
-    (tearing down a group whose peers are gone can block).
+    The backend depends only on what was asked and what the machine has, so every rank picks the
+    same: gloo for CPU tensors plus NCCL for CUDA tensors when CUDA was asked for and is there
+    (NCCL's communicator is made at its first use; a rank whose GPU is missing has failed by then,
+    inside `guard`), else gloo alone. Kept, not torn down after the merge: a group initialised again
+    in the same process would meet the first one's keys in torchrun's store and hang. It is
+    destroyed at exit unless a merge failed (tearing down a group whose peers are gone can block).
     """
     import atexit
 
@@ -595,7 +601,8 @@ def _join_group(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-        dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device(device))
+    if requested.startswith("cuda") and torch.cuda.is_available() and dist.is_nccl_available():
+        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=COLLECTIVE_TIMEOUT)
     else:
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     _group_state["ours"] = True
