@@ -47,3 +47,15 @@ def all_tensors(path) -> dict[str, torch.Tensor]:
 def assert_bytes_equal(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape, name
     assert torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a, b.view(torch.uint8) if b.dtype != torch.bool else b), name
+
+
+def assert_identity_merge(report, source_dir, out_dir) -> None:
+    """An identity adapter must come back byte for byte *from the requantizer itself*: every layer in
+    the requested mode with no fallback. The engine keeps the source codes whenever a candidate is
+    worse, so byte-identity alone would hide a solver that breaks exact fits."""
+    assert report.codes_changed == 0.0 and report.scales_changed == 0.0
+    assert all(l.fallback is None and l.mode != "kept" for l in report.layers), report.fallbacks[:3]
+    src, out = all_tensors(source_dir), all_tensors(out_dir)
+    assert src.keys() == out.keys()
+    for name in src:
+        assert_bytes_equal(src[name], out[name], name)

@@ -84,10 +84,13 @@ def test_autoawq_packer_gives_the_same_bytes(bias):
 
 
 @pytest.mark.skipif(not HAS_AUTOAWQ, reason="autoawq is not installed")
-def test_requantized_layer_packs_identically_with_both_packers():
+def test_requantized_layer_packs_identically_with_every_packer():
+    """Ours (the default) writes the bytes of both real packers: autoawq's and gptqmodel's."""
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05
     qw = quantize_weight(weight, 4, 64, sym=False)
-    _assert_same_tensors(pack_awq(qw, backend="autoawq"), pack_awq(qw, backend="gptqmodel"))
+    ours = pack_awq(qw)
+    _assert_same_tensors(ours, pack_awq(qw, backend="autoawq"))
+    _assert_same_tensors(ours, pack_awq(qw, backend="gptqmodel"))
 
 
 def test_awq_refuses_what_the_gemm_layout_cannot_hold():
@@ -113,3 +116,15 @@ def test_codec_dispatch_on_awq_config():
     qw = unpack_layer(tensors, qcfg)
     assert torch.equal(dequantize_layer(tensors, qcfg).to(torch.float16), _gemm_reference_dequant(layer).T)
     _assert_same_tensors(pack_layer(qw, qcfg, bias=tensors["bias"]), tensors)
+
+
+@pytest.mark.parametrize("column", [0, 7, 8])  # nibble 0, nibble 7 (its spill falls off the word), next word
+def test_packing_re_check_catches_uint8_codes_wider_than_4_bits(column):
+    from oftsurgery.errors import MergeError
+    from oftsurgery.quant.grid import QuantizedWeight
+
+    qw = unpack_awq(awq_tensors(awq_reference(64, 32, 32, seed=3)[0]), 32)
+    codes = qw.codes.T.contiguous()
+    codes[5, AWQ_PACK_ORDER[column % 8] + 8 * (column // 8)] += 16
+    with pytest.raises(MergeError):
+        pack_awq(QuantizedWeight(codes.T, qw.scales, qw.zeros, qw.g_idx, 4, 32))

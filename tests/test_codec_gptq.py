@@ -22,10 +22,10 @@ from quant_layers import (
 )
 
 from oftsurgery.errors import InvalidCheckpointError, MergeError, UnsupportedFormatError
-from oftsurgery.quant.bitpack import pack_stream, unpack_stream
+from oftsurgery.quant.bitpack import AWQ_PACK_ORDER, pack_codes, pack_stream, packed_words, unpack_codes, unpack_stream
 from oftsurgery.quant.codec import dequantize_layer, find_quantized_layers, layer_tensors, pack_layer, unpack_layer
 from oftsurgery.quant.config import parse_quant_config
-from oftsurgery.quant.gptq import pack_gptq, unpack_gptq, v1_qzeros_to_v2, v2_qzeros_to_v1
+from oftsurgery.quant.gptq import gptq_module, pack_gptq, unpack_gptq, v1_qzeros_to_v2, v2_qzeros_to_v1
 from oftsurgery.quant.grid import QuantizedWeight, default_g_idx, fit_grid, quantize_weight
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -236,6 +236,45 @@ def test_bit_stream_round_trip(bits):
     assert torch.equal(unpack_stream(words, bits, 96), codes)
 
 
+def _reference_words(codes: list[int], bits: int, order=None) -> list[int]:
+    """The little-endian bit stream, bit by bit in plain Python, as signed int32 words."""
+    if order is not None:  # field k of each word holds code order[k] of its group
+        per = 32 // bits
+        codes = [codes[g + order[k]] for g in range(0, len(codes), per) for k in range(per)]
+    n_words = -(-len(codes) * bits // 32)
+    words = [0] * n_words
+    for j, code in enumerate(codes):
+        for bit in range(bits):
+            if code >> bit & 1:
+                pos = j * bits + bit
+                words[pos // 32] |= 1 << (pos % 32)
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+
+
+@SETTINGS
+@given(bits=st.sampled_from([2, 3, 4, 8]), count=st.integers(1, 200), rows=st.integers(1, 3),
+       awq_order=st.booleans(), seed=st.integers(0, 2**16))
+def test_vectorised_bit_packer_is_the_plain_bit_stream(bits, count, rows, awq_order, seed):
+    """pack_codes / unpack_codes along either dimension, partial words and 3-bit straddles included,
+    equal a bit-by-bit reference; garbage in unused high bits of the last word is ignored."""
+    order = AWQ_PACK_ORDER if awq_order and bits == 4 else None
+    if order is not None:
+        count = -(-count // 8) * 8
+    codes = torch.randint(0, 2**bits, (rows, count), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    expected = torch.tensor([_reference_words(row, bits, order) for row in codes.tolist()], dtype=torch.int32)
+    assert torch.equal(pack_codes(codes, bits, dim=-1, order=order), expected)
+    assert torch.equal(pack_codes(codes.T.contiguous(), bits, dim=0, order=order), expected.T)
+    assert torch.equal(pack_codes(codes.to(torch.int32), bits, dim=-1, order=order), expected)
+    back = unpack_codes(expected, bits, count, dim=-1, order=order)
+    assert back.dtype == torch.uint8 and torch.equal(back, codes)
+    assert torch.equal(unpack_codes(expected.T.contiguous(), bits, count, dim=0, order=order), codes.T)
+    spare = packed_words(count, bits) * 32 - count * bits
+    if spare:  # set the unused top bits of the last word: they carry no code
+        noisy = expected.clone()
+        noisy[:, -1] |= torch.tensor(((1 << spare) - 1) << (32 - spare), dtype=torch.int64).to(torch.int32)
+        assert torch.equal(unpack_codes(noisy, bits, count, dim=-1, order=order), codes)
+
+
 def test_malformed_layers_are_refused():
     layer, _ = gptq_reference(128, 32, 4, 32, True)
     tensors = gptq_tensors(layer, "gptq")
@@ -279,6 +318,9 @@ def test_quantized_weight_validates_its_parts():
     zeros = torch.zeros(1, 4, dtype=torch.int32)
     qw = QuantizedWeight(codes, scales, zeros, default_g_idx(8, -1), 4, -1)
     assert (qw.in_features, qw.out_features, qw.num_groups, qw.maxq) == (8, 4, 1, 15)
+    assert QuantizedWeight(codes.to(torch.uint8), scales, zeros, default_g_idx(8, -1), 4, -1).in_features == 8
+    with pytest.raises(ValueError):
+        QuantizedWeight(codes.long(), scales, zeros, default_g_idx(8, -1), 4, -1)
     with pytest.raises(ValueError):
         QuantizedWeight(codes, scales.float(), zeros, default_g_idx(8, -1), 4, -1)
     with pytest.raises(ValueError):
@@ -358,13 +400,24 @@ def _random_layer(bits, group_size, seed, in_f=128, out_f=64, zero_scales=False)
 
 @SETTINGS
 @given(bits=st.sampled_from([2, 3, 4, 8]), group_size=st.sampled_from([-1, 32]), seed=st.integers(0, 2**16))
-def test_any_codes_on_any_float16_grid_survive_gptqmodels_packer(bits, group_size, seed):
-    """Arbitrary codes, zero points and float16 scales (tiny, subnormal, large) come back exactly."""
+def test_any_codes_on_any_float16_grid_pack_like_gptqmodels_packer(bits, group_size, seed):
+    """Arbitrary codes, zero points and float16 scales (tiny, subnormal, large): our packer writes
+    gptqmodel's packer's bytes (gptq_module: its pack_block), and they unpack to the same codes."""
     qw = _random_layer(bits, group_size, seed)
+    reference = gptq_module(qw)
+    _assert_same_tensors(pack_gptq(qw, "gptq_v2"),
+                         {n: getattr(reference, n) for n in ("qweight", "qzeros", "scales", "g_idx")})
     for fmt in ("gptq", "gptq_v2"):
         back = unpack_gptq(pack_gptq(qw, fmt), bits, fmt, group_size)
         assert torch.equal(back.codes, qw.codes) and torch.equal(back.zeros, qw.zeros)
         assert torch.equal(back.scales, qw.scales)
+
+
+def test_packing_re_check_refuses_codes_out_of_range():
+    qw = _random_layer(4, 32, 1)
+    qw.codes[0, 0] = 16  # one code that does not fit 4 bits
+    with pytest.raises(ValueError):
+        pack_gptq(qw, "gptq_v2")
 
 
 def test_zero_scales_keep_their_codes():
@@ -384,3 +437,15 @@ def test_dynamic_per_module_overrides():
     assert (down.bits, down.group_size) == (8, 32)
     assert layer_quant_config(qcfg, "model.layers.0.mlp.up_proj") == qcfg
     assert layer_quant_config(qcfg, "model.lm_head") is None
+
+
+@pytest.mark.parametrize("position", [0, 7, 8])  # first field, last field of a word (spills off), next word
+def test_packing_re_check_catches_uint8_codes_wider_than_bits(position):
+    """uint8 codes skip the range pass: the re-check after packing must catch a code that does not
+    fit, wherever its spilled bits go."""
+    qw = _random_layer(4, 32, 2)
+    codes = qw.codes.T.contiguous().to(torch.uint8)
+    codes[position, 3] = 16 + int(codes[position, 3])
+    wide = QuantizedWeight(codes.T, qw.scales, qw.zeros, qw.g_idx, 4, 32)
+    with pytest.raises(MergeError):
+        pack_gptq(wide, "gptq_v2")

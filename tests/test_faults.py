@@ -379,15 +379,26 @@ def test_unwritable_output_folder_is_refused(command, tiny_gptq_dir, rotations, 
 # -- faults while writing ------------------------------------------------------------------------------
 
 def _fill_the_disk(monkeypatch) -> None:
-    """safetensors' writer fails the way it does on a full disk: a partial file, then SafetensorError."""
+    """Writes fail the way they do on a full disk: safetensors' writer (attach, extract) with a partial
+    file, then SafetensorError; the checkpoint writer's streamed writes (merge) with ENOSPC after a
+    partial write."""
+    import errno
+
     import safetensors.torch
     from safetensors import SafetensorError
+
+    import oftsurgery.io.writer as checkpoint_writer
 
     def save_file(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 64)
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
+    def write_all(file, data):
+        file.write(data[:64])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(checkpoint_writer, "_write_all", write_all)
 
 
 @pytest.mark.parametrize("command", ["merge", "attach", "extract"])
@@ -411,18 +422,37 @@ def test_full_disk_on_a_real_tiny_filesystem(tiny_gptq_dir, rotations, tmp_path)
 
 def _fail_on_third_layer(monkeypatch, error: BaseException) -> None:
     """Make the requantization of the third targeted layer raise `error` (a bug, or Ctrl-C)."""
-    import oftsurgery.merge.requant as requant
+    import oftsurgery.merge.rtn as rtn
 
-    real = requant.requantize_rtn
+    real = rtn.rtn_merge_layer
     calls = []
 
-    def requantize_rtn(*args, **kwargs):
+    def rtn_merge_layer(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(requant, "requantize_rtn", requantize_rtn)
+    monkeypatch.setattr(rtn, "rtn_merge_layer", rtn_merge_layer)
+
+
+def test_failure_while_packing_in_the_worker_leaves_nothing(monkeypatch, tiny_gptq_dir, rotations, work):
+    """A failure on the pack-and-write thread stops the merge the same way, naming its layer."""
+    import oftsurgery.quant.codec as codec
+
+    real, calls = codec.pack_layer, []
+
+    def pack_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("injected packing failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "pack_layer", pack_layer)
+    args = ["merge", tiny_gptq_dir, rotations, "--out", work / "merged", "--method", "rtn", "-q"]
+    message = refused(args, MergeError.exit_code, ("RuntimeError: injected packing failure", "nothing was written"),
+                      [tiny_gptq_dir, rotations], work)
+    assert "model.layers.1." in message  # the 9th packed layer lies in the second decoder layer
 
 
 def test_exception_mid_merge_leaves_nothing(monkeypatch, tiny_gptq_dir, rotations, work):

@@ -153,3 +153,139 @@ def test_copy_side_files_skips_what_the_writer_rewrites(tmp_path):
     out.mkdir()
     copied = copy_side_files(sorted(src.iterdir()), out)
     assert sorted(copied) == ["generation_config.json", "tokenizer.json"]
+
+
+# ---- the streaming shard writer ------------------------------------------------------------------
+
+
+def _mixed_tensors(seed=0):
+    """Every dtype a checkpoint holds, odd byte sizes (they test alignment), a scalar and an empty tensor."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a.qweight": torch.randint(-(2**31), 2**31 - 1, (16, 64), dtype=torch.int32, generator=g),
+        "a.odd_f16": torch.randn(7, generator=g).half(),  # 14 bytes
+        "a.scales": torch.randn(3, 64, generator=g).half(),
+        "b.byte": torch.randint(0, 255, (5,), dtype=torch.uint8, generator=g),  # 5 bytes
+        "b.bf16": torch.randn(33, 8, generator=g).bfloat16(),
+        "b.f64": torch.randn(3, generator=g).double(),
+        "b.f32_odd": torch.randn(3, generator=g),  # 12 bytes
+        "b.i64": torch.arange(5, dtype=torch.int64),
+        "b.mask": torch.tensor([True, False, True]),
+        "c.scalar": torch.tensor(3.5),
+        "c.empty": torch.zeros(0, 4),
+        "c.g_idx": torch.arange(64, dtype=torch.int32) // 32,
+    }
+
+
+def _raw_layout(path):
+    """(header length, header) of a safetensors file, read by hand."""
+    import struct
+
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return n, json.loads(fh.read(n))
+
+
+@pytest.mark.parametrize("max_shard_size", [10**9, 600, 5 * 1024**3])
+def test_streamed_shards_read_back_byte_identical_in_safetensors(tmp_path, max_shard_size):
+    from safetensors.torch import load_file
+
+    tensors = _mixed_tensors()
+    files = _write_checkpoint(tmp_path / "ckpt", tensors, max_shard_size)
+    found = {}
+    for file in files:
+        path = tmp_path / "ckpt" / file
+        n, header = _raw_layout(path)
+        assert header.pop("__metadata__") == {"format": "pt"}
+        assert n % 8 == 0  # the data starts on an 8-byte boundary...
+        spans = sorted(tuple(e["data_offsets"]) for e in header.values())
+        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # ...no holes...
+        assert spans[-1][1] == path.stat().st_size - 8 - n
+        for name, entry in header.items():  # ...and every tensor is aligned to its element size
+            size = {"F64": 8, "I64": 8, "I32": 4, "F32": 4, "F16": 2, "BF16": 2}.get(entry["dtype"], 1)
+            assert (8 + n + entry["data_offsets"][0]) % size == 0, name
+        with safe_open(str(path), "pt") as fh:
+            assert fh.metadata() == {"format": "pt"}
+            for name in fh.keys():
+                found[name] = fh.get_tensor(name)
+        assert load_file(str(path)).keys() == {k for k in header}
+    assert found.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert found[name].dtype == t.dtype and found[name].shape == t.shape, name
+        assert found[name].reshape(-1).view(torch.uint8).tolist() == t.reshape(-1).view(torch.uint8).tolist(), name
+    if max_shard_size == 600:
+        assert len(files) > 2
+        index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+        assert {index["weight_map"][n] for n in tensors} == set(files)
+    # our reader agrees, through its own byte ranges
+    reader = CheckpointReader(tmp_path / "ckpt")
+    for name, t in tensors.items():
+        assert torch.equal(reader.get(name).view(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+
+
+def test_header_room_overflow_and_padding(tmp_path):
+    """More tensors than the reserved header room holds (the data is moved once behind an exact
+    header), and a big shard whose unused room stays as trailing spaces in the header."""
+    from oftsurgery.io.writer import header_room
+
+    many = {f"model.layers.{i}.mlp.gate_proj.qweight": torch.full((2,), i, dtype=torch.int32) for i in range(900)}
+    writer = CheckpointWriter(tmp_path / "many", max_shard_size=10**6)
+    assert header_room(10**6) == 64 * 1024
+    for name, t in many.items():
+        writer.add(name, t)
+    assert writer.close() == ["model.safetensors"]
+    n, header = _raw_layout(tmp_path / "many" / "model.safetensors")
+    assert n > 64 * 1024 and len(header) == 901
+    with safe_open(str(tmp_path / "many" / "model.safetensors"), "pt") as fh:
+        assert all(torch.equal(fh.get_tensor(k), t) for k, t in many.items())
+
+    big = torch.randint(-(2**31), 2**31 - 1, (1024, 1024), dtype=torch.int32)  # 4 MiB: the room stays
+    writer = CheckpointWriter(tmp_path / "big", max_shard_size=256 * 1024**2)
+    writer.add("w", big)
+    writer.close()
+    n, header = _raw_layout(tmp_path / "big" / "model.safetensors")
+    assert n == header_room(256 * 1024**2) and (tmp_path / "big" / "model.safetensors").read_bytes()[8 + n - 1] == 32
+    with safe_open(str(tmp_path / "big" / "model.safetensors"), "pt") as fh:
+        assert torch.equal(fh.get_tensor("w"), big)
+
+
+def test_file_ranges_are_copied_without_loading(tmp_path):
+    """add_file_range + CheckpointReader.locate: a tensor's stored bytes copied file to file."""
+    tensors = _mixed_tensors(seed=1)
+    _write_checkpoint(tmp_path / "src", tensors, 10**9)
+    reader = CheckpointReader(tmp_path / "src")
+    writer = CheckpointWriter(tmp_path / "copy", max_shard_size=700)
+    for name in tensors:
+        path, offset, nbytes = reader.locate(name)
+        info = reader.tensors[name]
+        writer.add_file_range(name, info.dtype, info.shape, path, offset, nbytes)
+    writer.close()
+    (tmp_path / "copy" / "config.json").write_text("{}")
+    copy = CheckpointReader(tmp_path / "copy")
+    for name, t in tensors.items():
+        got = copy.get(name)
+        assert got.dtype == t.dtype and torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+
+
+def test_a_tensor_is_written_when_added_not_at_close(tmp_path):
+    """Streaming: the shard file grows as tensors arrive (nothing is buffered up to the shard size)."""
+    writer = CheckpointWriter(tmp_path / "out", max_shard_size=10**9)
+    writer.add("a", torch.zeros(1024, 1024, dtype=torch.int32))
+    part = tmp_path / "out" / "part-0.safetensors"
+    assert part.stat().st_size >= 4 * 1024**2
+    writer.add("b", torch.ones(1024, 1024, dtype=torch.int32))
+    assert part.stat().st_size >= 8 * 1024**2
+    writer.close()
+
+
+def test_reader_is_safe_to_share_between_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors = _tensors(n=12)
+    _write_checkpoint(tmp_path / "ckpt", tensors, 5000)
+    reader = CheckpointReader(tmp_path / "ckpt")
+    names = list(tensors) * 8
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(reader.get, names))
+    assert all(torch.equal(g, tensors[n]) for g, n in zip(got, names))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from merge_helpers import all_tensors, assert_bytes_equal, identity_rotations, random_rotations
+from merge_helpers import all_tensors, assert_bytes_equal, assert_identity_merge, identity_rotations, random_rotations
 from oftsurgery.cli import cli
 from oftsurgery.errors import InvalidAdapterError, OutputPathError, UnsupportedFormatError
 from oftsurgery.evaluate import load_dequantized_model, load_quantized_model
@@ -26,11 +26,8 @@ def any_checkpoint(request):
 def test_identity_merge_reproduces_every_tensor_byte_for_byte(any_checkpoint, method, tmp_path):
     rot = identity_rotations(any_checkpoint, tmp_path / "identity.safetensors")
     report = merge_checkpoint(any_checkpoint, rot, tmp_path / "out", MergeOptions(method=method, **FAST))
-    assert len(report.layers) == 14 and report.codes_changed == 0.0
-    src, out = all_tensors(any_checkpoint), all_tensors(tmp_path / "out")
-    assert src.keys() == out.keys()
-    for name in src:
-        assert_bytes_equal(src[name], out[name], name)
+    assert len(report.layers) == 14
+    assert_identity_merge(report, any_checkpoint, tmp_path / "out")  # tests/test_solver.py shows it can fail
 
 
 def test_untouched_tensors_are_copied_and_targeted_ones_change(tiny_gptq_asym_descact_dir, tmp_path):

@@ -24,8 +24,9 @@ import click
               help="Number of calibration tokens.")
 @click.option("--seq-len", type=click.IntRange(min=8), default=256, show_default=True,
               help="Calibration sequence length.")
-@click.option("--device", default="cpu", show_default=True,
-              help="cpu or cuda (cuda:N). Under torchrun, cuda is each rank's own GPU (cuda:LOCAL_RANK).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where to compute: auto (the GPU when torch can use one, else the CPU), cpu, cuda or cuda:N. "
+                   "Under torchrun, cuda (or auto with GPUs) is each rank's own GPU, cuda:LOCAL_RANK.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="NAMESPACE/NAME",
               help="After a successful merge, publish the output to this Hub repository.")
@@ -37,9 +38,12 @@ import click
               help="Read a CHECKPOINT that has only pickle weights (pytorch_model.bin) with torch's weights-only "
                    "loader. Unpickling can run code: use it only for checkpoints whose source you trust. "
                    "The output is always safetensors.")
+@click.option("--strict", is_flag=True,
+              help="Fail (nothing written) if any layer falls back: a Cholesky failure, a solver stage that "
+                   "failed, source codes kept because nothing beat them, or a module calibration never reached.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_len, device, max_shard_size,
-            push_to_hub, private, token, endpoint, overwrite, allow_pickle, quiet) -> None:
+            push_to_hub, private, token, endpoint, overwrite, allow_pickle, strict, quiet) -> None:
     """Fold an OFT adapter into a GPTQ/AWQ checkpoint and write a quantized checkpoint.
 
     ADAPTER_OR_ROTATIONS is a PEFT OFT adapter directory (any PEFT generation) or a
@@ -62,6 +66,7 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
     options = MergeOptions(
         requant=requant, method=method, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len, device=device,
         overwrite=overwrite, max_shard_size=parse_size(max_shard_size), progress=not quiet, allow_pickle=allow_pickle,
+        strict=strict,
         command="oftsurgery " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:])),
     )
     report = merge_checkpoint(checkpoint, adapter, out, options)

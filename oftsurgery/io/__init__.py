@@ -1,7 +1,7 @@
 """Checkpoint I/O: everything that touches files of a Hugging Face checkpoint lives here.
 
 The rest of oftsurgery works on tensors by name: `CheckpointReader` streams them out of one file or
-many shards, `CheckpointWriter` buffers them into shards and writes the index, and `atomic_output`
+many shards, `CheckpointWriter` streams them into shards and writes the index, and `atomic_output`
 makes sure an output directory only ever appears complete.
 """
 

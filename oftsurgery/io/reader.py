@@ -2,8 +2,10 @@
 
 A checkpoint is `config.json` plus either one `model.safetensors` or shards listed in
 `model.safetensors.index.json`. Shard headers are parsed up front, so a truncated or corrupt file,
-or an index naming a missing shard, is reported before any work; tensors are then memory-mapped one
-at a time, so memory is bounded by the largest tensor.
+or an index naming a missing shard, is reported before any work; tensors are then read one at a
+time straight from their byte range (one copy, thread-safe: `pread` at an offset), so memory is
+bounded by the largest tensor, and `locate` gives that byte range to a writer that copies a tensor
+unchanged without ever loading it.
 
 Pickle checkpoints (`pytorch_model.bin`, sharded or not) are refused by default: unpickling can run
 code hidden in the file. With `allow_pickle=True` (the CLI's `--allow-pickle`) they are read with
@@ -14,8 +16,10 @@ and plain containers, and served by name like safetensors shards. Outputs are al
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +54,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = -1  # where its bytes start in `file` (safetensors); -1 inside a pickle
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
@@ -75,12 +80,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, Tenso
         raise InvalidCheckpointError(f"{path} is not a valid safetensors file (header is not an object).")
     metadata = header.pop("__metadata__", None) or {}
     tensors: dict[str, TensorInfo] = {}
-    data_len = size - 8 - header_len
+    data_start = 8 + header_len
+    data_len = size - data_start
     for name, entry in header.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise InvalidCheckpointError(f"{path} has a malformed entry for tensor {name!r}.") from None
+        if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start <= end:
+            raise InvalidCheckpointError(f"{path} has a malformed entry for tensor {name!r}.")
         if end > data_len:
             raise InvalidCheckpointError(
                 f"{path} is truncated: tensor {name!r} ends at byte {end} but the file holds {data_len} data bytes."
@@ -90,7 +98,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, Tenso
             n *= dim
         if dtype in _DTYPE_BYTES and end - start != n * _DTYPE_BYTES[dtype]:
             raise InvalidCheckpointError(f"{path} is corrupt: tensor {name!r} has the wrong byte length.")
-        tensors[name] = TensorInfo(name, path.name, dtype, shape, end - start)
+        tensors[name] = TensorInfo(name, path.name, dtype, shape, end - start, data_start + start)
     return metadata, tensors
 
 
@@ -98,10 +106,37 @@ def _torch_dtype_names() -> dict[Any, str]:
     """torch dtype -> the safetensors name `TensorInfo.dtype` uses."""
     import torch
 
-    return {
+    names = {
         torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
         torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
     }
+    for attr, name in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+                       ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+        if hasattr(torch, attr):  # newer torch releases only
+            names[getattr(torch, attr)] = name
+    return names
+
+
+def read_exactly(fd: int, buffer: memoryview, offset: int) -> int:
+    """Fill `buffer` from file descriptor `fd` at `offset` (thread-safe: no file position); return
+    the bytes read, fewer only at the end of the file."""
+    done = 0
+    while done < len(buffer):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [buffer[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            chunk = os.pread(fd, len(buffer) - done, offset + done)
+            buffer[done : done + len(chunk)] = chunk
+            n = len(chunk)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _safetensors_dtypes() -> dict[str, Any]:
+    """safetensors dtype name -> torch dtype (the inverse of `_torch_dtype_names`)."""
+    return {name: dtype for dtype, name in _torch_dtype_names().items()}
 
 
 class CheckpointReader:
@@ -127,7 +162,8 @@ class CheckpointReader:
         self.shard_metadata: dict[str, dict[str, Any]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._index_metadata: dict[str, Any] = {}
-        self._open: tuple[str, Any] | None = None
+        self._fds: dict[str, int] = {}  # shard -> read-only descriptor, opened on first use
+        self._fds_lock = threading.Lock()
         self._pickled: dict[str, dict[str, Any]] = {}  # pickle file -> its state dict (memory-mapped)
         self._scan(allow_pickle)
 
@@ -237,20 +273,53 @@ class CheckpointReader:
         return self.tensors[name].shape
 
     def get(self, name: str) -> "torch.Tensor":
-        """Load one tensor (a copy, safe to keep after the next call)."""
-        from safetensors import safe_open
+        """Load one tensor (a copy, safe to keep; safe to call from several threads)."""
+        import torch
 
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"{name!r} is not in {self.path}")
         if info.file in self._pickled:
             return self._pickled[info.file][name].clone().contiguous()
-        if self._open is None or self._open[0] != info.file:
-            self._open = (info.file, safe_open(str(self.path / info.file), framework="pt", device="cpu"))
+        dtype = _safetensors_dtypes().get(info.dtype)
+        if dtype is None:
+            raise UnsupportedFormatError(f"Tensor {name!r} in {info.file} has dtype {info.dtype}, which this torch cannot hold.")
+        tensor = torch.empty(info.shape, dtype=dtype)
+        if info.nbytes:
+            buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
+            try:
+                complete = read_exactly(self._fd(info.file), buffer, info.offset) == info.nbytes
+            except OSError as exc:
+                raise InvalidCheckpointError(f"Tensor {name!r} in {info.file} cannot be read ({exc.strerror or exc}).") from None
+            if not complete:
+                raise InvalidCheckpointError(f"Tensor {name!r} in {info.file} cannot be read (the file is truncated).")
+        return tensor
+
+    def locate(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, offset, length) of a tensor's bytes, for copying them unchanged; None inside a pickle."""
+        info = self.tensors[name]
+        if info.file in self._pickled or info.offset < 0:
+            return None
+        return self.path / info.file, info.offset, info.nbytes
+
+    def _fd(self, file: str) -> int:
+        with self._fds_lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(self.path / file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            return self._fds[file]
+
+    def close(self) -> None:
+        """Close the shard files (reopened on the next read)."""
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
         try:
-            return self._open[1].get_tensor(name).clone()
-        except Exception as exc:  # safetensors raises its own error types
-            raise InvalidCheckpointError(f"Tensor {name!r} in {info.file} cannot be read ({exc}).") from None
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def get_many(self, names: list[str]) -> dict[str, "torch.Tensor"]:
         return {n: self.get(n) for n in names}

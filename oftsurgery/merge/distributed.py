@@ -206,6 +206,10 @@ class SingleProcess:
     def _gather_subtrees(self, own: dict[Node, Sums | None], num_rows: int) -> dict[Node, Sums | None]:
         return own
 
+    def gather_rows(self, rows: "torch.Tensor") -> "torch.Tensor":
+        """Every rank's `rows` [n_rank, ...] stacked in rank order, which is calibration-row order."""
+        return rows
+
     def assign(self, names: Sequence[str], costs: Sequence[float] | None = None) -> dict[str, int]:
         """Which rank solves each named layer (all of them here)."""
         return assign_to_ranks(names, costs or [1.0] * len(names), self.world_size)
@@ -351,23 +355,38 @@ class DistributedRanks(SingleProcess):
             root[key] = total.view(shape)
         return {(0, SHARDS): root}
 
+    def gather_rows(self, rows: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        counts = [int(c.item()) for c in self._all_gather(torch.tensor([rows.shape[0]], dtype=torch.int64,
+                                                                          device=self.comm_device))]
+        width = max(counts)
+        if width == 0:
+            return rows
+        padded = torch.zeros((width, *rows.shape[1:]), dtype=rows.dtype, device=self.comm_device)
+        padded[: rows.shape[0]] = rows.to(self.comm_device)
+        received = self._all_gather(padded)
+        return torch.cat([received[r][: counts[r]] for r in range(self.world_size)]).to(rows.device)
+
     def share(self, owner: int, tensors: dict[str, "torch.Tensor"] | None, info: dict[str, Any] | None,
               ) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
         import torch
 
         mine = self.rank == owner
+        if mine:  # a transposed view (codes are often kept input-major) travels as its contiguous base
+            flipped = {k: v.dim() == 2 and not v.is_contiguous() and v.T.is_contiguous() for k, v in tensors.items()}
+            sent = {k: (v.T if flipped[k] else v).contiguous() for k, v in tensors.items()}
         header = self.broadcast_json(
-            {"info": info, "tensors": {k: [str(v.dtype).removeprefix("torch."), list(v.shape), v.device.type]
-                                       for k, v in tensors.items()}} if mine else None, src=owner)
+            {"info": info, "tensors": {k: [str(v.dtype).removeprefix("torch."), list(v.shape), v.device.type, flipped[k]]
+                                       for k, v in sent.items()}} if mine else None, src=owner)
         out: dict[str, torch.Tensor] = {}
-        for key, (dtype_name, shape, device_type) in header["tensors"].items():
-            if mine:
-                buffer = tensors[key].contiguous().to(self.comm_device)
-            else:
-                buffer = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.comm_device)
+        for key, (dtype_name, shape, device_type, transposed) in header["tensors"].items():
+            buffer = (sent[key].to(self.comm_device) if mine
+                      else torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.comm_device))
             self._broadcast(buffer, owner)
-            if not mine:  # where the owner kept it: the CPU, or this rank's accelerator
-                out[key] = buffer.to("cpu" if device_type == "cpu" else self.device)
+            if not mine:  # where the owner kept it (the CPU or this rank's GPU), in its layout
+                buffer = buffer.to("cpu" if device_type == "cpu" else self.device)
+                out[key] = buffer.T if transposed else buffer
         return (tensors, info) if mine else (out, header["info"])
 
     # ---- failures ------------------------------------------------------------------------------
@@ -533,25 +552,28 @@ def primary_process() -> bool:
 
 
 def rank_device(requested: str, local_rank: int = 0, local_world_size: int = 1, *, distributed: bool = False) -> str:
-    """The device a rank computes on. In a distributed merge `cuda` means this rank's own GPU,
-    `cuda:LOCAL_RANK`; in one process the request is kept as given."""
+    """The device a rank computes on (`--device auto|cpu|cuda|cuda:N`, resolved by oftsurgery.device).
+    In a distributed merge `cuda`, and `auto` on a machine with GPUs, mean this rank's own GPU,
+    `cuda:LOCAL_RANK`."""
     import torch
 
-    if not requested.startswith("cuda"):
-        return requested
-    if not torch.cuda.is_available():
-        raise MergeError("--device cuda was requested but no CUDA device is available.")
+    from oftsurgery.device import AUTO, resolve_device
+
     if not distributed:
-        return requested
-    if requested != "cuda":
-        if local_world_size > 1:
-            raise MergeError(f"With {local_world_size} processes per node pass --device cuda, not {requested}: each "
-                             "rank uses the GPU numbered by its LOCAL_RANK.")
-        return requested
-    if local_rank >= torch.cuda.device_count():
-        raise MergeError(f"LOCAL_RANK {local_rank} needs cuda:{local_rank}, but only {torch.cuda.device_count()} "
-                         "GPU(s) are visible.")
-    return f"cuda:{local_rank}"
+        return str(resolve_device(requested, MergeError))
+    text = str(requested or AUTO).strip().lower()
+    if text == AUTO:
+        text = resolve_device(AUTO, MergeError).type
+    if text == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count and local_rank >= count:
+            raise MergeError(f"This rank (LOCAL_RANK {local_rank}) computes on cuda:{local_rank}, but this machine has "
+                             f"{count} GPU(s); start at most {count} processes per machine.")
+        text = f"cuda:{local_rank}" if count else text
+    elif text.startswith("cuda:") and local_world_size > 1:
+        raise MergeError(f"With {local_world_size} processes per machine pass --device cuda (or auto), not "
+                         f"{requested}: each rank uses the GPU numbered by its LOCAL_RANK.")
+    return str(resolve_device(text, MergeError))
 
 
 def _resolve(requested: str, distributed: bool) -> tuple[str, OftSurgeryError | None]:
@@ -601,7 +623,9 @@ def _join_group(requested: str, device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    if requested.startswith("cuda") and torch.cuda.is_available() and dist.is_nccl_available():
+    gpus = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    wants_cuda = str(requested).strip().lower().startswith("cuda") or str(requested).strip().lower() == "auto"
+    if wants_cuda and gpus and dist.is_nccl_available():
         dist.init_process_group("cpu:gloo,cuda:nccl", timeout=COLLECTIVE_TIMEOUT)
     else:
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)

@@ -2,8 +2,13 @@
 
 Tensors are read and written in decoder-layer order, so memory holds one decoder layer (plus, in
 calibrated mode, the calibration activations), never the model. Tensors the adapter does not touch
-are copied with their bytes unchanged; layers it does touch get W′ = W·Rᵀ requantized on their
-source grid and packed through gptqmodel's packers. The output directory appears only complete.
+are copied with their bytes unchanged (file to file, never loaded); layers it does touch get
+W′ = W·Rᵀ requantized on their source grid and packed back into the checkpoint's layout, byte-exact
+with gptqmodel's packers. The work runs on one device (`--device`, default auto: the GPU when
+there is one), resolved before anything else. While the main thread solves decoder layer i+1, one
+worker thread packs and writes layer i (`pipeline.BackgroundWriter`). The output directory
+appears only complete. Under torchrun the work is spread over the ranks (`distributed.py`,
+docs/distributed.md) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from oftsurgery.device import AUTO
 from oftsurgery.errors import MergeError, OftSurgeryError
 from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
 from oftsurgery.merge.distributed import SingleProcess, open_ranks
+from oftsurgery.merge.pipeline import BackgroundWriter, InlineWriter, WorkerFailed
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
 from oftsurgery.merge.report import LayerReport, MergeReport
 from oftsurgery.quant.config import QuantConfig, load_quant_config
@@ -26,12 +33,15 @@ from oftsurgery.quant.config import QuantConfig, load_quant_config
 if TYPE_CHECKING:
     import torch
 
+    from oftsurgery.merge.hessian import CalibrationInputs
     from oftsurgery.quant.grid import QuantizedWeight
 
 METHODS = ("calibrated", "rtn")
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 256
 REPORT_FILE = "merge_report.json"
+# decoder layers queued between the solve (main thread) and pack+write (worker); 0: no worker thread
+PIPELINE_DEPTH = 1
 
 
 @dataclass(frozen=True)
@@ -41,12 +51,13 @@ class MergeOptions:
     calib: str | None = None
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
-    device: str = "cpu"
+    device: str = AUTO  # auto | cpu | cuda | cuda:N
     overwrite: bool = False
     max_shard_size: int = 5 * 1024**3
     command: str | None = None
     progress: bool = True
     allow_pickle: bool = False  # read a pickle-only checkpoint with torch's weights-only loader
+    strict: bool = False  # any per-layer fallback (see LayerReport.fallback) is a MergeError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,40 +85,83 @@ def _relative(err: float, ref: float) -> float:
 
 
 def requantize_layer(
-    plan: LayerPlan, qw: "QuantizedWeight", method: str, hessian: "torch.Tensor | None"
+    plan: LayerPlan, qw: "QuantizedWeight", method: str, inputs: "CalibrationInputs | None" = None,
+    *, device: str = "cpu", target: "torch.Tensor | None" = None,
 ) -> tuple["QuantizedWeight", LayerReport]:
-    """Fold the rotation into one layer and requantize it; return the new codes and its report line."""
+    """Fold the rotation into one layer and requantize it; return the new codes and its report line.
+
+    Calibrated (with `inputs`): the solver runs on the inputs' device; its result, round-to-nearest
+    and the source codes are compared on the fitted calibration rows, and the reported residuals are
+    measured on the held-out rows. rtn: rounding and weight-space residuals ‖E‖_F on `device`, no
+    Hessian at all. Choosing anything but the requested mode is recorded as a `fallback`.
+    `target` is W·Rᵀ when the caller has it already.
+    """
     import torch
 
-    from oftsurgery.merge.requant import output_error, requantize_calibrated, requantize_rtn
+    from oftsurgery.merge import requant
 
     start = time.perf_counter()
-    weight = qw.dequantize()
-    target = plan.target_weight(weight)
-    H = hessian if hessian is not None else torch.eye(weight.shape[1])
-    candidates = {"rtn": requantize_rtn(qw, target)}
-    if method == "calibrated" and hessian is not None:
-        candidates["compensated"] = requantize_calibrated(qw, target, hessian)
-    errors = {mode: output_error(c.dequantize(), target, H) for mode, c in candidates.items()}
-    errors["kept"] = output_error(weight, target, H)
-    candidates["kept"] = qw
-    # prefer the requested mode; fall back to the best of the others only if it is better
-    preferred = "compensated" if "compensated" in candidates else "rtn"
+    if target is None:
+        target = plan.target_weight(qw.dequantize())
+    calibrated = method == "calibrated" and inputs is not None and inputs.fit.reached
+    if calibrated:
+        dev = inputs.fit.device
+    else:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    source = replace(qw, codes=qw.codes.to(dev), scales=qw.scales.to(dev), zeros=qw.zeros.to(dev), g_idx=qw.g_idx.to(dev))
+    weight, target = source.dequantize(), target.to(dev, torch.float32)
+    fallbacks: list[str] = []
+    heldout_tokens = 0
+    if calibrated:
+        fit, measured = inputs.fit, inputs.measured
+
+        def residual(w, stats=measured) -> float:  # tr(E H Eᵀ), E = w − target
+            return float(stats.error((w - target).T))
+
+        solved = requant.requantize_calibrated(source, target, fit)
+        fallbacks += solved.fallbacks
+        candidates = {"compensated": solved.weight, "rtn": requant.requantize_rtn(source, target)}
+        errors = {"compensated": solved.error,  # each candidate's error once, on the rows the solver fitted
+                  "rtn": residual(candidates["rtn"].dequantize(), fit), "kept": residual(weight, fit)}
+        preferred = "compensated"
+        heldout_tokens = measured.tokens if measured is not fit else 0
+    else:
+        if method == "calibrated":
+            fallbacks.append("not calibrated: the calibration never reached this module, so it was rounded to nearest")
+
+        def residual(w) -> float:  # ‖E‖²_F in weight space: no data, H = I
+            return float(torch.linalg.vector_norm(w - target, dtype=torch.float64) ** 2)
+
+        candidates = {"rtn": requant.requantize_rtn(source, target)}
+        errors = {"rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
+        preferred = "rtn"
+    candidates["kept"] = source
     best = min(errors, key=errors.get)
     mode = preferred if errors[preferred] <= errors[best] * (1 + 1e-9) else best
+    if mode == "kept":
+        fallbacks.append("kept: no requantized candidate beat the source codes, so the adapter is left out here")
+    elif mode != preferred:
+        fallbacks.append(f"{mode}: round-to-nearest beat the calibrated solve")
     chosen = candidates[mode]
-    ref = output_error(torch.zeros_like(target), target, H)
+    if calibrated:  # on held-out rows, so a merge worse than leaving the adapter out shows
+        ref, before, after = (residual(w) for w in (torch.zeros_like(target), weight, chosen.dequantize()))
+    else:
+        ref, before, after = residual(torch.zeros_like(target)), errors["kept"], errors[mode]
     report = LayerReport(
         name=plan.prefix,
         mode=mode,
-        codes_changed=float((chosen.codes != qw.codes).float().mean()),
-        scales_changed=float((chosen.scales != qw.scales).float().mean()),
-        residual_before=_relative(errors["kept"], ref),
-        residual_after=_relative(errors[mode], ref),
+        codes_changed=float((chosen.codes != source.codes).float().mean()),
+        scales_changed=float((chosen.scales != source.scales).float().mean()),
+        residual_before=_relative(before, ref),
+        residual_after=_relative(after, ref),
         rotation_strength=plan.rotations.strength(plan.prefix, plan.in_features),
         seconds=time.perf_counter() - start,
+        fallback="; ".join(fallbacks) or None,
+        heldout_tokens=heldout_tokens,
     )
-    return chosen, report
+    host = qw if mode == "kept" else replace(chosen, codes=chosen.codes.to(qw.codes.device),
+                                               scales=chosen.scales.to(qw.scales.device), zeros=qw.zeros, g_idx=qw.g_idx)
+    return host, report
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,14 +196,19 @@ class _Merger:
         self.current: str | None = None  # the layer being merged, named if something fails
         self._unpacked: dict[str, "QuantizedWeight"] = {}
 
-    def source_weight(self, prefix: str) -> "QuantizedWeight":
-        """A layer's stored codes and grid (per-module `dynamic` overrides applied), cached per decoder layer."""
+    def source_weight(self, prefix: str, cache: bool = True) -> "QuantizedWeight":
+        """A layer's stored codes (uint8) and grid (per-module `dynamic` overrides applied), unpacked on
+        the merge's device; cached per decoder layer unless `cache` is False."""
         from oftsurgery.quant.codec import layer_quant_config, unpack_layer
 
-        if prefix not in self._unpacked:
-            cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
-            self._unpacked[prefix] = unpack_layer(_layer_tensors(self.reader, prefix), cfg)
-        return self._unpacked[prefix]
+        if prefix in self._unpacked:
+            return self._unpacked[prefix]
+        cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
+        packed = {k: v.to(self.options.device) for k, v in _layer_tensors(self.reader, prefix).items()}
+        qw = unpack_layer(packed, cfg)
+        if cache:
+            self._unpacked[prefix] = qw
+        return qw
 
     def new_decoder_layer(self) -> None:
         self._unpacked.clear()
@@ -163,81 +222,122 @@ class _Merger:
         cfg = layer_quant_config(self.plan.target, prefix) or self.plan.target
         return {f"{prefix}.{k}": v for k, v in pack_layer(qw, cfg, bias=bias).items()}
 
-    def requantize(self, prefix: str, hessian) -> "QuantizedWeight":
+    def requantize(self, prefix: str, inputs: "CalibrationInputs | None" = None,
+                   target: "torch.Tensor | None" = None) -> "QuantizedWeight":
         """Fold the rotation into one targeted layer and requantize it (kept until the layer is written)."""
         qw = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
-        new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, hessian)
-        self.reports.append(report)
+        new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, inputs,
+                                          device=self.options.device, target=target)
+        self._record(prefix, report)
         self.merged[prefix] = new_qw
         return new_qw
 
-    def solve(self, prefixes: list[str], hessian_for) -> None:
-        """Requantize the named targeted layers, each on the rank that owns it, and give every rank
-        the results, in the order given (on one process: all here, in that order).
+    def _record(self, prefix: str, report: LayerReport) -> None:
+        """Keep a layer's report line; with `--strict` the first fallback stops the merge (nothing is
+        written): a strict user wants to know at the first layer, not after an hour of merging."""
+        if report.fallback and self.options.strict:
+            raise MergeError(f"--strict: {prefix} fell back ({report.fallback}); nothing was written.")
+        self.reports.append(report)
 
-        `hessian_for(prefix)` is the layer's input Hessian, or None for a data-free requantization.
+    def rtn_layer(self, prefix: str) -> "QuantizedWeight":
+        """`--method rtn`: W·Rᵀ rounded on the source grid, vectorised on the device (no Hessian)."""
+        from oftsurgery.merge.rtn import rtn_merge_layer
+
+        qw = _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
+        new_qw, report = rtn_merge_layer(self.plan.layers[prefix], qw)
+        self._record(prefix, report)
+        return new_qw
+
+    def solve(self, prefixes: list[str], solve_here) -> None:
+        """Requantize the named targeted layers, each on the rank that owns it, and give every rank
+        the results, listed in the order given (in one process: all of them here, in that order).
+
+        `solve_here(prefix)` requantizes one layer in this process, records its report line and
+        returns its weight; the results land in `self.merged`.
         """
+        from oftsurgery.quant.grid import QuantizedWeight
+
         ranks = self.ranks
         owners = ranks.assign(prefixes, [self._solve_cost(p) for p in prefixes])
         for prefix in prefixes:
             if owners[prefix] == ranks.rank:
                 self.current = prefix
-                self.requantize(prefix, hessian_for(prefix))
+                self.merged[prefix] = solve_here(prefix)
                 self.reports[-1].rank = ranks.rank
         if not ranks.distributed:
             return
         for prefix in prefixes:  # the same order on every rank
             mine = owners[prefix] == ranks.rank
-            qw = self.merged.get(prefix) if mine else None
+            qw = self.merged[prefix] if mine else None
             tensors, info = ranks.share(
                 owners[prefix],
                 {"codes": qw.codes, "scales": qw.scales, "zeros": qw.zeros, "g_idx": qw.g_idx} if mine else None,
-                asdict(next(r for r in reversed(self.reports) if r.name == prefix)) if mine else None)
+                {"bits": qw.bits, "group_size": qw.group_size,
+                 "report": asdict(next(r for r in reversed(self.reports) if r.name == prefix))} if mine else None)
             if not mine:
-                source = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
-                self.merged[prefix] = replace(source, **tensors)
-                self.reports.append(LayerReport(**info))
+                self.merged[prefix] = QuantizedWeight(**tensors, bits=info["bits"], group_size=info["group_size"])
+                self.reports.append(LayerReport(**info["report"]))
         # every rank lists the layers in the same order, whoever solved them
         order = {p: i for i, p in enumerate(prefixes)}
-        done = [r for r in self.reports if r.name in order]
-        rest = [r for r in self.reports if r.name not in order]
-        self.reports = rest + sorted(done, key=lambda r: order[r.name])
+        done = sorted((r for r in self.reports if r.name in order), key=lambda r: order[r.name])
+        self.reports = [r for r in self.reports if r.name not in order] + done
 
     def _solve_cost(self, prefix: str) -> float:
         """What requantizing a layer costs, roughly: the calibrated solve grows as out·in², rounding as out·in."""
         layer = self.plan.layers[prefix]
-        return float(layer.out_features * layer.in_features * (layer.in_features if self.options.method == "calibrated" else 1))
+        calibrated = self.options.method == "calibrated"
+        return float(layer.out_features * layer.in_features * (layer.in_features if calibrated else 1))
+
+    def solved_weight(self, prefix: str) -> "QuantizedWeight":
+        """The requantized weight of one targeted layer (requantized data-free if not done yet)."""
+        if prefix in self.merged:
+            return self.merged[prefix]
+        if self.options.method == "rtn":
+            return self.rtn_layer(prefix)
+        return self.requantize(prefix, None)
 
     def merged_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
-        """Packed output tensors for one targeted layer (requantized data-free if not done yet)."""
-        qw = self.merged[prefix] if prefix in self.merged else self.requantize(prefix, None)
-        return self._pack(prefix, qw)
+        """Packed output tensors for one targeted layer."""
+        return self._pack(prefix, self.solved_weight(prefix))
 
     def converted_tensors(self, prefix: str) -> dict[str, "torch.Tensor"]:
         """An untargeted layer rewritten in the output format (GPTQ <-> AWQ only)."""
-        return self._pack(prefix, _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target))
+        return self._pack(prefix, self._converted_weight(prefix))
 
-    def write_group(self, writer: CheckpointWriter | None, names: list[str]) -> None:
-        """Write these tensors (writer None: a rank that does not write, which still solves its share)."""
+    def _converted_weight(self, prefix: str) -> "QuantizedWeight":
+        return _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
+
+    def write_group(self, writer: "BackgroundWriter | InlineWriter | None", names: list[str]) -> None:
+        """Write the tensors `names` (a decoder layer, or everything outside the layer stack); with
+        `writer` None (a rank other than 0) only solve this rank's share of them.
+
+        Requantization happens here, on the calling thread, one linear at a time; packing, the
+        re-check, the copy to the host and the writing happen in `writer`'s jobs (on a worker thread
+        for `BackgroundWriter`), one job per linear, so at most a few linears' codes exist at once.
+        """
         layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
-        self.solve([p for p in layers_here if self.plan.layers[p].targeted and p not in self.merged], lambda p: None)
-        if writer is None:
+        # what is not requantized yet (rtn; no calibration): dealt out to the ranks first
+        self.solve([p for p in layers_here if self.plan.layers[p].targeted and p not in self.merged],
+                   self.solved_weight)
+        if writer is None:  # a rank that does not write: its share is done
             return
-        produced: dict[str, "torch.Tensor"] = {}
-        for prefix in layers_here:
+        rewritten = [p for p in layers_here if self.plan.layers[p].targeted or self.plan.converts_format]
+        owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in rewritten)}
+        untouched = [n for n in names if n not in owned]
+        reader = self.reader
+
+        def copy_untouched():  # the stored bytes, file to file
+            for name in untouched:
+                where = reader.locate(name)
+                info = reader.tensors[name]
+                yield name, reader.get(name) if where is None else ("file", info.dtype, info.shape, *where)
+
+        if untouched:
+            writer.submit(rewritten[0] if rewritten else "the tensors outside the decoder layers", copy_untouched)
+        for prefix in rewritten:
             self.current = prefix
-            layer = self.plan.layers[prefix]
-            if layer.targeted:
-                produced.update(self.merged_tensors(prefix))
-            elif self.plan.converts_format:
-                produced.update(self.converted_tensors(prefix))
-        owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in layers_here
-                                         if self.plan.layers[p].targeted or self.plan.converts_format)}
-        for name in names:
-            if name not in owned:
-                writer.add(name, self.reader.get(name))  # untouched: the stored bytes, unchanged
-        for name in sorted(produced):
-            writer.add(name, produced[name])
+            qw = self.solved_weight(prefix) if self.plan.layers[prefix].targeted else self._converted_weight(prefix)
+            writer.submit(prefix, lambda prefix=prefix, qw=qw: sorted(self._pack(prefix, qw).items()))
 
 
 def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[str]]:
@@ -270,23 +370,33 @@ def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[s
     return [names for _, names in groups]
 
 
-def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[str, Any]:
-    """H = Σ x xᵀ over every calibration token at the inputs of the named linears."""
+def _collect_hessians(layer_module, names: list[str], hidden, kwargs,
+                      ranks: SingleProcess | None = None, num_rows: int | None = None) -> dict[str, "CalibrationInputs"]:
+    """H = Σ x xᵀ at the inputs of the named linears, one `CalibrationInputs` per distinct input.
+
+    Linears that read the same tensor (q/k/v; gate/up) share one, so H and what the solver derives
+    from it are built once. H accumulates in float32 on the run device, shard by shard in a fixed
+    order (`sharded_inputs.py`: the same bits on any number of ranks). Every 8th calibration row
+    (`hessian.holdout_rows`) goes to the held-out statistics the report uses. `hidden` holds this
+    rank's rows of `num_rows` (default: all of them, in one process).
+    """
+    from oftsurgery.merge.sharded_inputs import collect_group_inputs
+
+    ranks = ranks or SingleProcess(str(hidden.device))
+    num_rows = hidden.shape[0] if num_rows is None else num_rows
+    shared: dict[str, "CalibrationInputs"] = {}
+    for group in _input_groups(layer_module, names, _sample_row(hidden), kwargs):
+        shared.update(collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs))
+    return shared
+
+
+def _sample_row(hidden):
+    """One row to run a layer on when only the structure matters: the first, or zeros on a rank
+    that carries no calibration rows."""
     import torch
 
-    hessians: dict[str, torch.Tensor] = {}
-
-    def hook(mod, inputs, output, name):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-        hessians[name] = hessians.get(name, 0) + x.T @ x
-
-    hooks = [layer_module.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
-    with torch.no_grad():
-        for row in range(hidden.shape[0]):  # one row at a time bounds the attention memory
-            layer_module(hidden[row : row + 1], **kwargs)
-    for h in hooks:
-        h.remove()
-    return hessians
+    return hidden[:1] if hidden.shape[0] else torch.zeros((1, *hidden.shape[1:]), dtype=hidden.dtype,
+                                                            device=hidden.device)
 
 
 def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwargs, num_rows: int) -> None:
@@ -295,33 +405,34 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
     `hidden` is the merged model's stream (what the already-requantized earlier layers produce), so
     each layer compensates what earlier layers lost. Within the layer, linears not yet requantized
     hold their full-precision merged weight W·Rᵀ; those already done hold their requantized weight.
-    In a distributed merge `hidden` holds this rank's rows of the `num_rows` calibration rows.
+    A targeted linear no calibration row reached is requantized without inputs, which the report
+    records as a fallback. In a distributed merge `hidden` holds this rank's rows of the `num_rows`
+    calibration rows, and the linears of a group are solved on different ranks.
     """
+    from oftsurgery.merge.sharded_inputs import collect_group_inputs
+
     plan = merger.plan
     prefix = runner.layer_prefix(index) + "."
+    # the layer is rebuilt once per input group: dequantize and rotate each weight once, not each time
+    unmerged: dict[str, "torch.Tensor"] = {}
 
     def current_weight(name: str):
         if name in merger.merged:
             return merger.merged[name].dequantize()
-        return plan.layers[name].target_weight(merger.source_weight(name).dequantize()) if name in plan.layers \
-            else merger.source_weight(name).dequantize()
+        if name not in unmerged:
+            weight = merger.source_weight(name).dequantize()
+            unmerged[name] = plan.layers[name].target_weight(weight) if name in plan.layers else weight
+        return unmerged[name]
 
-    import torch
-
-    ranks = merger.ranks
     layer_module = runner.build_layer(index, current_weight)
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
-    # any input shows which linears share one; a rank that carries no rows uses zeros
-    sample = hidden[:1] if hidden.shape[0] else torch.zeros((1, *hidden.shape[1:]), dtype=hidden.dtype,
-                                                              device=hidden.device)
-    first_row = ranks.local_rows(num_rows).start
-    for group in _input_groups(layer_module, local, sample, kwargs):
+    for group in _input_groups(layer_module, local, _sample_row(hidden), kwargs):
         layer_module = runner.build_layer(index, current_weight)
-        # each rank sums the shards of its own rows; the shards are added in one fixed order
-        hessians = ranks.sum_over_shards(num_rows, lambda rows: _collect_hessians(
-            layer_module, group, hidden[rows.start - first_row : rows.stop - first_row], kwargs))
-        merger.solve([prefix + name for name in group], lambda p: hessians[p[len(prefix):]])
+        inputs = collect_group_inputs(merger.ranks, layer_module, group, hidden, num_rows, kwargs)
+        merger.solve([prefix + name for name in group], lambda p: merger.requantize(
+            p, inputs.get(p[len(prefix):]), target=unmerged.pop(p, None)))
+        del inputs  # frees the group's Hessian and the solver's factors before the next group
 
 
 def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,
@@ -334,7 +445,7 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
     process would, and every rank returns the report.
     """
     with open_ranks(options.device) as ranks, ranks.guard(out):
-        return _merge(checkpoint, adapter, out, replace(options, device=ranks.device), ranks)
+        return _merge(checkpoint, adapter, out, options, ranks)
 
 
 def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess) -> MergeReport:
@@ -342,16 +453,17 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
 
     if options.method not in METHODS:
         raise MergeError(f"--method must be one of {', '.join(METHODS)}, not {options.method!r}.")
-    ranks.check_device()
+    ranks.check_device()  # resolved once, before any work (cuda: each rank its own GPU)
+    options = replace(options, device=ranks.device)
     started = time.perf_counter()
     reader = CheckpointReader(checkpoint, allow_pickle=options.allow_pickle)
     source = load_quant_config(checkpoint)
     rotations = load_rotations(adapter)
     plan = plan_merge(reader, source, rotations, options.requant)
-    # only the writing rank's file system matters (other nodes may not even see it)
+    # only the writing rank's file system matters (other machines may not even see it)
     out_path = check_output_path(out, [checkpoint, adapter], overwrite=options.overwrite) if ranks.is_writer \
-        else Path(out).expanduser().resolve()
-    ranks.sync()  # every rank's inputs checked: a rank that refused them stops the others here
+        else Path(out).expanduser().absolute()
+    ranks.sync()  # every rank has checked its inputs: one that refused them stops the others here
 
     merger = _Merger(reader, plan, options, ranks)
     report = MergeReport(
@@ -363,23 +475,34 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
     progress = ranks.progress(options.progress)
     try:
-        output = atomic_output(out_path, overwrite=options.overwrite) if ranks.is_writer else nullcontext(None)
-        with output as tmp:
-            writer = None
+        # rank 0 writes; the other ranks solve their share and write nothing
+        with atomic_output(out_path, overwrite=options.overwrite) if ranks.is_writer else nullcontext() as tmp:
+            writer = sink = None
             if tmp is not None:
                 ranks.track_temporary(tmp)
                 writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
-            merger.write_group(writer, outside)
-            if options.method == "calibrated" and plan.targeted:
-                _merge_calibrated(reader, merger, by_layer, writer, report, progress)
-            else:
-                for index in _progress(by_layer, len(by_layer), "merging", progress):
-                    merger.new_decoder_layer()
-                    merger.write_group(writer, by_layer[index])
+                sink = BackgroundWriter(writer, PIPELINE_DEPTH) if PIPELINE_DEPTH > 0 else InlineWriter(writer)
+            try:
+                merger.write_group(sink, outside)
+                if options.method == "calibrated" and plan.targeted:
+                    _merge_calibrated(reader, merger, by_layer, sink, report, progress)
+                else:
+                    for index in _progress(by_layer, len(by_layer), "merging", progress):
+                        merger.new_decoder_layer()
+                        merger.write_group(sink, by_layer[index])
+                if sink is not None:
+                    sink.close()
+                    writer.close()
+            except WorkerFailed as failed:  # raise what failed in the worker as if it failed here
+                merger.current = failed.label
+                raise failed.error from None
+            finally:
+                if sink is not None:
+                    sink.abort()  # stop and wait for the worker before the temporary directory goes
+                    writer.abort()
             report.layers = merger.reports
             report.seconds = time.perf_counter() - started
-            if writer is not None:
-                writer.close()
+            if tmp is not None:
                 _write_configs(reader, plan, tmp)
                 copy_side_files(reader.side_files(), tmp)
                 report.write(tmp / REPORT_FILE)

@@ -20,6 +20,12 @@ class LayerReport:
     rotation_strength: float  # ‖R − I‖_F
     seconds: float = 0.0
     scales_changed: float = 0.0  # fraction of fp16 scales the merge refitted
+    # None, or why this layer did not get the requested method: "<kind>: <reason>"[; …], kind one of
+    # cholesky, gptq failed, <stage> failed, kept, rtn, not calibrated
+    fallback: str | None = None
+    # calibration tokens X of the residuals above were measured on, held out of the solve (0: the
+    # residuals are on the fitted rows, or in weight space for rtn)
+    heldout_tokens: int = 0
     rank: int = 0  # the rank that solved this layer in a distributed merge (0 in a single process)
 
     @property
@@ -68,8 +74,24 @@ class MergeReport:
         vals = [1 - l.residual_after / l.residual_before for l in self.layers if l.residual_before > 0]
         return sum(vals) / max(1, len(vals))
 
+    @property
+    def fallbacks(self) -> list[tuple[str, str]]:
+        """(layer, reason) of every layer that did not get the requested method."""
+        return [(l.name, l.fallback) for l in self.layers if l.fallback]
+
     def warnings(self) -> list[str]:
         out = []
+        fallbacks = self.fallbacks
+        if fallbacks:
+            kinds: dict[str, int] = {}
+            for _, reason in fallbacks:
+                for part in reason.split("; "):
+                    kind = part.split(":", 1)[0].split(" (", 1)[0]
+                    kinds[kind] = kinds.get(kind, 0) + 1
+            counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+            name, reason = fallbacks[0]
+            out.append(f"WARNING: {len(fallbacks)} layer(s) fell back ({counts}); first: {name}: {reason} "
+                       "(every layer's reason is in merge_report.json; --strict makes this an error).")
         # a gentle fine-tune can survive through refitted scales with well under 1% of codes changed,
         # so only a merge that moved neither is flagged
         if self.layers and max(self.codes_changed, self.scales_changed) < NEGLIGIBLE_CHANGE:
@@ -106,6 +128,7 @@ class MergeReport:
             "mean_residual_before": self.mean_residual_before,
             "mean_residual_after": self.mean_residual_after,
             "kept_fraction": self.kept_fraction,
+            "fallbacks": len(self.fallbacks),
             "warnings": self.warnings(),
         }
         return data

@@ -198,11 +198,11 @@ class RotationSet:
                 count = math.ceil(out_features / blocks.shape[-1])
             dense = block_diagonal(blocks.expand(count, -1, -1))[:out_features, :out_features]
             dtype = torch.promote_types(weight.dtype, torch.float32)
-            merged = dense.to(dtype).T @ weight.to(dtype)
+            merged = dense.to(weight.device, dtype).T @ weight.to(dtype)
         else:
             merged = rotate_weight(weight, blocks)
         if module in self.scales:
-            merged = merged * self.scales[module].to(merged.dtype)
+            merged = merged * self.scales[module].to(merged.device, merged.dtype)
         return merged
 
 

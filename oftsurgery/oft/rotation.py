@@ -385,7 +385,7 @@ def rotate_weight(weight: Tensor, blocks: Tensor) -> Tensor:
         raise ValueError(f"{count} rotation blocks of size {b} do not fit a weight with {in_features} inputs.")
     dtype = torch.promote_types(weight.dtype, blocks.dtype)
     w = weight.to(dtype).reshape(out_features, in_features // b, b)
-    r = blocks.to(dtype)
+    r = blocks.to(weight.device, dtype)  # the rotation follows the weight (a merge may run on a GPU)
     if count == 1:
         rotated = torch.matmul(w, r[0].transpose(0, 1))
     else:

@@ -4,10 +4,14 @@ Layout: `qweight` int32 [in, out/8] packs 4-bit codes along the *output* dim, `q
 [G, out/8] likewise, `scales` fp16 [G, out]; true zero points (no offset), contiguous groups, no
 g_idx. Inside each word nibble k holds output column AWQ_PACK_ORDER[k] of its group of 8.
 
-Packing goes through a real packer fed with the exact float weight s*(q - z) (see
-`grid.exact_float_weight`): gptqmodel's `AwqTorchLinear.pack` by default, or autoawq's
-`WQLinear_GEMM.from_linear` (optional dependency). Both produce the same bytes; `pack_awq`
-re-checks its result by unpacking it.
+Packing: by default our vectorised bit packer writes the codes straight into words
+(`bitpack.pack_codes` with the AWQ field order; int32 shifts on whole tensors, on the codes'
+device). The real packers stay available as `backend="gptqmodel"` (`AwqTorchLinear.pack`) and
+`backend="autoawq"` (`WQLinear_GEMM.from_linear`, optional dependency), fed with the exact float
+weight s*(q - z) (see `grid.exact_float_weight`); they are the references the tests hold ours to,
+byte for byte (tests/test_codec_awq.py). They are not the hot path because they re-derive every
+code from a float weight on the CPU (0.8-2.5 s per 7B linear) while the merge already holds the
+codes, possibly on a GPU. Every backend's result is re-checked by unpacking it.
 """
 
 from __future__ import annotations
@@ -17,18 +21,16 @@ from collections.abc import Mapping
 import torch
 
 from oftsurgery.errors import InvalidCheckpointError, MergeError, UnsupportedFormatError
-from oftsurgery.quant.bitpack import AWQ_UNPACK_ORDER, unpack_stream
+from oftsurgery.quant.bitpack import AWQ_PACK_ORDER, pack_codes, unpack_codes
 from oftsurgery.quant.grid import QuantizedWeight, default_g_idx, exact_float_weight, float_linear
 
 AWQ_BITS = 4
-AWQ_BACKENDS = ("gptqmodel", "autoawq")
+AWQ_BACKENDS = ("oftsurgery", "gptqmodel", "autoawq")
 
 
 def _unpack_columns(words: torch.Tensor, out_features: int) -> torch.Tensor:
-    """[rows, out/8] AWQ words -> [rows, out] codes in column order."""
-    nibbles = unpack_stream(words, AWQ_BITS, out_features)
-    order = torch.tensor(AWQ_UNPACK_ORDER)
-    return nibbles.view(words.shape[0], -1, 8)[..., order].reshape(words.shape[0], out_features).contiguous()
+    """[rows, out/8] AWQ words -> uint8 [rows, out] codes in column order."""
+    return unpack_codes(words, AWQ_BITS, out_features, dim=-1, order=AWQ_PACK_ORDER)
 
 
 def unpack_awq(tensors: Mapping[str, torch.Tensor], group_size: int) -> QuantizedWeight:
@@ -56,9 +58,10 @@ def unpack_awq(tensors: Mapping[str, torch.Tensor], group_size: int) -> Quantize
             f"AWQ tensors do not fit together: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
             f"scales {tuple(scales.shape)} with group_size={group_size}."
         )
-    codes = _unpack_columns(qweight, out_f).T.contiguous()
-    zeros = _unpack_columns(qzeros, out_f)
-    return QuantizedWeight(codes, scales.contiguous(), zeros, default_g_idx(in_f, group_size), AWQ_BITS, group_size)
+    codes_t = _unpack_columns(qweight, out_f)  # [in, out], the order qweight stores
+    zeros = _unpack_columns(qzeros, out_f).to(torch.int32)
+    g_idx = default_g_idx(in_f, group_size).to(codes_t.device)
+    return QuantizedWeight(codes_t.T, scales.contiguous(), zeros, g_idx, AWQ_BITS, group_size)
 
 
 def _check_awq_packable(qw: QuantizedWeight) -> None:
@@ -69,11 +72,25 @@ def _check_awq_packable(qw: QuantizedWeight) -> None:
             f"AWQ GEMM needs in_features divisible by group_size and out_features by 8 "
             f"(in={qw.in_features}, out={qw.out_features}, group_size={qw.group_size})."
         )
-    if not torch.equal(qw.g_idx, default_g_idx(qw.in_features, qw.group_size)):
+    if not torch.equal(qw.g_idx.cpu(), default_g_idx(qw.in_features, qw.group_size)):
         raise UnsupportedFormatError("AWQ GEMM has contiguous groups only; this layer has a reordered g_idx.")
-    for name, values in (("codes", qw.codes), ("zero points", qw.zeros)):
-        if int(values.min()) < 0 or int(values.max()) > qw.maxq:
+    # uint8 codes are left to the re-check after packing (see gptq._check_code_range)
+    checks = [("zero points", qw.zeros)] + ([] if qw.codes.dtype == torch.uint8 else [("codes", qw.codes)])
+    for name, values in checks:
+        low, high = torch.aminmax(values)
+        if int(low) < 0 or int(high) > qw.maxq:
             raise ValueError(f"{name} outside [0, {qw.maxq}]")
+
+
+def _pack_with_oftsurgery(qw: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    packed = {
+        "qweight": pack_codes(qw.codes.T, AWQ_BITS, dim=-1, order=AWQ_PACK_ORDER),
+        "qzeros": pack_codes(qw.zeros, AWQ_BITS, dim=-1, order=AWQ_PACK_ORDER),
+        "scales": qw.scales,
+    }
+    if bias is not None:
+        packed["bias"] = bias.to(packed["qweight"].device)
+    return packed
 
 
 def _pack_with_gptqmodel(qw: QuantizedWeight, linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
@@ -112,24 +129,33 @@ def _pack_with_autoawq(qw: QuantizedWeight, linear: torch.nn.Linear) -> dict[str
     return packed
 
 
-def pack_awq(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str = "gptqmodel") -> dict[str, torch.Tensor]:
+def pack_awq(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str = "oftsurgery") -> dict[str, torch.Tensor]:
     """Pack `qw` into AWQ GEMM tensors {"qweight", "qzeros", "scales"(, "bias" as float16)}.
 
-    backend "gptqmodel" uses `AwqTorchLinear.pack`; "autoawq" uses `WQLinear_GEMM.from_linear`.
+    backend "oftsurgery" (default) packs the codes directly, on `qw`'s device; "gptqmodel" uses
+    `AwqTorchLinear.pack` and "autoawq" `WQLinear_GEMM.from_linear` (CPU; the tests' references).
     """
     if backend not in AWQ_BACKENDS:
         raise ValueError(f"backend must be one of {AWQ_BACKENDS}")
     _check_awq_packable(qw)
     if bias is not None:
         bias = bias.detach().to(torch.float16)
-    linear = float_linear(exact_float_weight(qw), bias)
-    packer = _pack_with_gptqmodel if backend == "gptqmodel" else _pack_with_autoawq
-    packed = {name: tensor.detach().contiguous() for name, tensor in packer(qw, linear).items()}
+    if backend == "oftsurgery":
+        packed = _pack_with_oftsurgery(qw, bias)
+    else:
+        cpu = QuantizedWeight(qw.codes.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), qw.bits, qw.group_size)
+        linear = float_linear(exact_float_weight(cpu), None if bias is None else bias.cpu())
+        packer = _pack_with_gptqmodel if backend == "gptqmodel" else _pack_with_autoawq
+        packed = packer(cpu, linear)
+    packed = {name: tensor.detach().contiguous() for name, tensor in packed.items()}
     if "bias" in packed:
         packed["bias"] = packed["bias"].to(torch.float16)
-    check = unpack_awq(packed, qw.group_size)
+    # the re-check: what a reader unpacks is exactly the codes, zero points and scales we were given
+    codes_t = qw.codes.T.to(torch.uint8)
     if not (
-        torch.equal(check.codes, qw.codes) and torch.equal(check.zeros, qw.zeros) and torch.equal(check.scales, qw.scales)
+        torch.equal(_unpack_columns(packed["qweight"], qw.out_features), codes_t.to(packed["qweight"].device))
+        and torch.equal(_unpack_columns(packed["qzeros"], qw.out_features), qw.zeros.to(packed["qzeros"].device, torch.uint8))
+        and torch.equal(packed["scales"], qw.scales.to(packed["scales"].device))
     ):
         raise MergeError(f"The {backend} AWQ packer did not reproduce the layer's integer codes exactly.")
     return packed

@@ -1,13 +1,17 @@
-"""Reading integer codes out of int32 words (the unpacking half of the codec).
+"""Integer codes <-> int32 words: the bit-level half of the codec, vectorised and device-agnostic.
 
-Every layout we read is a little-endian bit stream laid into 32-bit words: GPTQ packs 2/4/8-bit
-codes whole into words and 3-bit codes across word boundaries (32 codes fill exactly 3 words,
-the 11th and 22nd code straddling two words), which is the same thing as one continuous stream.
-AWQ GEMM additionally shuffles the 8 nibbles inside each word (`AWQ_PACK_ORDER`).
+Every layout we read or write is a little-endian bit stream laid into 32-bit words along one
+dimension: code j occupies bits [j*bits, (j+1)*bits) of the stream formed by the words in order.
+GPTQ packs `qweight` along the input dimension (dim 0 of [in, out]) and `qzeros` along the output
+dimension (the last one); 2/4/8-bit codes fit whole into words, 3-bit codes straddle them (32 codes
+fill exactly 3 words, the 11th and 22nd code crossing a word boundary). AWQ GEMM packs 4-bit codes
+along the output dimension and shuffles the 8 fields of each word (`AWQ_PACK_ORDER`).
 
-Packing is deliberately not here: packed buffers are produced by gptqmodel's own packers (see
-`gptq.py`, `awq.py`) so that what we write is, by construction, what gptqmodel writes. The
-stream packer below exists only to cross-check layouts and to repack qzeros for the GPTQ v1 offset.
+Both directions work on whole tensors with int32 shifts and masks, one pass per field of a word,
+on whatever device the input lives (no int64 copies of the codes, no Python loop over codes):
+int32 `<<` wraps modulo 2**32 and the masks discard what arithmetic `>>` smears in. Unpacked codes
+are uint8 (a quarter of int32's memory). gptqmodel's and autoawq's own packers stay the reference
+these functions are checked against, byte for byte, in the tests.
 """
 
 from __future__ import annotations
@@ -29,44 +33,127 @@ def packed_words(count: int, bits: int) -> int:
     return -(-count * bits // WORD_BITS)
 
 
-def unpack_stream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Unpack the last dimension of int32 `words` into `count` unsigned `bits`-bit codes (int32).
+def _period(bits: int) -> tuple[int, int]:
+    """(codes, words) of the smallest whole repeat of the layout: 32/bits codes in one word, or
+    32 codes in 3 words for 3 bits."""
+    if bits in (1, 2, 4, 8, 16):
+        return WORD_BITS // bits, 1
+    if bits == 3:
+        return WORD_BITS, 3
+    raise ValueError(f"{bits}-bit codes are not supported")
 
-    Code j occupies bits [j*bits, (j+1)*bits) of the stream formed by the words in order.
+
+def _fields(bits: int, codes_per_period: int):
+    """For each code of one period: (word, shift, low_bits): the code's first `low_bits` bits sit at
+    `shift` in `word`, its remaining bits (if any) at bit 0 of `word + 1`."""
+    for j in range(codes_per_period):
+        word, shift = divmod(j * bits, WORD_BITS)
+        yield j, word, shift, min(bits, WORD_BITS - shift)
+
+
+def _as_3d(tensor: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
+    """`tensor` viewed as [before, size(dim), after] (contiguous), and the normalised dim."""
+    dim = dim % tensor.dim()
+    before = 1
+    for size in tensor.shape[:dim]:
+        before *= size
+    return tensor.contiguous().view(before, tensor.shape[dim], -1), dim
+
+
+def _fold(t4: torch.Tensor) -> torch.Tensor:
+    """[before, periods, n, 1] -> [1, before*periods, n, 1] (the same memory): packing along the
+    last dimension then loops over one long run of periods instead of many short ones."""
+    if t4.shape[3] == 1 and t4.is_contiguous():
+        return t4.view(1, t4.shape[0] * t4.shape[1], t4.shape[2], 1)
+    return t4
+
+
+def _chunks(t4: torch.Tensor, target: int = 1 << 20):
+    """Ranges over dim 1 of a [before, periods, words, after] tensor, about `target` elements
+    each, so that the per-field temporaries stay small (in cache, no page faults per field)."""
+    per_period = max(1, t4.shape[0] * t4.shape[2] * t4.shape[3])
+    step = max(1, target // per_period)
+    return [(p0, min(p0 + step, t4.shape[1])) for p0 in range(0, t4.shape[1], step)]
+
+
+def unpack_codes(words: torch.Tensor, bits: int, count: int, dim: int = -1, order=None) -> torch.Tensor:
+    """Unpack `count` `bits`-bit codes laid along `dim` of int32 `words`; returns uint8 codes
+    with `words.shape[dim]` replaced by `count`.
+
+    `order` (a permutation of one word's fields, e.g. `AWQ_PACK_ORDER`) says that field k of each
+    word holds code `order[k]` of that word's group.
     """
     if words.dtype != torch.int32:
         raise ValueError(f"packed words must be int32, got {words.dtype}")
-    needed = packed_words(count, bits)
-    if words.shape[-1] < needed:
-        raise ValueError(f"{words.shape[-1]} words cannot hold {count} codes of {bits} bits")
-    w64 = words.to(torch.int64) & MASK32
-    starts = torch.arange(count, dtype=torch.int64, device=words.device) * bits
-    index, shift = starts // WORD_BITS, starts % WORD_BITS
-    low = w64[..., index] >> shift
-    # A code that straddles two words takes its high bits from the next word; for codes that do
-    # not straddle, the shift below pushes every bit of the next word past the mask.
-    nxt = torch.clamp(index + 1, max=w64.shape[-1] - 1)
-    high = (w64[..., nxt] << (WORD_BITS - shift)) & MASK32
-    straddles = (shift + bits) > WORD_BITS
-    codes = torch.where(straddles, low | high, low) & ((1 << bits) - 1)
-    return codes.to(torch.int32)
+    if bits > 8:
+        raise ValueError("codes wider than 8 bits do not fit uint8")
+    n_words = packed_words(count, bits)
+    w3, dim = _as_3d(words, dim)
+    if w3.shape[1] < n_words:
+        raise ValueError(f"{w3.shape[1]} words cannot hold {count} codes of {bits} bits")
+    per_period, words_per_period = _period(bits)
+    periods = -(-n_words // words_per_period)
+    w3 = w3[:, :n_words]
+    if periods * words_per_period != n_words:  # a partial last period: pad with zero words
+        w3 = torch.nn.functional.pad(w3, (0, 0, 0, periods * words_per_period - n_words))
+    w4 = _fold(w3.reshape(w3.shape[0], periods, words_per_period, w3.shape[2]))
+    out = torch.empty((w4.shape[0], w4.shape[1], per_period, w4.shape[3]), dtype=torch.uint8, device=words.device)
+    fields = list(_fields(bits, per_period))
+    for p0, p1 in _chunks(w4):
+        src, dst = w4[:, p0:p1], out[:, p0:p1]
+        field = torch.empty_like(src[:, :, 0])  # reused: no allocation per field
+        high = torch.empty_like(field) if bits == 3 else None
+        for j, word, shift, low in fields:
+            torch.bitwise_right_shift(src[:, :, word], shift, out=field)
+            field &= (1 << low) - 1  # drops what arithmetic >> smeared in from the sign bit
+            if low < bits:  # straddles: the high bits come from the next word
+                torch.bitwise_and(src[:, :, word + 1], (1 << (bits - low)) - 1, out=high)
+                high <<= low
+                field |= high
+            dst[:, :, order[j] if order is not None else j] = field
+    codes = out.view(w3.shape[0], periods * per_period, w3.shape[2])[:, :count]
+    return codes.reshape(*words.shape[:dim], count, *words.shape[dim + 1 :])
+
+
+def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1, order=None) -> torch.Tensor:
+    """Pack unsigned `bits`-bit codes (any integer dtype, values in [0, 2**bits)) along `dim`
+    into int32 words (inverse of `unpack_codes`). Values out of range corrupt their neighbours:
+    callers check the range or unpack and compare."""
+    count = codes.shape[dim]
+    n_words = packed_words(count, bits)
+    c3, dim = _as_3d(codes, dim)
+    per_period, words_per_period = _period(bits)
+    periods = -(-count // per_period)
+    if periods * per_period != count:  # a partial last period: pad with zero codes
+        c3 = torch.nn.functional.pad(c3, (0, 0, 0, periods * per_period - count))
+    c4 = _fold(c3.reshape(c3.shape[0], periods, per_period, c3.shape[2]))
+    words = torch.zeros((c4.shape[0], c4.shape[1], words_per_period, c4.shape[3]), dtype=torch.int32, device=codes.device)
+    fields = list(_fields(bits, per_period))
+    for p0, p1 in _chunks(words):
+        src, dst = c4[:, p0:p1], words[:, p0:p1]
+        code = torch.empty(src[:, :, 0].shape, dtype=torch.int32, device=codes.device)  # reused per field
+        shifted = torch.empty_like(code)
+        for j, word, shift, low in fields:
+            code.copy_(src[:, :, order[j] if order is not None else j])
+            torch.bitwise_left_shift(code, shift, out=shifted)  # int32: bits above 31 fall off...
+            dst[:, :, word] |= shifted
+            if low < bits:  # ...and go to the next word
+                torch.bitwise_right_shift(code, low, out=shifted)
+                dst[:, :, word + 1] |= shifted
+    words = words.view(c3.shape[0], periods * words_per_period, c3.shape[2])[:, :n_words]
+    return words.reshape(*codes.shape[:dim], n_words, *codes.shape[dim + 1 :])
+
+
+def unpack_stream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Unpack the last dimension of int32 `words` into `count` unsigned `bits`-bit codes (int32)."""
+    return unpack_codes(words, bits, count, dim=-1).to(torch.int32)
 
 
 def pack_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack the last dimension of unsigned `bits`-bit codes into int32 words (inverse of `unpack_stream`)."""
-    count = codes.shape[-1]
-    c64 = codes.to(torch.int64)
-    if count and (int(c64.min()) < 0 or int(c64.max()) >= (1 << bits)):
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits} bits")
-    n_words = packed_words(count, bits)
-    words = torch.zeros((*codes.shape[:-1], n_words), dtype=torch.int64, device=codes.device)
-    for j in range(count):
-        start = j * bits
-        index, shift = divmod(start, WORD_BITS)
-        words[..., index] |= (c64[..., j] << shift) & MASK32
-        if shift + bits > WORD_BITS:
-            words[..., index + 1] |= c64[..., j] >> (WORD_BITS - shift)
-    return to_int32_words(words)
+    return pack_codes(codes, bits, dim=-1)
 
 
 def to_int32_words(values: torch.Tensor) -> torch.Tensor:

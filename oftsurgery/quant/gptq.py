@@ -1,4 +1,4 @@
-"""GPTQ layers: unpack checkpoint tensors into a `QuantizedWeight`, and pack one back through gptqmodel.
+"""GPTQ layers: unpack checkpoint tensors into a `QuantizedWeight`, and pack one back, byte for byte.
 
 Layout (gptqmodel / transformers): `qweight` int32 [in*bits/32, out] packs codes along the input
 dim, `qzeros` int32 [G, out*bits/32] packs zero points along the output dim, `scales` fp16 [G, out],
@@ -14,12 +14,16 @@ exactly that, so gptqmodel reads such layers back correctly, and so do we: `unpa
 checkpoint gptqmodel writes. Loaders that add 1 field by field (e.g. ExLlama-style v1 kernels)
 read those zero points differently. Pass `v1_zero_points="error"` to `pack_gptq` to refuse them.
 
-Packing always goes through gptqmodel's own GPTQ packer (`PackableQuantLinear.pack` ->
-`pack_block`) on a real gptqmodel `TorchLinear`, fed with the float weight s*(q - z). That weight
-is exact in float32 and the packer's round((W + z*s) / s) returns q exactly (both `z*s` and
-`q*s` are representable), which `pack_gptq` re-checks on every call by unpacking its result.
-A float16 scale of 0 only packs exactly through gptqmodel's compiled CPU packer (2/4/8 bits, which
-divides by 1e-6 there); elsewhere the re-check raises `MergeError`. `fit_grid` never makes one.
+Packing. `pack_gptq` writes the integer codes straight into words with our vectorised bit packer
+(`bitpack.pack_codes`: int32 shifts on whole tensors, on the codes' device). gptqmodel's own packer
+(`PackableQuantLinear.pack` -> `pack_block`, reached through `gptq_module`) is the reference it is
+tested against byte for byte (tests/test_codec_gptq.py), but it is not the merge's hot path: it
+takes a float weight and re-derives every code as round((W + z*s) / s), on the CPU, at 1.2 s per
+7B linear, while the merge already holds the codes and may hold them on a GPU. Feeding it the
+exact float weight s*(q - z) is still how `gptq_module` builds real gptqmodel layers (benches,
+tests); a float16 scale of 0 packs exactly only through gptqmodel's compiled CPU packer (2/4/8
+bits), while our packer never looks at the scales. `pack_gptq` re-checks every result by
+unpacking it (vectorised, on the device) and comparing codes and zero points.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import Mapping
 import torch
 
 from oftsurgery.errors import InvalidCheckpointError, MergeError, UnsupportedFormatError
-from oftsurgery.quant.bitpack import MASK32, pack_stream, packed_words, to_int32_words, unpack_stream
+from oftsurgery.quant.bitpack import MASK32, pack_codes, pack_stream, packed_words, to_int32_words, unpack_codes, unpack_stream
 from oftsurgery.quant.grid import QuantizedWeight, default_g_idx, exact_float_weight, float_linear, num_groups_for
 
 GPTQ_BITS = (2, 3, 4, 8)
@@ -68,6 +72,7 @@ def v2_qzeros_to_v1(qzeros: torch.Tensor, bits: int, out_features: int) -> torch
 def _infer_group_size(g_idx: torch.Tensor, num_groups: int) -> int:
     if num_groups == 1:
         return -1
+    g_idx = g_idx.cpu()
     group_size = int((g_idx == 0).sum())
     if group_size > 0 and torch.equal(g_idx, default_g_idx(g_idx.numel(), group_size)):
         return group_size
@@ -119,10 +124,10 @@ def unpack_gptq(
         )
     if format == "gptq":
         qzeros = v1_qzeros_to_v2(qzeros, bits, out_f)
-    codes = unpack_stream(qweight.T.contiguous(), bits, in_f)
-    zeros = unpack_stream(qzeros, bits, out_f)
+    codes_t = unpack_codes(qweight, bits, in_f, dim=0)  # uint8 [in, out], the order qweight stores
+    zeros = unpack_codes(qzeros, bits, out_f, dim=-1).to(torch.int32)
     try:
-        return QuantizedWeight(codes, scales.contiguous(), zeros, g_idx, bits, group_size)
+        return QuantizedWeight(codes_t.T, scales.contiguous(), zeros, g_idx.to(codes_t.device), bits, group_size)
     except ValueError as exc:
         raise InvalidCheckpointError(f"A GPTQ layer is inconsistent: {exc}.") from None
 
@@ -178,6 +183,18 @@ def gptq_module(qw: QuantizedWeight, bias: torch.Tensor | None = None, desc_act:
     return layer
 
 
+def _check_code_range(qw: QuantizedWeight) -> None:
+    """Codes and zero points must fit `bits`. uint8 codes are left to the re-check after packing
+    (cheaper than a pass over them): a code wider than `bits` never unpacks to itself, since its
+    high bits land in the neighbouring field or fall off the word."""
+    checks = [("zero points", qw.zeros)] + ([] if qw.codes.dtype == torch.uint8 else [("codes", qw.codes)])
+    for name, values in checks:
+        if values.numel():
+            low, high = torch.aminmax(values)
+            if int(low) < 0 or int(high) > qw.maxq:
+                raise ValueError(f"{name} outside [0, {qw.maxq}]")
+
+
 def pack_gptq(
     qw: QuantizedWeight,
     format: str = "gptq",
@@ -187,35 +204,40 @@ def pack_gptq(
 ) -> dict[str, torch.Tensor]:
     """Pack `qw` into GPTQ checkpoint tensors {"qweight", "qzeros", "scales", "g_idx"(, "bias")}.
 
-    The buffers come from gptqmodel's packer; `format` "gptq" then applies gptqmodel's v1 offset.
-    `v1_zero_points`: "gptqmodel" stores z = 0 the way gptqmodel does (see module docstring);
-    "error" raises `MergeError` instead. The bias is written as float16, like gptqmodel does.
+    The same bytes as gptqmodel's packer (see the module docstring), on the device `qw` lives on;
+    `format` "gptq" then applies gptqmodel's v1 offset. `v1_zero_points`: "gptqmodel" stores z = 0
+    the way gptqmodel does (see module docstring); "error" raises `MergeError` instead. The bias is
+    written as float16, like gptqmodel does.
     """
     _check_bits_format(qw.bits, format)
     if v1_zero_points not in V1_ZERO_POLICIES:
         raise ValueError(f"v1_zero_points must be one of {V1_ZERO_POLICIES}")
+    if qw.bits == 3 and (qw.in_features % 32 or qw.out_features % 32):
+        raise UnsupportedFormatError(
+            f"3-bit GPTQ layers pack only when in/out features are multiples of 32 "
+            f"(got in={qw.in_features}, out={qw.out_features})."
+        )
+    _check_code_range(qw)
     if format == "gptq" and v1_zero_points == "error" and bool((qw.zeros == 0).any()):
         raise MergeError(
             "The layer has zero points equal to 0, which GPTQ v1 ('gptq' format) cannot store without "
             "underflow; write 'gptq_v2' or requantize with zero points >= 1."
         )
-    layer = gptq_module(qw, bias)
+    codes_t = qw.codes.T  # [in, out]: contiguous when the codes came from an unpacker
     packed = {
-        "qweight": layer.qweight.contiguous(),
-        "qzeros": layer.qzeros.contiguous(),
-        "scales": layer.scales.contiguous(),
-        "g_idx": layer.g_idx.to(torch.int32).contiguous(),
+        "qweight": pack_codes(codes_t, qw.bits, dim=0),
+        "qzeros": pack_codes(qw.zeros, qw.bits, dim=-1),
+        "scales": qw.scales.contiguous(),
+        "g_idx": qw.g_idx.to(torch.int32).contiguous(),
     }
-    check = unpack_gptq(packed, qw.bits, "gptq_v2", qw.group_size)
+    # the re-check: what a reader unpacks is exactly the codes and zero points we were given
     if not (
-        torch.equal(check.codes, qw.codes)
-        and torch.equal(check.zeros, qw.zeros)
-        and torch.equal(check.scales, qw.scales)
-        and torch.equal(check.g_idx, qw.g_idx)
+        torch.equal(unpack_codes(packed["qweight"], qw.bits, qw.in_features, dim=0), codes_t.to(torch.uint8))
+        and torch.equal(unpack_codes(packed["qzeros"], qw.bits, qw.out_features, dim=-1), qw.zeros.to(torch.uint8))
     ):
-        raise MergeError("gptqmodel's GPTQ packer did not reproduce the layer's integer codes exactly.")
+        raise MergeError("The packed GPTQ layer does not reproduce its integer codes exactly.")
     if format == "gptq":
         packed["qzeros"] = v2_qzeros_to_v1(packed["qzeros"], qw.bits, qw.out_features)
     if bias is not None:
-        packed["bias"] = layer.bias.to(torch.float16).contiguous()
+        packed["bias"] = bias.detach().to(packed["qweight"].device, torch.float16).contiguous()
     return packed

@@ -4,6 +4,11 @@ A `QuantizedWeight` is what every checkpoint layout (GPTQ v1/v2, AWQ GEMM) unpac
 from. It holds the *true* zero points (no GPTQ v1 "-1" storage offset) and codes in [out, in]
 orientation, so the math reads like the formula: W[o, i] = s[g, o] * (q[o, i] - z[g, o]), g = g_idx[i].
 
+Codes are uint8 (what the unpackers return: a quarter of int32's memory, so a decoder layer's codes
+stay small) or int32; both unpackers store them input-major, i.e. `codes` is the transposed view
+`codes_t.T` of a contiguous [in, out] tensor, the order both checkpoint layouts and the block
+rotations work in. Use `.contiguous()` where an [out, in]-contiguous tensor is needed.
+
 `fit_grid` reproduces gptqmodel's min/max quantizer (the default, no MSE search) so that a
 requantized layer sits on the same kind of grid gptqmodel would have produced for those weights.
 """
@@ -24,7 +29,7 @@ _MIN_FP16_SCALE = 2.0**-24
 class QuantizedWeight:
     """Integer codes plus their per-group grid; see the module docstring for the formula."""
 
-    codes: torch.Tensor  # int32 [out, in], 0 .. 2**bits - 1
+    codes: torch.Tensor  # uint8 or int32 [out, in], 0 .. 2**bits - 1 (often an input-major view)
     scales: torch.Tensor  # float16 [G, out]
     zeros: torch.Tensor  # int32 [G, out], true zero points
     g_idx: torch.Tensor  # int32 [in]
@@ -33,8 +38,10 @@ class QuantizedWeight:
 
     def __post_init__(self) -> None:
         out_f, in_f = self.codes.shape
-        if self.codes.dtype != torch.int32 or self.zeros.dtype != torch.int32 or self.g_idx.dtype != torch.int32:
-            raise ValueError("codes, zeros and g_idx must be int32")
+        if self.codes.dtype not in (torch.uint8, torch.int32):
+            raise ValueError(f"codes must be uint8 or int32, got {self.codes.dtype}")
+        if self.zeros.dtype != torch.int32 or self.g_idx.dtype != torch.int32:
+            raise ValueError("zeros and g_idx must be int32")
         if self.scales.dtype != torch.float16:
             raise ValueError(f"scales must be float16, got {self.scales.dtype}")
         if self.scales.dim() != 2 or self.scales.shape[1] != out_f or self.zeros.shape != self.scales.shape:
@@ -65,11 +72,38 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense [out, in] weight. Computed exactly in float32 (every s*(q-z) is representable)
-        and rounded once to `dtype`, which equals what float16 kernels compute."""
-        g = self.g_idx.long()
-        s = self.scales.float()[g].T  # [out, in]
-        z = self.zeros[g].T
-        return (s * (self.codes - z).float()).to(dtype)
+        and rounded once to `dtype`, which equals what float16 kernels compute. Laid out like `codes`."""
+        return dequantize_rows(self.codes.T, self.scales, self.zeros, self.g_idx, self.group_size).to(dtype).T
+
+
+def contiguous_groups(g_idx: torch.Tensor, group_size: int) -> bool:
+    """Whether input i belongs to group i // group_size (what the fast dequantization assumes)."""
+    if group_size == -1:
+        return not bool(g_idx.any())
+    return group_size > 0 and torch.equal(g_idx.cpu(), default_g_idx(g_idx.numel(), group_size))
+
+
+def dequantize_rows(codes_t: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                    group_size: int, contiguous: bool | None = None) -> torch.Tensor:
+    """Float32 W_t[i, o] = s[g(i), o] * (q_t[i, o] - z[g(i), o]) for input-major codes [in, out].
+
+    With contiguous groups the grid is broadcast over each group's rows (no [in, out] copies of
+    the scales and zero points); otherwise (act-order g_idx) it is gathered row by row.
+    """
+    in_f, out_f = codes_t.shape
+    if contiguous is None:
+        contiguous = contiguous_groups(g_idx, group_size)
+    s = scales.to(codes_t.device, torch.float32)
+    z = zeros.to(codes_t.device, torch.float32)
+    rows = group_size if group_size > 0 else in_f
+    if contiguous and in_f % max(rows, 1) == 0 and in_f:
+        weight = codes_t.reshape(-1, rows, out_f).to(torch.float32)
+        weight.sub_(z.unsqueeze(1)).mul_(s.unsqueeze(1))
+        return weight.view(in_f, out_f)
+    g = g_idx.to(codes_t.device).long()
+    weight = codes_t.to(torch.float32)
+    weight.sub_(z.index_select(0, g)).mul_(s.index_select(0, g))
+    return weight
 
 
 def default_g_idx(in_features: int, group_size: int) -> torch.Tensor:
@@ -178,5 +212,5 @@ def exact_float_weight(qw: QuantizedWeight) -> torch.Tensor:
     g = qw.g_idx.long()
     s = qw.scales.float()[g].T
     z = qw.zeros[g].T
-    weight = (qw.codes - z).float() * s
+    weight = (qw.codes.to(torch.int32) - z).float() * s
     return torch.where(s == 0, qw.codes.float() * 1e-6, weight)
