@@ -25,8 +25,8 @@ import click
 @click.option("--seq-len", type=click.IntRange(min=8), default=256, show_default=True,
               help="Calibration sequence length.")
 @click.option("--device", default="auto", show_default=True,
-              help="Where to compute: auto (the GPU when torch can use one, else the CPU), cpu, cuda or cuda:N. "
-                   "Under torchrun, cuda (or auto with GPUs) is each rank's own GPU, cuda:LOCAL_RANK.")
+              help="Where to compute: auto (the GPU when torch can use one, else the CPU), cpu, cuda or cuda:N "
+                   "(under torchrun: each rank's own GPU).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="NAMESPACE/NAME",
               help="After a successful merge, publish the output to this Hub repository.")
