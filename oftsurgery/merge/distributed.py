@@ -210,6 +210,10 @@ class SingleProcess:
         """Every rank's `rows` [n_rank, ...] stacked in rank order, which is calibration-row order."""
         return rows
 
+    def gather_json(self, obj: Any) -> list[Any]:
+        """Every rank's JSON-able `obj`, in rank order."""
+        return [obj]
+
     def assign(self, names: Sequence[str], costs: Sequence[float] | None = None) -> dict[str, int]:
         """Which rank solves each named layer (all of them here)."""
         return assign_to_ranks(names, costs or [1.0] * len(names), self.world_size)
@@ -355,18 +359,28 @@ class DistributedRanks(SingleProcess):
             root[key] = total.view(shape)
         return {(0, SHARDS): root}
 
+    def gather_json(self, obj: Any) -> list[Any]:
+        import torch
+
+        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        return [json.loads(bytes(part.cpu().tolist()).decode()) for part in self._gather_ragged(data)]
+
+    def _gather_ragged(self, part: "torch.Tensor") -> list["torch.Tensor"]:
+        """Every rank's `part` [n_rank, ...] (n may differ per rank), in rank order, on the comm device."""
+        import torch
+
+        counts = [int(c.item()) for c in self._all_gather(torch.tensor([part.shape[0]], dtype=torch.int64,
+                                                                          device=self.comm_device))]
+        width = max(counts)
+        padded = torch.zeros((max(width, 1), *part.shape[1:]), dtype=part.dtype, device=self.comm_device)
+        padded[: part.shape[0]] = part.to(self.comm_device)
+        received = self._all_gather(padded)
+        return [received[r][: counts[r]] for r in range(self.world_size)]
+
     def gather_rows(self, rows: "torch.Tensor") -> "torch.Tensor":
         import torch
 
-        counts = [int(c.item()) for c in self._all_gather(torch.tensor([rows.shape[0]], dtype=torch.int64,
-                                                                          device=self.comm_device))]
-        width = max(counts)
-        if width == 0:
-            return rows
-        padded = torch.zeros((width, *rows.shape[1:]), dtype=rows.dtype, device=self.comm_device)
-        padded[: rows.shape[0]] = rows.to(self.comm_device)
-        received = self._all_gather(padded)
-        return torch.cat([received[r][: counts[r]] for r in range(self.world_size)]).to(rows.device)
+        return torch.cat(self._gather_ragged(rows)).to(rows.device)
 
     def share(self, owner: int, tensors: dict[str, "torch.Tensor"] | None, info: dict[str, Any] | None,
               ) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:

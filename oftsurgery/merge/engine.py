@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oftsurgery.device import AUTO
-from oftsurgery.errors import MergeError, OftSurgeryError
+from oftsurgery.errors import MergeError, OftSurgeryError, UnsupportedFormatError
 from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
-from oftsurgery.merge.distributed import SingleProcess, open_ranks
+from oftsurgery.merge.distributed import SingleProcess, open_ranks, row_batches
 from oftsurgery.merge.pipeline import BackgroundWriter, InlineWriter, WorkerFailed
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
 from oftsurgery.merge.report import LayerReport, MergeReport
@@ -42,6 +42,7 @@ DEFAULT_SEQ_LEN = 256
 REPORT_FILE = "merge_report.json"
 # decoder layers queued between the solve (main thread) and pack+write (worker); 0: no worker thread
 PIPELINE_DEPTH = 1
+SELF_CHECK_ROWS = 2  # calibration rows the layer runner is checked on against the model's own forward
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,13 @@ class _Merger:
             self._unpacked[prefix] = qw
         return qw
 
+    def source_weight_float(self, prefix: str) -> "torch.Tensor":
+        """A layer's stored weights dequantized (not cached: the runner's self-check runs once)."""
+        from oftsurgery.quant.codec import layer_quant_config, unpack_layer
+
+        cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
+        return unpack_layer(_layer_tensors(self.reader, prefix), cfg).dequantize()
+
     def new_decoder_layer(self) -> None:
         self._unpacked.clear()
         self.merged.clear()
@@ -340,34 +348,78 @@ class _Merger:
             writer.submit(prefix, lambda prefix=prefix, qw=qw: sorted(self._pack(prefix, qw).items()))
 
 
-def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[str]]:
-    """Targeted linears of a decoder layer grouped by the input they share, in execution order.
+def _input_groups(runner, layer_module, index: int, names: list[str], hidden, batches: list[range] | None = None,
+                  ranks: SingleProcess | None = None) -> tuple[list[list[str]], list[str]]:
+    """Targeted linears of a decoder layer grouped by the input they share, in execution order, and the
+    targeted linears no calibration row reaches.
 
-    For a Llama block this is [q, k, v], [o], [gate, up], [down]: each group's input depends only on
-    the groups before it, so requantizing group by group lets every group see (and compensate) what
-    the earlier groups of the same layer will really feed it.
+    For a Llama block the groups are [q, k, v], [o], [gate, up], [down]: each group's input depends
+    only on the groups before it, so requantizing group by group lets every group see (and
+    compensate) what the earlier groups of the same layer will really feed it. MoE experts run only
+    on the tokens routed to them, so batches of rows are run until every linear has been seen; an
+    expert no calibration token is routed to is returned as unreached.
+
+    `batches`: the row ranges of `hidden` to run, in order (default: runner.batch_rows rows at a
+    time). With several ranks each scans its own rows and their findings are joined in rank order,
+    which is row order: the groups come out as if one process had scanned every batch.
     """
     import torch
 
-    seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
-    hooks = [
-        layer_module.get_submodule(name).register_forward_hook(
-            lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
-        )
-        for name in names
-    ]
-    with torch.no_grad():
-        layer_module(sample, **kwargs)
-    for h in hooks:
-        h.remove()
-    groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, tensor in seen:
-        group = next((g for t, g in groups if t is tensor), None)
-        if group is None:
-            groups.append((tensor, [name]))
-        elif name not in group:
-            group.append(name)
-    return [names for _, names in groups]
+    kwargs = runner.layer_kwargs(index)
+    rows = runner.batch_rows(hidden.shape[1])
+    if batches is None:
+        batches = row_batches(range(hidden.shape[0]), rows)
+    groups: list[list[str]] = []
+    seen_names: set[str] = set()
+    for batch in batches:
+        start, stop = batch.start, batch.stop
+        seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
+        hooks = [
+            layer_module.get_submodule(name).register_forward_hook(
+                lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
+            )
+            for name in names
+        ]
+        try:
+            with torch.no_grad():
+                layer_module(hidden[start:stop], **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        batch_groups: list[tuple[torch.Tensor, list[str]]] = []
+        for name, tensor in seen:
+            group = next((g for t, g in batch_groups if t is tensor), None)
+            if group is None:
+                batch_groups.append((tensor, [name]))
+            elif name not in group:
+                group.append(name)
+        for _, group in batch_groups:
+            new = [n for n in group if n not in seen_names]
+            if new:
+                groups.append(new)
+                seen_names.update(new)
+        if len(seen_names) == len(names):
+            break
+    if ranks is not None and ranks.distributed:
+        found, groups, seen_names = ranks.gather_json(groups), [], set()
+        for group in (g for rank_groups in found for g in rank_groups):
+            new = [n for n in group if n not in seen_names]
+            if new:
+                groups.append(new)
+                seen_names.update(new)
+    return groups, [n for n in names if n not in seen_names]
+
+
+NO_CALIBRATION_TOKENS = ("not calibrated: no calibration token was routed to this MoE expert, "
+                         "so it was rounded to nearest")
+
+
+def _requantize_unreached(merger: "_Merger", name: str) -> "QuantizedWeight":
+    """Requantize a linear no calibration token reached, without data, and say so in its report line."""
+    merger.current = name
+    weight = merger.requantize(name, None)
+    merger.reports[-1].fallback = merger.reports[-1].fallback or NO_CALIBRATION_TOKENS
+    return weight
 
 
 def _collect_hessians(layer_module, names: list[str], hidden, kwargs,
@@ -380,23 +432,36 @@ def _collect_hessians(layer_module, names: list[str], hidden, kwargs,
     (`hessian.holdout_rows`) goes to the held-out statistics the report uses. `hidden` holds this
     rank's rows of `num_rows` (default: all of them, in one process).
     """
+    import torch
+
     from oftsurgery.merge.sharded_inputs import collect_group_inputs
 
     ranks = ranks or SingleProcess(str(hidden.device))
     num_rows = hidden.shape[0] if num_rows is None else num_rows
+    # which of the linears read the same tensor: one row shows it (zeros on a rank without rows)
+    sample = hidden[:1] if hidden.shape[0] else torch.zeros((1, *hidden.shape[1:]), dtype=hidden.dtype,
+                                                              device=hidden.device)
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [layer_module.get_submodule(n).register_forward_hook(
+        lambda mod, inputs, output, n=n: seen.append((n, inputs[0]))) for n in names]
+    try:
+        with torch.no_grad():
+            layer_module(sample, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in seen:
+        group = next((g for t, g in groups if t is x), None)
+        if group is None:
+            groups.append((x, [name]))
+        elif name not in group:
+            group.append(name)
+    seen.clear()
     shared: dict[str, "CalibrationInputs"] = {}
-    for group in _input_groups(layer_module, names, _sample_row(hidden), kwargs):
+    for _, group in groups:
         shared.update(collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs))
     return shared
-
-
-def _sample_row(hidden):
-    """One row to run a layer on when only the structure matters: the first, or zeros on a rank
-    that carries no calibration rows."""
-    import torch
-
-    return hidden[:1] if hidden.shape[0] else torch.zeros((1, *hidden.shape[1:]), dtype=hidden.dtype,
-                                                            device=hidden.device)
 
 
 def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwargs, num_rows: int) -> None:
@@ -412,6 +477,7 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
     from oftsurgery.merge.sharded_inputs import collect_group_inputs
 
     plan = merger.plan
+    ranks = merger.ranks
     prefix = runner.layer_prefix(index) + "."
     # the layer is rebuilt once per input group: dequantize and rotate each weight once, not each time
     unmerged: dict[str, "torch.Tensor"] = {}
@@ -427,12 +493,41 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
     layer_module = runner.build_layer(index, current_weight)
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
-    for group in _input_groups(layer_module, local, _sample_row(hidden), kwargs):
+    groups, unreached = _input_groups(runner, layer_module, index, local, hidden,
+                                      _local_batches(runner, ranks, hidden, num_rows), ranks)
+    merger.solve([prefix + name for name in unreached], lambda p: _requantize_unreached(merger, p))
+    for group in groups:
         layer_module = runner.build_layer(index, current_weight)
-        inputs = collect_group_inputs(merger.ranks, layer_module, group, hidden, num_rows, kwargs)
-        merger.solve([prefix + name for name in group], lambda p: merger.requantize(
-            p, inputs.get(p[len(prefix):]), target=unmerged.pop(p, None)))
+        inputs = collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs)
+
+        def solve_here(name: str) -> "QuantizedWeight":
+            stats = inputs[name[len(prefix):]]
+            if stats.fit.tokens == 0 and (stats.holdout is None or stats.holdout.tokens == 0):
+                return _requantize_unreached(merger, name)  # routing can shift once earlier groups are requantized
+            return merger.requantize(name, stats, target=unmerged.pop(name, None))
+
+        merger.solve([prefix + name for name in group], solve_here)
         del inputs  # frees the group's Hessian and the solver's factors before the next group
+
+
+def _local_batches(runner, ranks: SingleProcess, hidden, num_rows: int) -> list[range]:
+    """This rank's rows of `hidden` in batches of runner.batch_rows, each inside one calibration shard:
+    batch shapes (and with them the float results) then do not depend on the number of ranks."""
+    first = ranks.local_rows(num_rows).start
+    size = runner.batch_rows(hidden.shape[1])
+    return [b for shard in ranks.local_shards(num_rows)
+            for b in row_batches(range(shard.start - first, shard.stop - first), size)]
+
+
+def _forward_local(runner, ranks: SingleProcess, layer_module, index: int, hidden, num_rows: int):
+    """Decoder layer `index` applied to this rank's rows, one calibration shard at a time."""
+    import torch
+
+    if not hidden.shape[0]:
+        return hidden
+    first = ranks.local_rows(num_rows).start
+    return torch.cat([runner.forward_layer(layer_module, index, hidden[s.start - first : s.stop - first])
+                      for s in ranks.local_shards(num_rows)])
 
 
 def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,
@@ -453,7 +548,7 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
 
     if options.method not in METHODS:
         raise MergeError(f"--method must be one of {', '.join(METHODS)}, not {options.method!r}.")
-    ranks.check_device()  # resolved once, before any work (cuda: each rank its own GPU)
+    ranks.check_device()  # resolved once, before any work (cuda under torchrun: each rank its own GPU)
     options = replace(options, device=ranks.device)
     started = time.perf_counter()
     reader = CheckpointReader(checkpoint, allow_pickle=options.allow_pickle)
@@ -463,6 +558,17 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
     # only the writing rank's file system matters (other machines may not even see it)
     out_path = check_output_path(out, [checkpoint, adapter], overwrite=options.overwrite) if ranks.is_writer \
         else Path(out).expanduser().absolute()
+    if options.method == "calibrated" and plan.targeted:
+        from oftsurgery.merge.calibration import load_calibration_text
+
+        load_calibration_text(options.calib)  # a bad source fails now, not after the first layers (read once)
+    elif options.calib is not None and options.method == "rtn" and ranks.is_writer:
+        import warnings
+
+        warnings.warn(f"The rtn method reads no calibration text; calib={options.calib!r} is ignored.", stacklevel=2)
+    from oftsurgery.provenance import checkpoint_fingerprint
+
+    fingerprint = checkpoint_fingerprint(reader, source)  # lets `verify` check what this was merged from
     ranks.sync()  # every rank has checked its inputs: one that refused them stops the others here
 
     merger = _Merger(reader, plan, options, ranks)
@@ -470,8 +576,10 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
         checkpoint=str(checkpoint), adapter=str(adapter), output=str(out_path), method=options.method,
         source_format=source.describe(), output_format=plan.target.describe(), calibration=None,
         calib_tokens=0, residual_space="activations" if options.method == "calibrated" else "weights",
-        identity_modules=plan.identity_modules, command=options.command, world_size=ranks.world_size,
+        identity_modules=plan.identity_modules, command=options.command, checkpoint_fingerprint=fingerprint,
+        world_size=ranks.world_size,
     )
+    _describe_serving(plan, report)
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
     progress = ranks.progress(options.progress)
     try:
@@ -535,14 +643,22 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
                          "use --method rtn or add the tokenizer files.") from None
     ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
     report.calibration, report.calib_tokens = desc, int(ids.numel())
-    runner = LayerwiseModel(reader.config, reader.get, device=options.device)
-    # each rank carries its own rows (all of them in one process); one without rows keeps row 0's
-    # keyword arguments and an empty stream
-    num_rows = ids.shape[0]
-    mine = merger.ranks.local_rows(num_rows)
-    hidden, kwargs = runner.first_layer_inputs(ids[mine.start : mine.stop] if mine else ids[:1])
-    if not mine:
-        hidden = hidden[:0]
+    runner = LayerwiseModel(reader.config, reader.get, device=options.device, tensor_names=reader.tensors)
+    unknown = [p.prefix for p in merger.plan.targeted if p.prefix not in runner.module_linears()]
+    if unknown:
+        raise UnsupportedFormatError(
+            f"{unknown[0]} is a targeted quantized layer of the checkpoint but {runner.architecture} has no such "
+            "decoder-layer module, so calibration could not reach it; use --method rtn."
+        )
+    # refuse before any merge work if the runner does not reproduce the model's own forward
+    report.runner_check = max(runner.verify(ids[:SELF_CHECK_ROWS], merger.source_weight_float), default=0.0)
+    # each rank carries its own rows (all of them in one process), shard by shard; one without rows
+    # still runs row 0 once, for the layers' keyword arguments
+    ranks, num_rows = merger.ranks, ids.shape[0]
+    shards = ranks.local_shards(num_rows)
+    hidden = (torch.cat([runner.first_layer_inputs(ids[s.start : s.stop])[0] for s in shards]) if shards
+              else runner.first_layer_inputs(ids[:1])[0][:0])
+
     def merged_weight(name: str) -> torch.Tensor:
         """Float weight of a linear as the merged model will hold it."""
         if name in merger.merged:
@@ -554,16 +670,21 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
         merger.new_decoder_layer()
         prefix = runner.layer_prefix(index) + "."
         if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
-            _calibrate_decoder_layer(runner, merger, index, hidden, kwargs, num_rows)
+            _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index), num_rows)
         merger.write_group(writer, names)
         layer_module = runner.build_layer(index, merged_weight)
-        with torch.no_grad():
-            if hidden.shape[0]:
-                hidden = torch.cat([_first(layer_module(hidden[r : r + 1], **kwargs)) for r in range(hidden.shape[0])])
+        hidden = _forward_local(runner, ranks, layer_module, index, hidden, num_rows)
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
+def _describe_serving(plan: MergePlan, report: MergeReport) -> None:
+    """Which vLLM/transformers kernels the input and the output load with; warn if the merge loses Marlin."""
+    from oftsurgery.serving import marlin_lost_warnings, serving_contract
+
+    shapes = {p: (l.in_features, l.out_features) for p, l in plan.layers.items()}
+    source, output = serving_contract(plan.source, shapes), serving_contract(plan.target, shapes)
+    names = {"vllm": "vLLM", "transformers": "transformers"}
+    report.serving = {names[e]: {"input": source[e].describe(), "output": output[e].describe()} for e in source}
+    report.serving_warnings = marlin_lost_warnings(source, output)
 
 
 def _write_configs(reader: CheckpointReader, plan: MergePlan, out_dir: Path) -> None:
