@@ -128,7 +128,7 @@ def requantize_layer(
         heldout_tokens = measured.tokens if measured is not fit else 0
     else:
         if method == "calibrated":
-            fallbacks.append("not calibrated: the calibration never reached this module, so it was rounded to nearest")
+            fallbacks.append(NOT_REACHED)
 
         def residual(w) -> float:  # ‖E‖²_F in weight space: no data, H = I
             return float(torch.linalg.vector_norm(w - target, dtype=torch.float64) ** 2)
@@ -410,6 +410,7 @@ def _input_groups(runner, layer_module, index: int, names: list[str], hidden, ba
     return groups, [n for n in names if n not in seen_names]
 
 
+NOT_REACHED = "not calibrated: the calibration never reached this module, so it was rounded to nearest"
 NO_CALIBRATION_TOKENS = ("not calibrated: no calibration token was routed to this MoE expert, "
                          "so it was rounded to nearest")
 
@@ -418,7 +419,9 @@ def _requantize_unreached(merger: "_Merger", name: str) -> "QuantizedWeight":
     """Requantize a linear no calibration token reached, without data, and say so in its report line."""
     merger.current = name
     weight = merger.requantize(name, None)
-    merger.reports[-1].fallback = merger.reports[-1].fallback or NO_CALIBRATION_TOKENS
+    report = merger.reports[-1]
+    # the solver's generic reason, made specific: a router chose no calibration token for this expert
+    report.fallback = (report.fallback or NOT_REACHED).replace(NOT_REACHED, NO_CALIBRATION_TOKENS)
     return weight
 
 
