@@ -97,6 +97,12 @@ class LibraryError(click.ClickException):
     def __init__(self, error: OftSurgeryError):
         super().__init__(_one_line(str(error)))
         self.exit_code = exit_code(error)
+        # another rank of a distributed merge failed and printed the one message: say nothing more
+        self.quiet = getattr(error, "quiet", False)
+
+    def show(self, file=None) -> None:
+        if not self.quiet:
+            super().show(file)
 
 
 class UnexpectedError(click.ClickException):
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="oftsurgery", standalone_mode=False)
     except click.exceptions.Abort:  # click's form of KeyboardInterrupt outside our own handling
-        click.echo("Error: Interrupted.", err=True)
+        _say_interrupted()
         _exit_interrupted()
     except click.ClickException as exc:
         exc.show()
@@ -153,11 +159,19 @@ def main(argv: list[str] | None = None) -> None:
     except OftSurgeryError as exc:
         if debug_enabled():
             raise
-        click.echo(f"Error: {_one_line(str(exc))}", err=True)
+        if not getattr(exc, "quiet", False):
+            click.echo(f"Error: {_one_line(str(exc))}", err=True)
         sys.exit(exit_code(exc))
     except KeyboardInterrupt:
-        click.echo("Error: Interrupted.", err=True)
+        _say_interrupted()
         _exit_interrupted()
+
+
+def _say_interrupted() -> None:
+    # Ctrl-C on torchrun reaches every worker: only rank 0 says so (inside a merge, the ranks
+    # agree among themselves who reports; this is for interruptions outside one)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo("Error: Interrupted.", err=True)
 
 
 INTERRUPTED = 130

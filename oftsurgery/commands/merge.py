@@ -28,7 +28,8 @@ from oftsurgery.console import echo
 @click.option("--seq-len", type=click.IntRange(min=8), default=256, show_default=True,
               help="Calibration sequence length.")
 @click.option("--device", default="auto", show_default=True,
-              help="Where to compute: auto (the GPU when torch can use one, else the CPU), cpu, cuda or cuda:N.")
+              help="Where to compute: auto (the GPU when torch can use one, else the CPU), cpu, cuda or cuda:N "
+                   "(under torchrun: each rank's own GPU).")
 @click.option("--max-shard-size", type=SIZE, default="5GB", show_default=True,
               help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="NAMESPACE/NAME",
@@ -60,6 +61,11 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
       oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./SmolLM2-GPTQ-merged
       oftsurgery merge ./SmolLM2-GPTQ rotations.safetensors --out ./merged-awq --requant awq
       oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./merged --method rtn
+
+    Across processes or GPUs, with the same bytes as one process (docs/distributed.md):
+
+    \b
+      torchrun --standalone --nproc-per-node 8 -m oftsurgery merge ./GPTQ ./adapter -o ./merged --device cuda
     """
     from oftsurgery.merge import MergeOptions, merge_checkpoint
 
@@ -77,6 +83,10 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
         command="oftsurgery " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:])),
     )
     report = merge_checkpoint(checkpoint, adapter, out, options)
+    from oftsurgery.merge.distributed import primary_process
+
+    if not primary_process():  # under torchrun: rank 0 wrote the output, and reports (and pushes) it
+        return
     echo(report.summary())
     echo(f"wrote {report.output}")
     if push_to_hub:

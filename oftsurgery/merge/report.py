@@ -26,6 +26,7 @@ class LayerReport:
     # calibration tokens X of the residuals above were measured on, held out of the solve (0: the
     # residuals are on the fitted rows, or in weight space for rtn)
     heldout_tokens: int = 0
+    rank: int = 0  # the rank that solved this layer in a distributed merge (0 in a single process)
 
     @property
     def worse_than_base(self) -> bool:
@@ -52,6 +53,7 @@ class MergeReport:
     runner_check: float | None = None  # calibrated: largest relative error of the layer runner vs the model's own forward
     serving: dict[str, dict[str, str]] = field(default_factory=dict)  # engine -> {"input": ..., "output": ...} kernels
     serving_warnings: list[str] = field(default_factory=list)  # the output serves on slower kernels than the input
+    world_size: int = 1  # processes the merge ran on (torchrun ranks)
 
     # ---- aggregate figures ----
     @property
