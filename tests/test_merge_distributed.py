@@ -75,10 +75,16 @@ def test_torchrun_merge_writes_the_single_process_bytes(tiny_gptq_dir, tmp_path)
 
 
 def test_python_api_in_a_process_group_the_caller_initialised(tiny_awq_dir, tiny_gptq_dir, tmp_path):
-    """Three ranks call merge_checkpoint inside their own gloo group, twice: a calibrated AWQ merge on
-    5 calibration rows (rank 2 carries none: 8 shards over 3 ranks) and an rtn GPTQ merge."""
+    """Three ranks call merge_checkpoint inside their own gloo group, three times: a calibrated AWQ
+    merge on 5 calibration rows (rank 2 carries none: 8 shards over 3 ranks), a calibrated MoE merge
+    (Qwen3-MoE: each rank finds the experts its own rows are routed to, and the experts are dealt
+    out) and an rtn GPTQ merge."""
+    from oftsurgery.models import tiny_gptq
+
     jobs = []
-    for name, ckpt, method, tokens in (("awq", tiny_awq_dir, "calibrated", 160), ("rtn", tiny_gptq_dir, "rtn", 512)):
+    for name, ckpt, method, tokens in (("awq", tiny_awq_dir, "calibrated", 160),
+                                       ("moe", tiny_gptq("qwen3_moe"), "calibrated", 384),
+                                       ("rtn", tiny_gptq_dir, "rtn", 512)):
         rot = random_rotations(ckpt, tmp_path / f"{name}.safetensors", strength=0.05)
         jobs.append({"name": name, "checkpoint": str(ckpt), "adapter": str(rot), "method": method,
                      "calib_tokens": tokens})
