@@ -329,10 +329,10 @@ def test_error_from_rows_and_from_the_hessian_agree():
 @pytest.mark.parametrize("batch_tokens", [4096, 48])  # all 9 rows in one forward pass; 3 rows per pass
 def test_hessians_are_collected_once_per_input_with_held_out_rows(batch_tokens, monkeypatch, tiny_gptq_dir):
     from oftsurgery.io import CheckpointReader
-    from oftsurgery.merge import engine
+    from oftsurgery.merge import sharded_inputs
     from oftsurgery.merge.engine import _collect_hessians
 
-    monkeypatch.setattr(engine, "_CALIB_BATCH_TOKENS", batch_tokens)
+    monkeypatch.setattr(sharded_inputs, "BATCH_TOKENS", batch_tokens)
     from oftsurgery.merge.float_model import LayerwiseModel
 
     reader = CheckpointReader(tiny_gptq_dir)
