@@ -18,6 +18,11 @@ one run, each in its own child process (so peak memory is that run's alone):
     python bench/scale.py --preset 7b --layers 1 --calib-tokens 512      # 2-core CPU machine
     python bench/scale.py --preset 7b --layers 2 --device cuda           # GPU machine, 8192 tokens
     python bench/scale.py --preset 70b --layers 1 --device cuda --vocab 4096 --methods calibrated
+    python bench/scale.py --preset 7b --layers 2 --device cuda --methods calibrated --nproc 1,2,4,8 --no-peer
+
+`--nproc` adds runs of the same merges under `torchrun --standalone --nproc-per-node N` (each rank
+its own GPU with --device cuda; on the CPU each rank gets OMP_NUM_THREADS = this process's threads / N),
+one row per rank count (docs/distributed.md).
 
 Prints a markdown table and writes everything measured as JSON (--json, default under --workdir).
 Nothing is downloaded: the tokenizer is trained locally, calibration text is built in.
@@ -72,11 +77,12 @@ merge_checkpoint(ckpt, rotations, out, MergeOptions(method=method, device=device
     calib_tokens=int(tokens), seq_len=int(seq_len), overwrite=True, progress=False))
 seconds = time.perf_counter() - started
 marks = max(loops, key=len) if loops else []
-print("SCALE-BENCH-RESULT " + json.dumps({
+if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 reports (its loop waits for the others)
+  print("SCALE-BENCH-RESULT " + json.dumps({
     "seconds": seconds,
     "layer_seconds": [b - a for a, b in zip(marks, marks[1:])] or None,
     "peak_gpu_bytes": torch.cuda.max_memory_allocated() if gpu else None,
-}), flush=True)
+  }), flush=True)
 """
 
 PEER_CHILD = r"""
@@ -155,14 +161,28 @@ def _address_space_limit(limit_bytes: int | None):
     return apply
 
 
-def run_child(code: str, args: list[str], log_path: Path, label: str, memory_limit: int | None = None) -> dict:
-    """Run a snippet in a fresh Python with its output in log_path; return its result line, or an error."""
+def run_child(code: str, args: list[str], log_path: Path, label: str, memory_limit: int | None = None,
+              nproc: int | None = None) -> dict:
+    """Run a snippet in a fresh Python with its output in log_path; return its result line, or an error.
+
+    With `nproc`, the snippet runs on that many ranks under `torchrun --standalone` (the peak RSS is
+    then that of the largest rank, as wait4 reports the maximum over the waited-for processes)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"[scale] {label} ... (log: {log_path})", flush=True)
     started = time.perf_counter()
+    env = child_env()
+    if nproc is None:
+        command = [sys.executable, "-c", code, *args]
+    else:
+        script = log_path.with_suffix(".py")
+        script.write_text(code, encoding="utf-8")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   str(script), *args]
+        # the CPU threads of one process, shared out among the ranks (torchrun would give each one)
+        env["OMP_NUM_THREADS"] = str(max(1, _threads() // nproc))
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=child_env(), cwd=str(REPO), preexec_fn=_address_space_limit(memory_limit))
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=str(REPO), preexec_fn=_address_space_limit(memory_limit))
         # wait4: this child's own resource usage, so its peak RSS is known even when it fails
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -179,6 +199,12 @@ def run_child(code: str, args: list[str], log_path: Path, label: str, memory_lim
     result.update({"wall_s": wall, "peak_rss_bytes": peak_rss, "log": str(log_path)})
     print(f"[scale] {label} done in {wall:.1f}s", flush=True)
     return result
+
+
+def _threads() -> int:
+    import torch
+
+    return int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,15 +289,17 @@ def render(results: dict) -> str:
         f"checkpoint {_size(setup['checkpoint_bytes'])}, decoder layers {_size(setup['decoder_layer_bytes'])} "
         f"({_size(setup['decoder_layer_bytes'] / setup['layers'])} per layer)",
         "",
-        "| run | total s | per decoder layer s | solve s / layer | MB/s | peak RSS GB | peak GPU GB | ours / peer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | ranks | total s | per decoder layer s | solve s / layer | MB/s | peak RSS GB | peak GPU GB | ours / peer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     labels = {"rtn": "merge --method rtn", "calibrated": "merge (calibrated)",
               "peer": "GPTQModel quantize (peer, warm)"}
     for key, run in rows.items():
-        label = labels.get(key, key)
+        method, _, ranks = key.partition("@")  # "calibrated@4": the calibrated merge on 4 ranks
+        label = labels.get(method, method)
+        ranks = ranks or "1"
         if "error" in run:
-            lines.append(f"| {label} | failed after {run['wall_s']:.0f} s: {run['error'][:100]} | | | | "
+            lines.append(f"| {label} | {ranks} | failed after {run['wall_s']:.0f} s: {run['error'][:100]} | | | | "
                          f"{_gb(run.get('peak_rss_bytes'))} | | |")
             continue
         ratio = "-" if key == "peer" or not peer_layer else f"{run['per_layer_s'] / peer_layer:.2f}x"
@@ -281,7 +309,7 @@ def render(results: dict) -> str:
             solve = sum(module.values()) / setup["layers"] if module else None
         gbps = run.get("gb_per_s")
         lines.append(
-            f"| {label} | {run['seconds']:.1f} | {run['per_layer_s']:.2f} | "
+            f"| {label} | {ranks} | {run['seconds']:.1f} | {run['per_layer_s']:.2f} | "
             f"{'-' if solve is None else f'{solve:.2f}'} | {'-' if gbps is None else f'{gbps * 1e3:.1f}'} | "
             f"{_gb(run.get('peak_rss_bytes'))} | {_gb(run.get('peak_gpu_bytes'))} | {ratio} |"
         )
@@ -294,12 +322,14 @@ def render(results: dict) -> str:
         for key, run in rows.items():
             by_kind = run.get("solve_by_kind_s") or {}
             if by_kind:
-                lines.append(f"| {labels.get(key, key)} | " + " | ".join(
+                method, _, ranks = key.partition("@")
+                name = labels.get(method, method) + (f" ({ranks} ranks)" if ranks else "")
+                lines.append(f"| {name} | " + " | ".join(
                     f"{by_kind[k]:.2f}" if k in by_kind else "-" for k in kinds) + " |")
     notes = []
-    for key in ("rtn", "calibrated"):
-        run = rows.get(key, {})
-        if "error" not in run and run:
+    for key in rows:
+        run = rows[key]
+        if key != "peer" and "error" not in run and run:
             notes.append(f"{key}: per decoder layer from the {run['per_layer_source']}, fixed overhead "
                          f"{run['fixed_overhead_s']:.1f} s, modes {','.join(run['modes']) or '-'}, codes changed "
                          f"{(run['codes_changed'] or 0):.2%}")
@@ -365,6 +395,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda or "
                                                           "cuda:N, for the merges and the peer alike")
     parser.add_argument("--methods", default="rtn,calibrated", help="comma-separated: rtn, calibrated")
+    parser.add_argument("--nproc", default="1", help="comma-separated rank counts, e.g. 1,2,4,8: each merge also "
+                                                       "runs under torchrun with that many ranks (1: one plain process)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                         help="also time GPTQModel quantizing the fp16 twin")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
@@ -394,6 +426,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.memory_limit and args.device.startswith("cuda"):
         parser.error("--memory-limit caps virtual memory, which CUDA reserves in bulk; use it for CPU runs only")
     args.methods = methods
+    try:
+        args.nproc = sorted({int(n) for n in args.nproc.split(",") if n.strip()})
+    except ValueError:
+        parser.error(f"--nproc takes rank counts like 1,2,4,8, not {args.nproc!r}")
+    if not args.nproc or min(args.nproc) < 1:
+        parser.error("--nproc takes positive rank counts")
+    if max(args.nproc) > 1 and args.device.startswith("cuda:"):
+        parser.error("with --nproc above 1 pass --device cuda: each rank uses the GPU of its LOCAL_RANK")
     args.memory_limit = int(args.memory_limit * 1e9) if args.memory_limit else None
     return args
 
@@ -446,14 +486,17 @@ def main(argv=None) -> dict:
                       logs / f"{stamp}-warmup-{method}.log", f"warm-up merge ({method}, 1 layer)")
         shutil.rmtree(work / "merged-warmup", ignore_errors=True)
     for method in args.methods:
-        out = work / f"merged-{method}"
-        result = run_child(MERGE_CHILD, merge_args(ckpt, out, method), logs / f"{stamp}-{method}.log",
-                           f"merge --method {method}", args.memory_limit)
-        report_path = out / "merge_report.json"
-        report = json.loads(report_path.read_text()) if "error" not in result and report_path.is_file() else None
-        results["runs"][method] = merge_figures(result, report, args.layers, layer_bytes)
-        if not args.keep_outputs:
-            shutil.rmtree(out, ignore_errors=True)
+        for nproc in args.nproc:
+            key = method if nproc == 1 else f"{method}@{nproc}"
+            out = work / f"merged-{key.replace('@', '-np')}"
+            result = run_child(MERGE_CHILD, merge_args(ckpt, out, method), logs / f"{stamp}-{key.replace('@', '-np')}.log",
+                               f"merge --method {method}" + (f" on {nproc} ranks" if nproc > 1 else ""),
+                               args.memory_limit, nproc=nproc if nproc > 1 else None)
+            report_path = out / "merge_report.json"
+            report = json.loads(report_path.read_text()) if "error" not in result and report_path.is_file() else None
+            results["runs"][key] = merge_figures(result, report, args.layers, layer_bytes)
+            if not args.keep_outputs:
+                shutil.rmtree(out, ignore_errors=True)
     if args.peer:
         result = run_child(PEER_CHILD, [str(ckpt.fp16), str(warm.fp16), args.device, args.calib,
                                         str(args.calib_tokens), str(args.seq_len), str(ckpt.spec["bits"]),

@@ -95,6 +95,12 @@ def attach_adapter(
 
     if block_size and r:
         raise InvalidAdapterError("Give either a block size or r, not both.")
+    for patterns in (target_modules, exclude_modules):
+        if isinstance(patterns, str):
+            try:
+                re.compile(patterns)
+            except re.error as exc:
+                raise InvalidAdapterError(f"{patterns!r} is not a valid regular expression ({exc}).") from None
     inputs = [checkpoint] + ([from_path] if from_path else [])
     out_path = check_output_path(out, inputs, overwrite)
     shapes = quantized_linear_shapes(checkpoint)

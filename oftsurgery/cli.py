@@ -42,7 +42,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS or not self._module_exists(name):
             return None
-        return importlib.import_module(f"oftsurgery.commands.{COMMANDS[name]}").command
+        return _in_console_session(importlib.import_module(f"oftsurgery.commands.{COMMANDS[name]}").command)
 
     def invoke(self, ctx: click.Context):
         # Library errors become click errors here, so `main()` and click.testing.CliRunner both show
@@ -61,12 +61,48 @@ class LazyGroup(click.Group):
             raise UnexpectedError(exc) from exc
 
 
+VERBOSITY = "oftsurgery.verbosity"  # ctx.meta key: how many -v were given (group and command)
+
+
+def _count_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> None:  # noqa: ARG001
+    ctx.meta[VERBOSITY] = ctx.meta.get(VERBOSITY, 0) + (value or 0)
+
+
+def _verbose_option() -> click.Option:
+    return click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_count_verbosity,
+                        help="Show third-party logging and warnings on stderr (-vv: debug).")
+
+
+def _in_console_session(command: click.Command) -> click.Command:
+    """Give a command the -v option and run its body in `console.session`: stdout only for results."""
+    if getattr(command, "_oftsurgery_session", False):
+        return command
+    from oftsurgery import console
+
+    body = command.callback
+
+    def run(*args, **kwargs):
+        with console.session(click.get_current_context().meta.get(VERBOSITY, 0)):
+            return body(*args, **kwargs)
+
+    command.callback = run
+    command.params.append(_verbose_option())
+    command._oftsurgery_session = True  # type: ignore[attr-defined]
+    return command
+
+
 class LibraryError(click.ClickException):
     """An `OftSurgeryError` shown the click way: `Error: <one line>` on stderr, its exit code."""
 
     def __init__(self, error: OftSurgeryError):
         super().__init__(_one_line(str(error)))
         self.exit_code = exit_code(error)
+        # another rank of a distributed merge failed and printed the one message: say nothing more
+        self.quiet = getattr(error, "quiet", False)
+
+    def show(self, file=None) -> None:
+        if not self.quiet:
+            super().show(file)
 
 
 class UnexpectedError(click.ClickException):
@@ -88,6 +124,8 @@ def debug_enabled() -> bool:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="oftsurgery")
+@click.option("-v", "--verbose", count=True, expose_value=False, callback=_count_verbosity,
+              help="Show third-party logging and warnings on stderr (-vv: debug); also accepted after the command.")
 def cli() -> None:
     """Attach, extract and merge OFT adapters on GPTQ/AWQ quantized checkpoints.
 
@@ -109,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="oftsurgery", standalone_mode=False)
     except click.exceptions.Abort:  # click's form of KeyboardInterrupt outside our own handling
-        click.echo("Error: Interrupted.", err=True)
+        _say_interrupted()
         _exit_interrupted()
     except click.ClickException as exc:
         exc.show()
@@ -121,11 +159,19 @@ def main(argv: list[str] | None = None) -> None:
     except OftSurgeryError as exc:
         if debug_enabled():
             raise
-        click.echo(f"Error: {_one_line(str(exc))}", err=True)
+        if not getattr(exc, "quiet", False):
+            click.echo(f"Error: {_one_line(str(exc))}", err=True)
         sys.exit(exit_code(exc))
     except KeyboardInterrupt:
-        click.echo("Error: Interrupted.", err=True)
+        _say_interrupted()
         _exit_interrupted()
+
+
+def _say_interrupted() -> None:
+    # Ctrl-C on torchrun reaches every worker: only rank 0 says so (inside a merge, the ranks
+    # agree among themselves who reports; this is for interruptions outside one)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo("Error: Interrupted.", err=True)
 
 
 INTERRUPTED = 130

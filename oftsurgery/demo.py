@@ -17,17 +17,16 @@ in well under a minute: it checks the wiring, not the fidelity.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from oftsurgery.console import third_party_output
 from oftsurgery.errors import OftSurgeryError
 
 DEFAULT_WORKDIR = "oftsurgery-demo"
@@ -394,7 +393,7 @@ def run_demo(workdir: str | Path = DEFAULT_WORKDIR, *, preset: str = "smollm2", 
             _say(f"[{number}/{len(steps)}] {title} ...", quiet)
             t0 = time.perf_counter()
             # gptqmodel and friends print to stdout; keep stdout for the table at the end
-            with contextlib.redirect_stdout(sys.stderr):
+            with third_party_output():
                 artifact, figures = action()
             record = StepRecord(name, title, artifact, time.perf_counter() - t0, False, figures)
             state.record(record)

@@ -74,6 +74,18 @@ class InterruptedError_(OftSurgeryError):
     exit_code = 130
 
 
+class PeerFailedError(OftSurgeryError):
+    """Another rank of a distributed merge failed and has reported it; this rank ends without a
+    message of its own (the CLI prints nothing for it) and with the failed rank's exit code."""
+
+    quiet = True
+
+    def __init__(self, rank: int, message: str, exit_code: int = 1):
+        super().__init__(f"Rank {rank} failed: {message}")
+        self.peer_rank = rank
+        self.exit_code = exit_code
+
+
 def exit_code(error: BaseException) -> int:
     """The process exit code for an error (1 for anything that is not ours)."""
     return getattr(error, "exit_code", 1) if isinstance(error, OftSurgeryError) else 1

@@ -7,13 +7,12 @@ the merge was a no-op.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from oftsurgery.console import third_party_output
 from oftsurgery.errors import CalibrationError, InvalidCheckpointError
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ def load_quantized_model(path: str | Path, device: str = "cpu", backend: str | N
         backend = BACKEND.TORCH if not str(device).startswith("cuda") else BACKEND.AUTO
     try:
         # gptqmodel prints its banner and config to stdout; keep stdout for our own output (--json)
-        with contextlib.redirect_stdout(sys.stderr):
+        with third_party_output():
             model = gm.GPTQModel.load(str(path), backend=backend, device=device)
     except Exception as exc:
         raise InvalidCheckpointError(f"gptqmodel could not load {path} ({type(exc).__name__}: {exc}).") from None
@@ -153,40 +152,51 @@ def retention(nll_base: float, nll_attached: float, nll_merged: float) -> float:
     return (nll_base - nll_merged) / gain
 
 
-def load_dequantized_model(path: str | Path, dtype=None):
+def load_dequantized_model(path: str | Path, dtype=None, rotations=None):
     """A plain transformers model whose linears hold our dequantized weights (the reference forward).
 
-    This is the independent check of a quantized checkpoint: our codec's float weights in a stock
-    `nn.Linear`, against which gptqmodel's kernels and transformers' loader are compared.
+    This is the independent check of a quantized checkpoint: our codec's float weights in the stock
+    transformers classes (fused modules included: Phi-3's gate_up_proj and transformers 5's fused
+    MoE experts are assembled from the split layers gptqmodel stores), against which gptqmodel's
+    kernels and transformers' loader are compared. With `rotations` (a RotationSet), every layer it
+    targets holds W·Rᵀ (and oft_s) instead: the adapted model, computed in float.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from oftsurgery.errors import OftSurgeryError
     from oftsurgery.io import CheckpointReader
-    from oftsurgery.quant.codec import find_quantized_layers, layer_quant_config, unpack_layer
+    from oftsurgery.merge.module_map import CheckpointTensors, hf_config_from, stock_tensor
+    from oftsurgery.quant.codec import layer_quant_config, unpack_layer
     from oftsurgery.quant.config import load_quant_config
 
     dtype = dtype or torch.float32
     reader = CheckpointReader(path)
     qcfg = load_quant_config(path)
-    cfg = dict(reader.config)
-    cfg.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=dtype)
-    prefixes = find_quantized_layers(reader.tensors)
-    state = {}
-    for prefix in prefixes:
+
+    def linear_weight(prefix: str):
         tensors = {n[len(prefix) + 1 :]: reader.get(n) for n in reader.tensors
                    if n.startswith(prefix + ".") and "." not in n[len(prefix) + 1 :]}
         weight = unpack_layer(tensors, layer_quant_config(qcfg, prefix) or qcfg).dequantize()
-        state[f"{prefix}.weight"] = weight.to(dtype)
-        if "bias" in tensors:
-            state[f"{prefix}.bias"] = tensors["bias"].to(dtype)
-    owned = {n for n in reader.tensors if any(n.startswith(p + ".") for p in prefixes)}
-    state.update({n: reader.get(n).to(dtype) for n in reader.tensors if n not in owned})
+        if rotations is not None and prefix in rotations.blocks:
+            weight = rotations.merged_weight(prefix, weight)
+        return weight
+
+    model = AutoModelForCausalLM.from_config(hf_config_from(reader.config), dtype=dtype)
+    tensors = CheckpointTensors(reader.tensors, reader.get, linear_weight)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {}
+    try:
+        for name, _ in model.named_parameters():
+            if tied and name == "lm_head.weight" and not tensors.has(name):
+                continue
+            state[name] = stock_tensor(model, "", name, tensors).to(dtype)
+    except OftSurgeryError as exc:
+        raise InvalidCheckpointError(f"{path} does not match its config: {str(exc).rstrip('.')}.") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight") or not model.config.tie_word_embeddings]
+    missing = [m for m in missing if not m.endswith("lm_head.weight") or not tied]
     if missing or unexpected:
         raise InvalidCheckpointError(f"{path} does not match its config (missing {missing[:2]}, unexpected {unexpected[:2]}).")
-    if model.config.tie_word_embeddings:
+    if tied:
         model.tie_weights()
     return model.eval()

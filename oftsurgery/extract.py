@@ -33,7 +33,7 @@ def extract_rotations(adapter_dir: str | Path, out: str | Path, overwrite: bool 
     from oftsurgery.oft.adapter_io import load_rotations, save_rotations
     from oftsurgery.oft.rotation import orthogonality_error
 
-    out_path = check_output_path(out, [adapter_dir], overwrite)
+    out_path = check_output_path(out, [adapter_dir], overwrite, is_file=True)
     rotations = load_rotations(adapter_dir)
     with atomic_output(out_path, overwrite=overwrite, is_file=True) as tmp:
         save_rotations(rotations, tmp)

@@ -13,6 +13,11 @@ Two things about huggingface_hub that matter here:
   first. Set `HF_HUB_DISABLE_XET=0` yourself to let huggingface_hub use Xet instead.
   The endpoint is always passed explicitly to `HfApi`, resolved at call time from the argument,
   else `HF_ENDPOINT`, else https://huggingface.co.
+- Its HTTP client waits forever by default: a server that accepts the connection and never answers
+  would hang a push. Every request of a push runs with a connect/read timeout (`timeout`), and each
+  stage (create the repo, the branch, upload) is retried on network errors, timeouts and 408/429/5xx
+  answers, `retries` times with a doubling wait from `retry_wait`; then one sentence says so. The
+  timeout is set on huggingface_hub's shared client for the duration of the push only.
 - Its errors are long multi-line texts. Every failure a user can meet (no token, token refused,
   repo missing or not accessible, network unreachable, server error mid-upload) is turned into a
   one-sentence `HubError` here, in one table (`_hub_error`). The token never appears in a message
@@ -21,9 +26,13 @@ Two things about huggingface_hub that matter here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +43,11 @@ from oftsurgery.errors import HubError, InvalidCheckpointError, OftSurgeryError
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_TIMEOUT = 60.0  # seconds to connect, and to wait for each answer or write
+DEFAULT_RETRIES = 3  # further attempts of a stage after a transient failure
+DEFAULT_RETRY_WAIT = 1.0  # seconds before the first retry; doubled each time, at most MAX_RETRY_WAIT
+MAX_RETRY_WAIT = 30.0
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _T = TypeVar("_T")
 
@@ -110,6 +124,9 @@ def push_checkpoint(
     create_pr: bool = False,
     token: str | None = None,
     endpoint: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+    retry_wait: float = DEFAULT_RETRY_WAIT,
 ) -> PushResult:
     """Publish a quantized checkpoint folder to `repo_id` ("namespace/name") on the Hub.
 
@@ -119,22 +136,63 @@ def push_checkpoint(
     create_pr: open a pull request against main instead of committing to it.
     token: Hub token; default HF_TOKEN or the token saved by `hf auth login`.
     endpoint: Hub URL, e.g. a private deployment; default HF_ENDPOINT or https://huggingface.co.
+    timeout: seconds to wait to connect and for each answer (default 60).
+    retries, retry_wait: how often a stage is tried again after a network error, a timeout or a
+    408/429/5xx answer (default 3), and the wait before the first retry (1 s, then doubled).
 
     Raises InvalidCheckpointError / UnsupportedFormatError before any network use when the folder
     is not a complete checkpoint, and HubError (one sentence) for anything the Hub or the network
     does. A second push of the same folder is harmless: unchanged files are not committed again.
     """
+    target = check_push_target(repo_id, endpoint=endpoint, revision=revision, create_pr=create_pr, token=token,
+                               timeout=timeout, retries=retries, retry_wait=retry_wait)
+    checkpoint = validate_checkpoint_for_push(folder)
+    with _bounded_http(target.hf, timeout):
+        return _push(checkpoint, target, private=private, revision=revision, commit_message=commit_message,
+                     create_pr=create_pr)
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """A push target checked without touching the network: where, as whom, with which limits."""
+
+    repo_id: str
+    endpoint: str
+    token: str
+    timeout: float
+    retries: int
+    retry_wait: float
+    hf: ModuleType
+
+
+def check_push_target(repo_id: str, *, endpoint: str | None = None, revision: str | None = None,
+                      create_pr: bool = False, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                      retries: int = DEFAULT_RETRIES, retry_wait: float = DEFAULT_RETRY_WAIT) -> PushTarget:
+    """Check everything about a push that can be checked offline (repo id, endpoint, token found,
+    limits), so that `merge --push-to-hub` can refuse a bad target before the merge starts."""
     if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
         raise HubError(f"The repo id {repo_id!r} is not of the form NAMESPACE/NAME (e.g. my-user/my-model).")
     if create_pr and revision not in (None, "main"):
         raise HubError("A pull request is always opened against main; drop the revision or the pull request option.")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise HubError(f"The Hub timeout must be a positive number of seconds, not {timeout!r}.")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise HubError(f"The number of Hub retries must be a whole number >= 0, not {retries!r}.")
+    if isinstance(retry_wait, bool) or not isinstance(retry_wait, (int, float)) or not math.isfinite(retry_wait) \
+            or retry_wait < 0:
+        raise HubError(f"The wait between Hub retries must be a number of seconds >= 0, not {retry_wait!r}.")
     endpoint = _resolve_endpoint(endpoint)
-    checkpoint = validate_checkpoint_for_push(folder)
-
     hf = _huggingface_hub()
-    token = _resolve_token(token, hf)
+    return PushTarget(repo_id=repo_id, endpoint=endpoint, token=_resolve_token(token, hf), timeout=float(timeout),
+                      retries=retries, retry_wait=float(retry_wait), hf=hf)
+
+
+def _push(checkpoint: CheckpointForPush, target: PushTarget, *, private: bool, revision: str | None,
+          commit_message: str | None, create_pr: bool) -> PushResult:
+    hf, repo_id, endpoint, token = target.hf, target.repo_id, target.endpoint, target.token
     api = hf.HfApi(endpoint=endpoint, token=token, library_name="oftsurgery", library_version=_our_version())
-    context = _Context(endpoint=endpoint, repo_id=repo_id, revision=revision or "main", token=token)
+    context = _Context(endpoint=endpoint, repo_id=repo_id, revision=revision or "main", token=token,
+                       timeout=target.timeout, retries=target.retries, retry_wait=target.retry_wait)
 
     repo_url = context.call("creating the repository", api.create_repo, repo_id, private=private, exist_ok=True)
     if revision and revision != "main" and not revision.startswith("refs/"):
@@ -219,6 +277,29 @@ def _resolve_token(token: str | None, hf: ModuleType) -> str:
     return found
 
 
+@contextlib.contextmanager
+def _bounded_http(hf: ModuleType, timeout: float) -> Iterator[None]:
+    """Give huggingface_hub's shared HTTP client a connect/read/write timeout while we push.
+
+    huggingface_hub builds its client with `timeout=None` (wait forever). We wrap whatever client
+    factory is installed (the user's may set proxies or certificates) and restore it afterwards.
+    """
+    from huggingface_hub.utils import _http
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+
+    def bounded_client():
+        client = previous()
+        client.timeout = timeout  # httpx: one number sets connect, read, write and pool timeouts
+        return client
+
+    hf.set_client_factory(bounded_client)
+    try:
+        yield
+    finally:
+        hf.set_client_factory(previous)
+
+
 # -- one table from huggingface_hub / network failures to one-sentence HubErrors ----------------
 @dataclass(frozen=True)
 class _Context:
@@ -226,14 +307,26 @@ class _Context:
     repo_id: str
     revision: str
     token: str
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+    retry_wait: float = DEFAULT_RETRY_WAIT
 
     def call(self, stage: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        try:
-            return fn(*args, **kwargs)
-        except OftSurgeryError:
-            raise
-        except Exception as exc:
-            raise _hub_error(exc, stage, self) from exc
+        """Run one stage of the push, retrying transient failures; then one HubError sentence."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn(*args, **kwargs)
+            except OftSurgeryError:
+                raise
+            except Exception as exc:
+                if attempt > self.retries or not _is_transient(exc):
+                    raise _hub_error(exc, stage, self, attempt) from exc
+                wait = min(self.retry_wait * 2 ** (attempt - 1), MAX_RETRY_WAIT)
+                logger.warning("the Hub failed while %s (%s); retry %d of %d in %.3g s", stage,
+                               self.scrub(type(exc).__name__), attempt, self.retries, wait)
+                time.sleep(wait)
 
     def scrub(self, text: str) -> str:
         one_line = " ".join(str(text).split())
@@ -258,6 +351,22 @@ def _is_network_error(exc: BaseException) -> bool:
     return is_httpx_transport or isinstance(exc, (ConnectionError, TimeoutError))
 
 
+def _is_transient(exc: BaseException) -> bool:
+    """Worth another try: the network failed or timed out, or the server said "busy/broken" (408, 429, 5xx)."""
+    for cause in _causes(exc):
+        if _is_network_error(cause):
+            return True
+        response = getattr(cause, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int) and status in _TRANSIENT_STATUS:
+            return True
+    return False
+
+
+def _attempts(attempts: int) -> str:
+    return f"{attempts} attempts" if attempts > 1 else "1 attempt"
+
+
 def _server_message(response: Any, context: _Context) -> str:
     try:
         message = response.json().get("error") or ""
@@ -266,15 +375,21 @@ def _server_message(response: Any, context: _Context) -> str:
     return context.scrub(message) if isinstance(message, str) else ""
 
 
-def _hub_error(exc: Exception, stage: str, context: _Context) -> HubError:
+def _hub_error(exc: Exception, stage: str, context: _Context, attempts: int = 1) -> HubError:
     from huggingface_hub import errors as hf_errors
 
     where, repo = context.endpoint, context.repo_id
+    tries = _attempts(attempts)
     for cause in _causes(exc):
         if _is_network_error(cause):
-            kind = "timed out" if "Timeout" in type(cause).__name__ else "connection failed"
+            if "Timeout" in type(cause).__name__:
+                return HubError(
+                    f"The Hub at {where} did not answer while {stage} (no answer within {context.timeout:g} s, "
+                    f"{tries}); check the network connection or --endpoint, or raise --timeout / --retries."
+                )
             return HubError(
-                f"Cannot reach the Hub at {where} while {stage} ({kind}); check the network connection or --endpoint."
+                f"Cannot reach the Hub at {where} while {stage} (connection failed, {tries}); check the network "
+                "connection or --endpoint."
             )
         if isinstance(cause, hf_errors.RevisionNotFoundError):
             return HubError(f"The revision {context.revision!r} does not exist in {repo} at {where}.")
@@ -300,10 +415,10 @@ def _hub_error(exc: Exception, stage: str, context: _Context) -> HubError:
                     f"The repository {repo} was not found at {where}, or the token has no access to it "
                     f"(while {stage}); check the repo id and the token's permissions."
                 )
-            if status >= 500:
+            if status >= 500 or status in _TRANSIENT_STATUS:
                 return HubError(
-                    f"The Hub at {where} failed with HTTP {status} while {stage}; the push did not complete, "
-                    "run it again to resume (files already uploaded are not sent twice)."
+                    f"The Hub at {where} failed with HTTP {status} while {stage} ({tries}); the push did not "
+                    "complete, run it again to resume (files already uploaded are not sent twice)."
                 )
             detail = _server_message(cause.response, context)
             return HubError(

@@ -43,16 +43,22 @@ class CheckpointSummary:
     num_tensors: int
     files: list[str]
     layers: list[QuantLayerInfo] = field(default_factory=list)
+    serving: dict[str, Any] = field(default_factory=dict)  # engine -> KernelChoice (see oftsurgery.serving)
+    tensor_parallel: int = 1
 
     def to_dict(self, with_layers: bool = False) -> dict[str, Any]:
         data = asdict(self)
         if not with_layers:
             data.pop("layers")
+        data["serving"] = {engine: choice.to_dict() for engine, choice in self.serving.items()}
         return data
 
 
-def summarize_checkpoint(path: str | Path) -> CheckpointSummary:
-    """Read a checkpoint's metadata and describe its quantization and quantized layers."""
+def summarize_checkpoint(path: str | Path, tensor_parallel: int = 1) -> CheckpointSummary:
+    """Read a checkpoint's metadata and describe its quantization, quantized layers and the kernels
+    vLLM and transformers will serve it with (shapes checked per shard at `tensor_parallel`)."""
+    from oftsurgery.serving import serving_contract
+
     reader = CheckpointReader(path)
     qcfg = load_quant_config(path)
     shapes = {name: info.shape for name, info in reader.tensors.items()}
@@ -84,6 +90,8 @@ def summarize_checkpoint(path: str | Path) -> CheckpointSummary:
         num_tensors=len(reader.tensors),
         files=reader.files,
         layers=layers,
+        serving=serving_contract(qcfg, layer_shapes, tensor_parallel),
+        tensor_parallel=tensor_parallel,
     )
 
 
@@ -112,4 +120,9 @@ def render_summary(summary: CheckpointSummary) -> str:
     for kind, count in summary.layers_by_kind.items():
         shapes = ", ".join(f"{o}x{i}" for o, i in summary.shapes_by_kind[kind])
         lines.append(f"  {kind:<{width}}  {count:>4}  [out x in] {shapes}")
+    if summary.serving:
+        tp = f" at tensor parallel {summary.tensor_parallel}" if summary.tensor_parallel > 1 else ""
+        lines.append(f"serving{tp}:")
+        for engine, choice in summary.serving.items():
+            lines.append(f"  {'vLLM' if engine == 'vllm' else engine:<12} {choice.describe()}")
     return "\n".join(lines)

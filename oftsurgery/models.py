@@ -172,6 +172,106 @@ def build_tiny_llama(
 
 
 # --------------------------------------------------------------------------------------------------
+# Tiny random models of every architecture the merge is tested on
+# --------------------------------------------------------------------------------------------------
+
+# Shared shape: hidden 64, 2 decoder layers, 4 query / 2 key-value heads of 16. Every linear's input
+# is a multiple of 32 so 4-bit g32 GPTQ fits; windows of 16 tokens are shorter than the 64-token
+# calibration rows the tests use, so sliding-window masks really cut attention.
+_TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+                    initializer_range=0.08)
+TINY_SLIDING_WINDOW = 16
+
+TINY_ARCHITECTURES: dict[str, dict] = {
+    "llama": dict(model_type="llama"),
+    "mistral": dict(model_type="mistral", sliding_window=TINY_SLIDING_WINDOW),
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3"),
+    "gemma2": dict(model_type="gemma2", sliding_window=TINY_SLIDING_WINDOW, query_pre_attn_scalar=16,
+                   layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True),
+    "gemma3_text": dict(model_type="gemma3_text", sliding_window=TINY_SLIDING_WINDOW, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True),
+    "phi3": dict(model_type="phi3"),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                      decoder_sparse_step=1, norm_topk_prob=True),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+}
+# Bump when the builders or quantize_gptq change in a way that changes the files they write.
+TINY_FIXTURE_VERSION = "1"
+
+
+def tiny_config(architecture: str, tokenizer=None) -> dict:
+    """The config.json fields of the tiny random model of one architecture (see TINY_ARCHITECTURES)."""
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {sorted(TINY_ARCHITECTURES)}, not {architecture!r}.")
+    fields = {**_TINY_COMMON, **TINY_ARCHITECTURES[architecture]}
+    if tokenizer is not None:
+        fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return fields
+
+
+def build_tiny_model(architecture: str, out_dir, *, seed: int = 0, dtype="float16") -> Path:
+    """Save a randomly initialised causal LM of `architecture` (fp16 safetensors) with a tokenizer.
+
+    Weights are drawn with a wider spread than the transformers default (initializer_range 0.08) so
+    tiny models' layers matter (activations change visibly from layer to layer); same arguments give
+    the same files.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(512)
+    fields = tiny_config(architecture, tokenizer)
+    config = AutoConfig.for_model(**fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(_torch_dtype(dtype)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _fingerprint(payload: dict) -> str:
+    import hashlib
+
+    from importlib.metadata import version
+
+    payload = dict(payload, gptqmodel=version("gptqmodel"), transformers=version("transformers"),
+                   torch=version("torch"))
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def tiny_gptq(architecture: str, cache_dir=None, **quantize_kwargs) -> Path:
+    """The tiny `architecture` model quantized by GPTQModel on CPU (4-bit g32 sym by default), cached.
+
+    Cached under `cache_dir` (default: default_cache_dir()/tiny) in a folder named by a hash of the
+    config, the quantization options, TINY_FIXTURE_VERSION and the torch/transformers/gptqmodel
+    versions, so a second use costs nothing and any change rebuilds. Built in a temporary folder and
+    renamed into place, so an interrupted build is never reused.
+    """
+    options = {"bits": 4, "group_size": 32, "sym": True, **quantize_kwargs}
+    key = _fingerprint({"config": tiny_config(architecture), "quantize": options, "version": TINY_FIXTURE_VERSION})
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tiny"
+    out = root / f"{architecture}-gptq-{key}"
+    if is_complete(out):
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{architecture}-") as tmp:
+        fp = build_tiny_model(architecture, Path(tmp) / "fp16")
+        built = quantize_gptq(fp, Path(tmp) / "gptq", **options)
+        mark_complete(built)
+        try:
+            os.replace(built, out)
+        except OSError:  # another process finished the same build first
+            if not is_complete(out):
+                raise
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # GPTQ quantization on CPU
 # --------------------------------------------------------------------------------------------------
 
@@ -325,8 +425,11 @@ def smollm2_gptq(out_dir=None, **quantize_kwargs) -> Path:
 # AWQ-format checkpoints on CPU
 # --------------------------------------------------------------------------------------------------
 
-def make_awq_checkpoint(fp_dir, out_dir, *, group_size: int = 128, backend: str = "gptqmodel") -> Path:
+def make_awq_checkpoint(fp_dir, out_dir, *, group_size: int = 128, backend: str = "gptqmodel",
+                        symmetric_grid: bool = False) -> Path:
     """Pack every decoder-layer linear of an fp16 checkpoint into AWQ GEMM format (4-bit, asymmetric).
+
+    symmetric_grid: fit symmetric grids (every zero point 8), still stored as zero-point AWQ.
 
     gptqmodel's AWQ *quantization* needs CUDA; on CPU we fit min/max grids per group ourselves and
     pack them with the AWQ packer. The files are format-identical to what AWQ tools write (no
@@ -348,7 +451,7 @@ def make_awq_checkpoint(fp_dir, out_dir, *, group_size: int = 128, backend: str 
             writer.add(name, tensor)
             continue
         prefix = name[: -len(".weight")]
-        qw = quantize_weight(tensor.float(), 4, group_size, sym=False)
+        qw = quantize_weight(tensor.float(), 4, group_size, sym=symmetric_grid)
         bias = reader.get(f"{prefix}.bias") if f"{prefix}.bias" in reader else None
         for key, value in pack_awq(qw, bias=bias, backend=backend).items():
             if key != "bias":

@@ -67,16 +67,22 @@ def attach_for_evaluation(model, adapter: str | Path) -> int:
 
 
 def check_verify_inputs(merged: str | Path, base: str | Path, adapter: str | Path) -> None:
-    """Refuse broken, unsupported or mismatched inputs before three models are loaded (headers only)."""
+    """Refuse broken, unsupported or mismatched inputs before three models are loaded: headers,
+    the adapter against BASE, and MERGED's provenance (its merge_report.json and shapes) against
+    BASE and the adapter (`oftsurgery.provenance`)."""
     from oftsurgery.io import CheckpointReader
     from oftsurgery.merge.plan import plan_merge
     from oftsurgery.oft.adapter_io import load_rotations
+    from oftsurgery.provenance import check_provenance
     from oftsurgery.quant.config import load_quant_config
 
-    CheckpointReader(merged)
-    load_quant_config(merged)
+    merged_reader = CheckpointReader(merged)
+    merged_quant = load_quant_config(merged)
     base_reader = CheckpointReader(base)
-    plan_merge(base_reader, load_quant_config(base), load_rotations(adapter))
+    base_quant = load_quant_config(base)
+    rotations = load_rotations(adapter)
+    plan_merge(base_reader, base_quant, rotations)
+    check_provenance(merged_reader, merged_quant, base_reader, base_quant, rotations)
 
 
 def verify_merge(merged: str | Path, base: str | Path, adapter: str | Path, *, text: str | None = None,

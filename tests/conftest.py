@@ -6,10 +6,42 @@ Session-scoped so each checkpoint is built once per test run; the tiny ones take
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 2))))
+
+# A skip because a package is missing hides untested code behind a green run: peft, autoawq and
+# the other test dependencies are required (pyproject.toml's `test` extra), so such a skip fails.
+_MISSING_PACKAGE = re.compile(r"could not import|no module named|is not installed|not available", re.IGNORECASE)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+def _fail_missing_package_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if _MISSING_PACKAGE.search(reason):
+            report.outcome = "failed"
+            report.longrepr = f"A required test dependency is missing (skips for missing packages fail): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_missing_package_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_missing_package_skip(outcome.get_result())
 
 
 @pytest.fixture(scope="session")

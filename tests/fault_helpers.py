@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -29,6 +31,17 @@ def invoke(args: list, env: dict | None = None) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], env=env)
 
 
+def invoke_or_hang(args: list, limit: float = 300) -> Result:
+    """`invoke`, failing the test instead of hanging it when the command does not end within `limit`
+    seconds (a liveness guard for network waits, far above any expected duration)."""
+    box: list[Result] = []
+    thread = threading.Thread(target=lambda: box.append(invoke(args)), daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert box, f"`oftsurgery {' '.join(map(str, args))}` still had not ended after {limit} s"
+    return box[0]
+
+
 def assert_refused(result: Result, exit_code: int, *words: str) -> str:
     """The command failed with `exit_code` and said so in exactly one `Error: ...` line, no traceback.
 
@@ -45,6 +58,7 @@ def assert_refused(result: Result, exit_code: int, *words: str) -> str:
     assert message.strip() and message.endswith((".", "?")), f"not one sentence: {message!r}"
     for word in words:
         assert word.lower() in message.lower(), f"{word!r} not in {message!r}"
+    print(f"[exit {result.exit_code}] Error: {message}")  # the table of messages: pytest -s -k ...
     return message
 
 
@@ -238,3 +252,50 @@ def read_only_folder(path: Path):
         return
     with small_tmpfs(path, read_only=True) as mount:
         yield mount
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A TCP port on 127.0.0.1 whose connections are accepted (by the kernel's listen queue) and never
+    answered: an HTTP client sends its request and waits. Yields the URL."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+
+
+def user_folder(path: Path) -> Path:
+    """A folder holding a user's own file: what `--overwrite` must never replace."""
+    path.mkdir(parents=True)
+    (path / "thesis.tex").write_text("years of work")
+    return path
+
+
+def edit_json(path: Path, edit) -> Path:
+    """Rewrite a JSON file with `edit(data)` (its return value, or `data` edited in place)."""
+    data = json.loads(path.read_text())
+    result = edit(data)
+    path.write_text(json.dumps(data if result is None else result))
+    return path
+
+
+def edit_rotations_metadata(src: Path, dst: Path, edit) -> Path:
+    """A copy of a rotations file whose `oftsurgery_metadata` JSON is replaced by `edit(metadata)`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as handle:
+        header = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    header["oftsurgery_metadata"] = json.dumps(edit(json.loads(header["oftsurgery_metadata"])))
+    save_file(tensors, str(dst), metadata=header)
+    return dst
+
+
+def file_modes(root: Path) -> dict[str, int]:
+    """Permission bits of every file and folder under `root` (itself included)."""
+    paths = [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]
+    return {str(p.relative_to(root.parent)): p.stat().st_mode & 0o777 for p in paths}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +17,6 @@ from oftsurgery.quant.config import parse_quant_config
 from oftsurgery.quant.grid import quantize_weight
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-HAS_AUTOAWQ = importlib.util.find_spec("awq") is not None
 
 
 def _assert_same_tensors(actual: dict, expected: dict) -> None:
@@ -72,7 +69,6 @@ def test_awq_nibble_order_is_the_documented_interleave():
     assert nibbles == [int(qw.codes[AWQ_PACK_ORDER[k], 0]) for k in range(8)]
 
 
-@pytest.mark.skipif(not HAS_AUTOAWQ, reason="autoawq is not installed")
 @pytest.mark.parametrize("bias", [False, True])
 def test_autoawq_packer_gives_the_same_bytes(bias):
     layer, _ = awq_reference(128, 64, 32, bias=bias, seed=7)
@@ -83,7 +79,6 @@ def test_autoawq_packer_gives_the_same_bytes(bias):
     _assert_same_tensors(via_autoawq, pack_awq(qw, bias=tensors.get("bias"), backend="gptqmodel"))
 
 
-@pytest.mark.skipif(not HAS_AUTOAWQ, reason="autoawq is not installed")
 def test_requantized_layer_packs_identically_with_every_packer():
     """Ours (the default) writes the bytes of both real packers: autoawq's and gptqmodel's."""
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05

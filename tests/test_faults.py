@@ -9,8 +9,10 @@ outputs would go under `tmp_path/work`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,19 +26,26 @@ from fault_helpers import (
     assert_refused,
     copy_checkpoint,
     corrupt_header,
+    edit_json,
     edit_quant_config,
+    edit_rotations_metadata,
+    file_modes,
     invoke,
+    invoke_or_hang,
     leftovers,
     nothing_written,
     peft_adapter,
     read_only_folder,
     reshard,
     rotations_file,
+    silent_server,
     small_tmpfs,
     to_pickle_only,
     truncate_file,
     unchanged,
+    user_folder,
 )
+from hub_server import no_saved_login  # noqa: F401 (fixture)
 from merge_helpers import all_tensors, assert_bytes_equal, random_rotations
 
 from oftsurgery.errors import (
@@ -91,9 +100,7 @@ def checkpoint_command(command: str, checkpoint: Path, work: Path, rotations: Pa
 def refused(args: list, exit_code: int, words: tuple[str, ...], inputs: list[Path], work: Path) -> str:
     with unchanged(*inputs), nothing_written(work):
         result = invoke(args)
-    message = assert_refused(result, exit_code, *words)
-    print(f"[exit {result.exit_code}] Error: {message}")  # the table of messages: pytest -s -k ...
-    return message
+    return assert_refused(result, exit_code, *words)
 
 
 # -- broken checkpoint files --------------------------------------------------------------------------
@@ -510,8 +517,9 @@ def test_signal_mid_merge_leaves_nothing(signum, tiny_gptq_dir, rotations, work)
 def test_push_to_an_unreachable_hub_leaves_the_folder_alone(tiny_gptq_dir, work):
     """The folder has no README.md: a failed push must not have written one."""
     assert not (tiny_gptq_dir / "README.md").exists()
-    args = ["push", tiny_gptq_dir, "--repo-id", "user/model", "--token", "t", "--endpoint", "http://127.0.0.1:9"]
-    refused(args, HubError.exit_code, ("cannot reach the hub",), [tiny_gptq_dir], work)
+    args = ["push", tiny_gptq_dir, "--repo-id", "user/model", "--token", "t", "--endpoint", "http://127.0.0.1:9",
+            "--retry-wait", "0"]
+    refused(args, HubError.exit_code, ("cannot reach the hub", "4 attempts"), [tiny_gptq_dir], work)
 
 
 def test_an_unexpected_error_is_one_line_and_the_traceback_is_opt_in(monkeypatch, tiny_gptq_dir, work):
@@ -526,3 +534,555 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_is_opt_in(monkeypatch
     assert "a bug spread over lines" in message
     debug = invoke(["inspect", tiny_gptq_dir], env={"OFTSURGERY_DEBUG": "1"})
     assert isinstance(debug.exception, ValueError)
+
+
+# =====================================================================================================
+# Issue 13: never lose a user's files. One section per case of the issue, in its order.
+# =====================================================================================================
+
+def _merge_args(checkpoint: Path, rotations: Path, out, *extra) -> list:
+    return ["merge", checkpoint, rotations, "--out", out, "--method", "rtn", "-q", *extra]
+
+
+@pytest.fixture(scope="module")
+def merged_rtn(tiny_gptq_dir, rotations, tmp_path_factory) -> Path:
+    """A real merge output (tiny GPTQ + `rotations`, rtn): what `--overwrite` may replace, what verify checks."""
+    out = tmp_path_factory.mktemp("merged") / "merged"
+    result = invoke(_merge_args(tiny_gptq_dir, rotations, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# -- 1. --overwrite replaces only what oftsurgery wrote, or an empty folder ---------------------------
+
+@pytest.mark.parametrize("command", ["merge", "attach", "extract"])
+def test_overwrite_refuses_a_folder_oftsurgery_did_not_write(command, tiny_gptq_dir, rotations, small_adapter, work):
+    out = user_folder(work / "mine")
+    args = _writer_command(command, tiny_gptq_dir, rotations, small_adapter, out) + ["--overwrite"]
+    words = ("not replacing", "folder and the output is a file") if command == "extract" else \
+        ("not replacing", "neither a merge_report.json nor an adapter written by oftsurgery")
+    with unchanged(out):
+        refused(args, OutputPathError.exit_code, words, [tiny_gptq_dir, rotations, small_adapter], work)
+
+
+@pytest.mark.parametrize("command", ["merge", "attach", "extract"])
+def test_overwrite_refuses_a_file_oftsurgery_did_not_write(command, tiny_gptq_dir, rotations, small_adapter, work):
+    out = work / "notes.safetensors"
+    out.write_text("not a rotations file")
+    args = _writer_command(command, tiny_gptq_dir, rotations, small_adapter, out) + ["--overwrite"]
+    with unchanged(out):
+        refused(args, OutputPathError.exit_code, ("not replacing",), [tiny_gptq_dir, rotations, small_adapter], work)
+
+
+@pytest.mark.parametrize("place", ["cwd", "cwd_parent", "home", "home_parent", "holds_an_input"])
+def test_overwrite_refuses_the_working_directory_home_and_folders_holding_an_input(
+        place, monkeypatch, tiny_gptq_dir, rotations, merged_rtn, tmp_path):
+    """Even an oftsurgery output: replacing the folder one works in (or home) would pull it from under the user."""
+    project = copy_checkpoint(merged_rtn, tmp_path / "project")  # an oftsurgery output: the ownership rule allows it
+    inputs = [tiny_gptq_dir, rotations]
+    if place.startswith("cwd"):
+        monkeypatch.chdir(project)
+        out, words = (".", ("working directory",)) if place == "cwd" else (tmp_path, ("working directory",))
+    elif place.startswith("home"):
+        monkeypatch.setenv("HOME", str(project))
+        out, words = (project, ("home directory",)) if place == "home" else (tmp_path, ("home directory",))
+    else:
+        rot_inside = project / "rot.safetensors"
+        rot_inside.write_bytes(rotations.read_bytes())
+        inputs, out, words = [tiny_gptq_dir, rot_inside], project, ("contains the input",)
+    args = ["merge", inputs[0], inputs[1], "--out", out, "--method", "rtn", "-q", "--overwrite"]
+    with unchanged(project):
+        result = invoke(args)
+    assert_refused(result, OutputPathError.exit_code, *words)
+
+
+def test_overwrite_refuses_an_oftsurgery_output_holding_a_subfolder(merged_rtn, tiny_gptq_dir, rotations, work):
+    out = copy_checkpoint(merged_rtn, work / "merged")
+    (out / "my-notes").mkdir()
+    with unchanged(out):
+        refused(_merge_args(tiny_gptq_dir, rotations, out, "--overwrite"), OutputPathError.exit_code,
+                ("my-notes", "did not write"), [tiny_gptq_dir, rotations], work)
+
+
+def test_overwrite_replaces_oftsurgery_outputs_and_empty_folders(tiny_gptq_dir, rotations, merged_rtn, small_adapter,
+                                                                  tmp_path, work):
+    other = random_rotations(tiny_gptq_dir, tmp_path / "other.safetensors", strength=0.05, seed=1)
+    merged = copy_checkpoint(merged_rtn, work / "merged")
+    result = invoke(_merge_args(tiny_gptq_dir, other, merged, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((merged / "merge_report.json").read_text())["adapter"] == str(other)
+    empty = work / "empty"
+    empty.mkdir()
+    assert invoke(["attach", tiny_gptq_dir, "--out", empty, "--overwrite"]).exit_code == 0
+    assert invoke(["attach", tiny_gptq_dir, "--out", empty, "--overwrite", "--block-size", "64"]).exit_code == 0
+    assert json.loads((empty / "adapter_config.json").read_text())["oft_block_size"] == 64
+    rot = work / "rot.safetensors"
+    assert invoke(["extract", small_adapter, "--out", rot]).exit_code == 0
+    assert invoke(["extract", small_adapter, "--out", rot, "--overwrite"]).exit_code == 0
+    assert sorted(p.name for p in work.iterdir()) == ["empty", "merged", "rot.safetensors"]  # no temporaries
+
+
+def test_a_failed_overwrite_leaves_the_old_output_as_it_was(monkeypatch, merged_rtn, tiny_gptq_dir, rotations, work):
+    out = copy_checkpoint(merged_rtn, work / "merged")
+    _fail_on_third_layer(monkeypatch, RuntimeError("injected failure"))
+    with unchanged(out):
+        refused(_merge_args(tiny_gptq_dir, rotations, out, "--overwrite"), MergeError.exit_code,
+                ("injected failure",), [tiny_gptq_dir, rotations], work)
+    assert leftovers(out) == ["merged"]
+
+
+# -- 2. no race at the final rename ----------------------------------------------------------------
+
+def _create_at_out_during_the_merge(monkeypatch, out: Path, with_file: bool) -> None:
+    """Someone (a user, another run) creates `out` while the merge works on its layers."""
+    import oftsurgery.merge.requant as requant
+
+    real = requant.requantize_rtn
+
+    def requantize_rtn(*args, **kwargs):
+        if not out.exists():
+            out.mkdir()
+            if with_file:
+                (out / "notes.txt").write_text("mine")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(requant, "requantize_rtn", requantize_rtn)
+
+
+@pytest.mark.parametrize(("with_file", "overwrite", "words"), [
+    (False, False, ("appeared while this run was writing it", "left as it is")),
+    (True, False, ("appeared while this run was writing it", "left as it is")),
+    (True, True, ("not replacing",)),
+], ids=["empty_folder", "folder_with_a_file", "folder_with_a_file_and_overwrite"])
+def test_a_folder_created_at_out_during_the_run_is_never_replaced(with_file, overwrite, words, monkeypatch,
+                                                                 tiny_gptq_dir, rotations, work):
+    out = work / "merged"
+    _create_at_out_during_the_merge(monkeypatch, out, with_file)
+    args = _merge_args(tiny_gptq_dir, rotations, out, *(["--overwrite"] if overwrite else []))
+    with unchanged(tiny_gptq_dir, rotations):
+        result = invoke(args)
+    assert_refused(result, OutputPathError.exit_code, *words)
+    assert sorted(os.listdir(out)) == (["notes.txt"] if with_file else [])
+    assert leftovers(out) == ["merged"]
+
+
+def test_two_merges_racing_to_one_output_one_wins_and_the_other_fails(tiny_gptq_dir, rotations, work):
+    """Two real processes: exactly one writes the output, the other says so in one line; nothing else remains."""
+    out = work / "merged"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTQMODEL_CPU_WORKERS": "2"}
+    args = [sys.executable, "-m", "oftsurgery", *map(str, _merge_args(tiny_gptq_dir, rotations, out))]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              preexec_fn=_restore_default_signals) for _ in range(2)]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    codes = [proc.returncode for proc in procs]
+    assert sorted(codes) == [0, OutputPathError.exit_code], outputs
+    loser_stderr = outputs[codes.index(OutputPathError.exit_code)][1]
+    errors = [line for line in loser_stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and ("already exists" in errors[0] or "appeared while" in errors[0]), loser_stderr
+    assert leftovers(out) == ["merged"]
+    from oftsurgery.io import CheckpointReader
+
+    assert sorted(all_tensors(out)) == sorted(CheckpointReader(tiny_gptq_dir).tensors)  # the winner is complete
+
+
+# -- 3. push: bounded waits, bounded retries, one sentence ---------------------------------------------
+
+@pytest.mark.parametrize("stage", ["tcp", "create_repo", "commit"])
+def test_push_to_a_hub_that_never_answers_ends_with_one_sentence(stage, tiny_gptq_dir, tmp_path):
+    """A server that accepts the connection and never answers (at connect, or mid-push) is given up on."""
+    from oftsurgery.testing.hub_server import STALL, LocalHub
+
+    folder = copy_checkpoint(tiny_gptq_dir, tmp_path / "ckpt")
+    limits = ["--timeout", "1", "--retries", "1", "--retry-wait", "0"]
+    if stage == "tcp":
+        with silent_server() as url:
+            result = invoke_or_hang(["push", folder, "--repo-id", "alice/m", "--token", "t", "--endpoint", url,
+                                     *limits])
+        assert_refused(result, HubError.exit_code, "did not answer", "within 1 s", "2 attempts",
+                       "creating the repository")
+        return
+    with LocalHub(tokens={"hf_t": "alice"}) as hub:
+        hub.stall(stage)
+        result = invoke_or_hang(["push", folder, "--repo-id", "alice/m", "--token", "hf_t", "--endpoint", hub.url,
+                                 *limits])
+        stalled = [r.status for r in hub.requests_to(stage)]
+    assert_refused(result, HubError.exit_code, "did not answer", "2 attempts")
+    assert stalled == [STALL, STALL]  # the first attempt and one retry, then it stopped
+
+
+def test_push_retries_a_transient_failure_then_succeeds(tiny_gptq_dir, tmp_path):
+    from oftsurgery.testing.hub_server import LocalHub
+
+    folder = copy_checkpoint(tiny_gptq_dir, tmp_path / "ckpt")
+    with LocalHub(tokens={"hf_t": "alice"}) as hub:
+        hub.fail("commit", 503, times=1)
+        hub.stall("create_repo", times=1)
+        result = invoke_or_hang(["push", folder, "--repo-id", "alice/m", "--token", "hf_t", "--endpoint", hub.url,
+                                 "--timeout", "1", "--retry-wait", "0"])
+        assert result.exit_code == 0, result.output
+        assert [r.status for r in hub.requests_to("commit")] == [503, 200]
+        assert hub.read("alice/m", "model.safetensors") == (folder / "model.safetensors").read_bytes()
+
+
+def test_push_restores_huggingface_hubs_client_factory(tiny_gptq_dir, tmp_path):
+    from huggingface_hub.utils import _http
+
+    from oftsurgery.hub import push_checkpoint
+
+    before = _http._GLOBAL_CLIENT_FACTORY
+    with silent_server() as url, pytest.raises(HubError, match="did not answer"):
+        push_checkpoint(copy_checkpoint(tiny_gptq_dir, tmp_path / "ckpt"), "alice/m", token="t", endpoint=url,
+                        timeout=0.5, retries=0)
+    assert _http._GLOBAL_CLIENT_FACTORY is before
+
+
+# -- 4. verify checks provenance before loading models ---------------------------------------------
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """verify must refuse before it loads a single model."""
+    import oftsurgery.verify
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(oftsurgery.verify, "load_quantized_model", load)
+
+
+def _requantized_copy(src: Path, dst: Path) -> Path:
+    """The same model and quantization settings, other weights: as a second quantization run gives."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    name = next(n for n in sorted(tensors) if n.endswith(".scales"))
+    tensors[name] = (tensors[name].float() * 1.01).to(tensors[name].dtype)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Another model (MLP 192 wide, AWQ) merged with rotations of q_proj only, and those rotations."""
+    from oftsurgery.models import build_tiny_llama, make_awq_checkpoint
+
+    root = tmp_path_factory.mktemp("other_model")
+    checkpoint = make_awq_checkpoint(build_tiny_llama(root / "fp", intermediate_size=192), root / "awq", group_size=32)
+    rot = random_rotations(checkpoint, root / "q.safetensors", strength=0.05, select=lambda n: n.endswith("q_proj"))
+    merged = root / "merged"
+    assert invoke(_merge_args(checkpoint, rot, merged)).exit_code == 0
+    return checkpoint, rot, merged
+
+
+@pytest.mark.parametrize("mismatch", ["other_quantization", "other_weights", "other_model", "other_adapter",
+                                      "fewer_modules"])
+def test_verify_refuses_a_merge_of_something_else_before_loading_models(
+        mismatch, request, no_model_loading, merged_rtn, tiny_gptq_dir, rotations, tmp_path, work):
+    base, adapter, merged = tiny_gptq_dir, rotations, merged_rtn
+    if mismatch == "other_quantization":  # another real quantization of the same model (asym, act-order)
+        base = request.getfixturevalue("tiny_gptq_asym_descact_dir")
+        error, words = InvalidCheckpointError, ("was merged from a GPTQ 4-bit g32 sym", "asym desc_act")
+    elif mismatch == "other_weights":
+        base = _requantized_copy(tiny_gptq_dir, tmp_path / "requantized")
+        error, words = InvalidCheckpointError, ("merged from another checkpoint",)
+    elif mismatch == "other_model":
+        _, adapter, merged = request.getfixturevalue("other_model")
+        base = request.getfixturevalue("tiny_awq_dir")
+        error, words = InvalidCheckpointError, ("was not merged from", "mlp")
+    elif mismatch == "other_adapter":
+        adapter = random_rotations(tiny_gptq_dir, tmp_path / "other.safetensors", strength=0.05, seed=3)
+        error, words = InvalidAdapterError, ("another adapter", "strength")
+    else:
+        adapter = random_rotations(tiny_gptq_dir, tmp_path / "q.safetensors", strength=0.05,
+                                   select=lambda n: n.endswith("q_proj"))
+        error, words = InvalidAdapterError, ("another adapter", "does not target")
+    refused(["verify", merged, "--base", base, "--adapter", adapter], error.exit_code, words,
+            [merged, base, adapter], work)
+
+
+def test_verify_without_a_merge_report_says_what_it_could_not_check(no_model_loading, tiny_gptq_dir, rotations,
+                                                                      tmp_path):
+    merged = copy_checkpoint(tiny_gptq_dir, tmp_path / "merged-elsewhere")
+    result = invoke(["verify", merged, "--base", tiny_gptq_dir, "--adapter", rotations, "--tokens", "64",
+                     "--seq-len", "32"])
+    # it got as far as loading models (refused by the fixture): the checks passed, with a warning
+    assert "Unexpected AssertionError: a model was loaded" in result.stderr, result.stderr
+    assert "Warning: " in result.stderr and "has no merge_report.json" in result.stderr
+
+
+# -- 5. stdout holds only results; third parties are quiet unless -v; errors stay one line ---------------
+
+def _run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTQMODEL_CPU_WORKERS": "2"}
+    return subprocess.run([sys.executable, "-m", "oftsurgery", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=cwd, preexec_fn=_restore_default_signals)
+
+
+def test_verify_json_is_pure_json_and_nothing_else_is_said(merged_rtn, tiny_gptq_dir, rotations):
+    """gptqmodel prints its banner and INFO lines to stdout when imported and when loading: none of it shows."""
+    done = _run_cli("verify", merged_rtn, "--base", tiny_gptq_dir, "--adapter", rotations, "--tokens", "64",
+                    "--seq-len", "32", "--json")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)  # nothing but our JSON on stdout
+    assert figures["eval_tokens"] == 64
+    assert done.stderr == ""
+
+
+def test_third_party_chatter_goes_to_stderr_and_only_with_v(tiny_gptq_dir, rotations, tmp_path):
+    quiet = _run_cli(*_merge_args(tiny_gptq_dir, rotations, tmp_path / "quiet"))
+    loud = _run_cli(*_merge_args(tiny_gptq_dir, rotations, tmp_path / "loud", "-v"))
+    assert quiet.returncode == loud.returncode == 0, (quiet.stderr, loud.stderr)
+    assert "GPT-QModel" in loud.stderr and "INFO" in loud.stderr  # the chatter exists (the packer imports gptqmodel)
+    assert quiet.stderr == ""  # and is silent by default
+    for done in (quiet, loud):  # stdout: our three result lines, nothing else
+        lines = done.stdout.splitlines()
+        assert len(lines) == 3 and lines[0].startswith("merged 14 layer(s)") and lines[2].startswith("wrote "), lines
+
+
+def test_an_error_after_gptqmodel_was_imported_is_one_line(merged_rtn, tiny_gptq_dir, rotations, tmp_path):
+    """gptqmodel is imported and prints its banner, then loading the merged checkpoint fails."""
+    merged = copy_checkpoint(merged_rtn, tmp_path / "merged")
+    edit_json(merged / "config.json", lambda c: c.update(model_type="no_such_architecture"))
+    done = _run_cli("verify", merged, "--base", tiny_gptq_dir, "--adapter", rotations, "--tokens", "64",
+                    "--seq-len", "32")
+    assert done.returncode == InvalidCheckpointError.exit_code, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: gptqmodel could not load"), done.stderr
+
+
+# -- 6. files get the user's umask, weights included ---------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("command", ["merge", "attach", "extract"])
+def test_outputs_have_the_users_umask_modes(command, umask, tiny_gptq_dir, rotations, small_adapter, work):
+    out = work / ("rot.safetensors" if command == "extract" else "out")
+    previous = os.umask(umask)
+    try:
+        result = invoke(_writer_command(command, tiny_gptq_dir, rotations, small_adapter, out))
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    modes = file_modes(out)
+    expected = {p: (0o777 if (work / p).is_dir() else 0o666) & ~umask for p in modes}
+    assert modes == expected
+    weights = [p for p in modes if p.endswith(".safetensors")]
+    assert weights, "no weights or rotations file checked"
+
+
+# -- 7. well-formed files with wrong types, and impossible option values: one sentence, own exit code --
+
+def _adapter_config(edit):
+    def make(folder: Path) -> Path:
+        adapter = peft_adapter(folder / "adapter", {Q_PROJ: 4})
+        edit_json(adapter / "adapter_config.json", edit)
+        return adapter
+    return make
+
+
+def _rotations_metadata(edit):
+    def make(folder: Path, rotations: Path) -> Path:
+        return edit_rotations_metadata(rotations, folder / "rot.safetensors", edit)
+    return make
+
+
+WRONG_ADAPTER_TYPES = {
+    "config_is_a_list": (_adapter_config(lambda c: []), ("adapter_config.json", "JSON object")),
+    "block_size_is_a_string": (_adapter_config(lambda c: c.update(oft_block_size="32")),
+                               ("oft_block_size", "'32' (a string)", "integer")),
+}
+
+
+@pytest.mark.parametrize("command", ["merge", "extract", "verify", "attach"])
+@pytest.mark.parametrize("case", sorted(WRONG_ADAPTER_TYPES))
+def test_adapter_config_with_wrong_types_is_refused(case, command, tiny_gptq_dir, inputs, work):
+    make, words = WRONG_ADAPTER_TYPES[case]
+    adapter = make(inputs)
+    args = {
+        "merge": ["merge", tiny_gptq_dir, adapter, "--out", work / "merged", "-q"],
+        "extract": ["extract", adapter, "--out", work / "rot.safetensors"],
+        "verify": ["verify", tiny_gptq_dir, "--base", tiny_gptq_dir, "--adapter", adapter],
+        "attach": ["attach", tiny_gptq_dir, "--out", work / "adapter", "--from", adapter],
+    }[command]
+    refused(args, InvalidAdapterError.exit_code, words, [adapter, tiny_gptq_dir], work)
+
+
+WRONG_ROTATIONS_METADATA = {
+    "metadata_is_a_list": (lambda m: [], ("metadata of", "JSON object")),
+    "output_side_is_a_number": (lambda m: {**m, "output_side": 5}, ("output_side", "list of strings")),
+}
+
+
+@pytest.mark.parametrize("command", ["merge", "verify", "attach", "inspect"])
+@pytest.mark.parametrize("case", sorted(WRONG_ROTATIONS_METADATA))
+def test_rotations_metadata_with_wrong_types_is_refused(case, command, tiny_gptq_dir, rotations, inputs, work):
+    edit, words = WRONG_ROTATIONS_METADATA[case]
+    bad = edit_rotations_metadata(rotations, inputs / "rot.safetensors", edit)
+    args = {
+        "merge": ["merge", tiny_gptq_dir, bad, "--out", work / "merged", "-q"],
+        "verify": ["verify", tiny_gptq_dir, "--base", tiny_gptq_dir, "--adapter", bad],
+        "attach": ["attach", tiny_gptq_dir, "--out", work / "adapter", "--from", bad],
+        "inspect": ["inspect", bad],
+    }[command]
+    refused(args, InvalidAdapterError.exit_code, words, [bad, tiny_gptq_dir], work)
+
+
+WRONG_CHECKPOINT_TYPES = {
+    "config_json_is_null": (lambda d: (d / "config.json").write_text("null"), ("config.json", "JSON object")),
+    "group_size_is_abc": (lambda d: edit_quant_config_in_place(d, group_size="abc"),
+                          ("group_size", "'abc' (a string)", "integer")),
+}
+
+
+def edit_quant_config_in_place(folder: Path, **changes) -> None:
+    for name in ("config.json", "quantize_config.json"):
+        path = folder / name
+        if path.is_file():
+            edit_json(path, lambda c: (c.get("quantization_config", c) if name == "config.json" else c).update(changes))
+
+
+@pytest.mark.parametrize("command", CHECKPOINT_COMMANDS)
+@pytest.mark.parametrize("case", sorted(WRONG_CHECKPOINT_TYPES))
+def test_checkpoint_config_with_wrong_types_is_refused(case, command, tiny_gptq_dir, rotations, inputs, work):
+    break_it, words = WRONG_CHECKPOINT_TYPES[case]
+    checkpoint = copy_checkpoint(tiny_gptq_dir, inputs / "ckpt")
+    break_it(checkpoint)
+    args = checkpoint_command(command, checkpoint, work, rotations, tiny_gptq_dir)
+    refused(args, InvalidCheckpointError.exit_code, words, [checkpoint, rotations, tiny_gptq_dir], work)
+
+
+@pytest.mark.parametrize("command", ["merge", "attach", "extract"])
+def test_a_symlink_loop_at_out_is_refused(command, tiny_gptq_dir, rotations, small_adapter, work):
+    loop = work / "loop"
+    os.symlink(loop, loop)
+    args = _writer_command(command, tiny_gptq_dir, rotations, small_adapter, loop) + ["--overwrite"]
+    refused(args, OutputPathError.exit_code, ("symbolic link loop",), [tiny_gptq_dir, rotations, small_adapter], work)
+    assert os.readlink(loop) == str(loop)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["merge", "{ckpt}", "{rot}", "--out", "{out}", "--max-shard-size", "inf"], ("--max-shard-size", "'inf'")),
+    (["merge", "{ckpt}", "{rot}", "--out", "{out}", "--max-shard-size", "nan"], ("--max-shard-size", "'nan'")),
+    (["attach", "{ckpt}", "--out", "{out}", "--target-regex", "("], ("--target-regex", "not a valid regular expression")),
+    (["attach", "{ckpt}", "--out", "{out}", "--coft", "--eps", "nan"], ("--eps", "finite")),
+    (["push", "{ckpt}", "--repo-id", "a/b", "--timeout", "inf"], ("--timeout", "finite")),
+], ids=["max_shard_size_inf", "max_shard_size_nan", "target_regex", "eps_nan", "timeout_inf"])
+def test_impossible_option_values_are_a_bad_command_line(args, words, tiny_gptq_dir, rotations, work):
+    values = {"{ckpt}": tiny_gptq_dir, "{rot}": rotations, "{out}": work / "out"}
+    refused([values.get(a, a) for a in args], 2, words, [tiny_gptq_dir, rotations], work)
+
+
+# -- 8. every option is checked before the merge starts ---------------------------------------------------
+
+@pytest.fixture
+def merge_must_not_start(monkeypatch):
+    import oftsurgery.merge
+
+    def merge_checkpoint(*args, **kwargs):
+        raise AssertionError("the merge started although an option was wrong")
+
+    monkeypatch.setattr(oftsurgery.merge, "merge_checkpoint", merge_checkpoint)
+
+
+@pytest.mark.parametrize(("extra", "code", "words"), [
+    (["--push-to-hub", "a/b/c"], HubError.exit_code, ("'a/b/c'", "NAMESPACE/NAME")),
+    (["--push-to-hub", "me/model"], HubError.exit_code, ("No Hugging Face token",)),
+    (["--push-to-hub", "me/model", "--token", "t", "--endpoint", "ftp://hub"], HubError.exit_code, ("http(s) URL",)),
+    (["--calib", "builtin:code"], 2, ("--calib", "--method rtn")),
+    (["--calib-tokens", "512"], 2, ("--calib-tokens", "--method rtn")),
+    (["--token", "t"], 2, ("--token", "--push-to-hub")),
+], ids=["repo_id_a_b_c", "no_token", "endpoint_not_http", "calib_with_rtn", "calib_tokens_with_rtn",
+        "token_without_push"])
+def test_merge_options_are_checked_before_the_merge_starts(extra, code, words, no_saved_login, merge_must_not_start,
+                                                            tiny_gptq_dir, rotations, work):
+    refused(_merge_args(tiny_gptq_dir, rotations, work / "merged", *extra), code, words, [tiny_gptq_dir, rotations],
+            work)
+
+
+@pytest.fixture
+def no_layer_merged(monkeypatch):
+    import oftsurgery.merge.engine as engine
+
+    def requantize_layer(*args, **kwargs):
+        raise AssertionError("a layer was merged before the calibration source was checked")
+
+    monkeypatch.setattr(engine, "requantize_layer", requantize_layer)
+
+
+# -- 9. calibration errors say what is wrong, with exit code 11 ------------------------------------------
+
+@pytest.mark.parametrize("problem", ["missing_absolute_path", "missing_relative_txt", "jsonl_of_numbers",
+                                     "jsonl_of_lists", "a_folder", "not_a_dataset_name"])
+def test_bad_calibration_source_is_refused_before_any_layer(problem, no_layer_merged, tiny_gptq_dir, rotations,
+                                                             inputs, work):
+    if problem == "missing_absolute_path":
+        calib, words = str(inputs / "nope" / "calib.txt"), ("does not exist", str(inputs / "nope" / "calib.txt"))
+    elif problem == "missing_relative_txt":
+        calib, words = "no/such/dir/calib.txt", ("does not exist",)
+    elif problem == "jsonl_of_numbers":
+        (inputs / "calib.jsonl").write_text("1\n2\n3\n")
+        calib, words = str(inputs / "calib.jsonl"), ("line 1", "1 (an integer)", '"text" string')
+    elif problem == "jsonl_of_lists":
+        (inputs / "calib.jsonl").write_text('{"text": "fine"}\n["a", "b"]\n')
+        calib, words = str(inputs / "calib.jsonl"), ("line 2",)
+    elif problem == "a_folder":
+        calib, words = str(inputs), ("is a folder",)
+    else:
+        calib, words = "wikitext", ("neither an existing file nor a Hub dataset name",)
+    args = ["merge", tiny_gptq_dir, rotations, "--out", work / "merged", "--calib", calib, "-q"]
+    refused(args, CalibrationError.exit_code, words, [tiny_gptq_dir, rotations, inputs], work)
+
+
+# -- 10. leftovers: created parents, and temporaries of dead runs ----------------------------------------
+
+def test_a_failed_merge_removes_the_parent_folders_it_created(monkeypatch, tiny_gptq_dir, rotations, work):
+    _fail_on_third_layer(monkeypatch, RuntimeError("injected failure"))
+    out = work / "a" / "b" / "merged"
+    refused(_merge_args(tiny_gptq_dir, rotations, out), MergeError.exit_code, ("injected failure",),
+            [tiny_gptq_dir, rotations], work)
+    assert not (work / "a").exists()
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next_run(tiny_gptq_dir, rotations, work):
+    """`kill -9` leaves `.merged.tmp-HOST-PID-*`; the next run writing `merged` sees PID is gone and removes it."""
+    out = work / "merged"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTQMODEL_CPU_WORKERS": "2"}
+    args = [sys.executable, "-m", "oftsurgery", "merge", str(tiny_gptq_dir), str(rotations), "--out", str(out),
+            "--calib-tokens", "65536", "--seq-len", "256", "-q"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_restore_default_signals)
+    try:
+        while not any(p.name.startswith(".merged.tmp-") for p in work.iterdir()):
+            assert proc.poll() is None, f"merge ended before it could be killed:\n{proc.stderr.read()}"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stale = [p for p in work.iterdir() if p.name.startswith(".merged.tmp-")]
+    assert len(stale) == 1 and f"-{proc.pid}-" in stale[0].name, "kill -9 runs no cleanup: the temporary stays"
+    live = work / f"{stale[0].name.split(f'-{proc.pid}-')[0]}-{os.getpid()}-live"  # a running process's: kept
+    live.mkdir()
+    result = invoke(_merge_args(tiny_gptq_dir, rotations, out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in work.iterdir()) == sorted([live.name, "merged"])
+
+
+# -- the suite itself: a missing test dependency fails, it is not skipped ----------------------------------
+
+def test_a_skip_for_a_missing_package_fails_the_run(tmp_path):
+    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    (tmp_path / "test_needs_a_package.py").write_text(
+        "import pytest\n\n"
+        "def test_uses_it():\n"
+        "    pytest.importorskip('no_such_package_oftsurgery')\n\n"
+        "def test_environment_skip():\n"
+        "    pytest.skip('needs root with mount rights')\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout
+    assert "1 failed, 1 skipped" in done.stdout and "required test dependency is missing" in done.stdout, done.stdout

@@ -119,6 +119,11 @@ def test_atomic_output_refuses_existing_and_overwrites_on_request(tmp_path):
     with pytest.raises(OutputPathError, match="--overwrite"):
         with atomic_output(out):
             pass
+    with pytest.raises(OutputPathError, match="not written by oftsurgery|holds neither"):
+        with atomic_output(out, overwrite=True):
+            pass
+    assert sorted(os.listdir(out)) == ["old.txt"]  # not ours: kept
+    (out / "merge_report.json").write_text(json.dumps({"checkpoint": "c", "adapter": "a", "method": "rtn"}))
     with atomic_output(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(os.listdir(out)) == ["new.txt"]
@@ -289,3 +294,123 @@ def test_reader_is_safe_to_share_between_threads(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(reader.get, names))
     assert all(torch.equal(g, tensors[n]) for g, n in zip(got, names))
+
+
+# -- the final move: never clobber, swap on --overwrite, clean up after dead runs -----------------------
+
+@pytest.fixture(params=["kernel", "fallback"])
+def rename_mode(request, monkeypatch):
+    """Run a test with the kernel's no-replace / exchange renames, and with the portable fallbacks."""
+    if request.param == "fallback":
+        import oftsurgery.io.rename as rename
+
+        def unsupported(*args, **kwargs):
+            raise rename.RenameUnsupported
+
+        monkeypatch.setattr(rename, "_kernel_rename", unsupported)
+    return request.param
+
+
+def _ours(folder, text="old"):
+    folder.mkdir()
+    (folder / "merge_report.json").write_text(json.dumps({"checkpoint": "c", "adapter": "a", "method": "rtn"}))
+    (folder / "data.txt").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("appeared", ["empty_folder", "file", "folder_with_a_file"])
+def test_what_appears_at_the_output_meanwhile_is_never_replaced(appeared, rename_mode, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OutputPathError, match="appeared while this run was writing it"):
+        with atomic_output(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+            if appeared == "file":
+                out.write_text("theirs")
+            else:
+                out.mkdir()
+                if appeared == "folder_with_a_file":
+                    (out / "theirs.txt").write_text("theirs")
+    if appeared == "file":
+        assert out.read_text() == "theirs"
+    else:
+        assert os.listdir(out) == ([] if appeared == "empty_folder" else ["theirs.txt"])
+    assert os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("is_file", [False, True], ids=["folder", "file"])
+def test_overwrite_removes_the_old_output_only_after_the_new_one_is_in_place(is_file, rename_mode, monkeypatch,
+                                                                                tmp_path):
+    import shutil
+
+    out = tmp_path / ("rot.safetensors" if is_file else "out")
+    if is_file:
+        save_file({"a": torch.zeros(2)}, str(out), metadata={"oftsurgery_format": "oftsurgery-rotations"})
+    else:
+        _ours(out)
+    real_rmtree = shutil.rmtree
+    seen = []
+
+    def rmtree(path, *args, **kwargs):  # when anything is deleted, the new output must already be at `out`
+        if is_file:
+            with safe_open(str(out), "pt") as handle:
+                seen.append(list(handle.keys()) == ["b"])
+        else:
+            seen.append((out / "data.txt").read_text() == "new")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with atomic_output(out, overwrite=True, is_file=is_file) as tmp:
+        if is_file:
+            save_file({"b": torch.ones(2)}, str(tmp), metadata={"oftsurgery_format": "oftsurgery-rotations"})
+        else:
+            (tmp / "merge_report.json").write_text(json.dumps({"checkpoint": "c", "adapter": "a", "method": "rtn"}))
+            (tmp / "data.txt").write_text("new")
+    assert seen and all(seen)
+    assert os.listdir(tmp_path) == [out.name]
+
+
+def test_overwrite_checks_the_old_output_again_right_before_the_swap(rename_mode, tmp_path):
+    out = _ours(tmp_path / "out")
+    with pytest.raises(OutputPathError, match="not replacing|holds neither"):
+        with atomic_output(out, overwrite=True) as tmp:
+            (tmp / "data.txt").write_text("new")
+            (out / "merge_report.json").unlink()  # no longer recognisably ours: a user's folder now
+    assert sorted(os.listdir(out)) == ["data.txt"] and (out / "data.txt").read_text() == "old"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_stale_temporaries_of_dead_runs_on_this_host_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from oftsurgery.io.atomic import _host_tag
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: no process has this pid now (pids are not reused this fast)
+    host = _host_tag()
+    other_host = "0" * 8 if host != "0" * 8 else "1" * 8
+    names = {
+        f".out.tmp-{host}-{dead_pid}-abc": False,  # dead run here: removed
+        f".out.old-{host}-{dead_pid}-abc": False,
+        f".out.tmp-{host}-{os.getpid()}-abc": True,  # a live process: kept
+        f".out.tmp-{other_host}-{dead_pid}-abc": True,  # another host's pid means nothing here: kept
+        ".out.tmp-legacy": True,  # not ours to judge
+        f".other.tmp-{host}-{dead_pid}-abc": True,  # another output's
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shard.safetensors").write_bytes(b"x" * 10)
+    with atomic_output(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("a")
+    kept = {name for name, keep in names.items() if keep}
+    assert set(os.listdir(tmp_path)) == kept | {"out"}
+
+
+def test_symbolic_link_loop_is_an_output_path_error(tmp_path):
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    with pytest.raises(OutputPathError, match="symbolic link loop"):
+        check_output_path(loop, overwrite=True)
+    with pytest.raises(OutputPathError, match="symbolic link loop"):
+        with atomic_output(loop / "out"):
+            pass

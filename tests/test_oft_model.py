@@ -19,7 +19,7 @@ from oftsurgery.oft.config import OFTOptions
 from oftsurgery.oft.layer import OFTQuantLinear
 from oftsurgery.oft.model import attach_oft, load_oft_adapter, oft_wrappers, save_oft_adapter
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (a required test dependency: a missing one must fail, not skip)
 
 
 def load_gptq(path):

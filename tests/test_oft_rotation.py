@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from oftsurgery.oft import rotation as rot
 
-peft_layer = pytest.importorskip("peft.tuners.oft.layer")
-from peft import OFTConfig  # noqa: E402
+import peft.tuners.oft.layer as peft_layer  # a required test dependency: a missing one must fail, not skip
+from peft import OFTConfig
 
 
 def peft_rotation_module(r, b, in_features, *, coft=False, eps=6e-5, block_share=False, neumann=True, terms=5):

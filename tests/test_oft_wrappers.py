@@ -12,8 +12,8 @@ from oft_helpers import autoawq_layer, awq_layer, dequantized_weight, gptq_layer
 from oftsurgery.oft import AwqOFTLinear, GPTQOFTLinear, dispatch_awq, dispatch_gptq, rotate_weight
 from oftsurgery.oft import awq as awq_module
 
-peft_layer = pytest.importorskip("peft.tuners.oft.layer")
-from peft import OFTConfig  # noqa: E402
+import peft.tuners.oft.layer as peft_layer  # a required test dependency: a missing one must fail, not skip
+from peft import OFTConfig
 
 IN, OUT = 96, 64
 
@@ -277,7 +277,9 @@ def test_dispatch_returns_none_for_other_layers(layers):
 def autoawq():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pytest.importorskip("awq.modules.linear")
+        import awq.modules.linear  # autoawq is a required test dependency
+
+        return awq.modules.linear
 
 
 def test_autoawq_gemm_wrapper_equals_peft_on_gptqmodel_awq(layers, autoawq):

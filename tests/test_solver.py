@@ -326,9 +326,13 @@ def test_error_from_rows_and_from_the_hessian_agree():
         torch.testing.assert_close(stats.matrix, x.T @ x, rtol=1e-5, atol=1e-5)
 
 
-def test_hessians_are_collected_once_per_input_with_held_out_rows(tiny_gptq_dir):
+@pytest.mark.parametrize("batch_tokens", [4096, 48])  # all 9 rows in one forward pass; 3 rows per pass
+def test_hessians_are_collected_once_per_input_with_held_out_rows(batch_tokens, monkeypatch, tiny_gptq_dir):
     from oftsurgery.io import CheckpointReader
+    from oftsurgery.merge import sharded_inputs
     from oftsurgery.merge.engine import _collect_hessians
+
+    monkeypatch.setattr(sharded_inputs, "BATCH_TOKENS", batch_tokens)
     from oftsurgery.merge.float_model import LayerwiseModel
 
     reader = CheckpointReader(tiny_gptq_dir)
@@ -595,3 +599,19 @@ def test_triton_block_kernels_do_what_the_torch_loops_do():
     assert proc.returncode == 0, proc.stderr[-3000:]
     device, mismatch, total = proc.stdout.split()
     assert int(mismatch) <= (0 if device == "cpu" else int(total) // 1000), (device, mismatch, total)
+
+
+def test_a_failing_gptq_pass_is_recorded_and_polishing_starts_from_rounding(monkeypatch):
+    qw, target, H = _problem(4, move=0.6)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory; injected")
+
+    monkeypatch.setattr(requant, "_gptq_pass", broken)
+    result = requant.requantize_calibrated(qw, target, H)
+    assert result.fallbacks == ["gptq failed (RuntimeError: CUDA out of memory, injected), "
+                                "so the codes start from round-to-nearest"]
+    assert result.stages[0] == "rtn" and "refine_codes" in result.stages
+    s, z = _columns(qw)
+    rtn = requant.requantize_rtn(qw, target)
+    assert result.error < _objective(rtn.codes, s, z, target, H)

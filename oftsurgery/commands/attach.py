@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from oftsurgery.cli_options import REGEX, FiniteFloat
+from oftsurgery.console import echo
+
 
 def _split(value: str | None) -> list[str] | None:
     if not value:
@@ -16,12 +19,12 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Adapter folder to write.")
 @click.option("--target-modules", help="Comma-separated module names or path suffixes (q_proj,v_proj,...); "
               "default: every quantized linear except lm_head, or the modules of --from.")
-@click.option("--target-regex", help="A regex that must match whole module paths (instead of --target-modules).")
+@click.option("--target-regex", type=REGEX, help="A regex that must match whole module paths (instead of --target-modules).")
 @click.option("--exclude-modules", help="Comma-separated module names or path suffixes to leave out.")
 @click.option("--block-size", type=click.IntRange(min=1), help="OFT block size b (default 32, or that of --from).")
 @click.option("--r", "r", type=click.IntRange(min=1), help="Number of blocks per layer (instead of --block-size).")
 @click.option("--coft", is_flag=True, help="Constrained OFT: limit each block's rotation (see --eps).")
-@click.option("--eps", type=float, default=6e-5, show_default=True, help="COFT radius.")
+@click.option("--eps", type=FiniteFloat(0, minimum_open=True), default=6e-5, show_default=True, help="COFT radius.")
 @click.option("--block-share/--no-block-share", default=None, help="One block shared by all chunks of a layer.")
 @click.option("--cayley-neumann/--no-cayley-neumann", default=True, show_default=True,
               help="Cayley-Neumann series (PEFT's default) or the exact Cayley map.")
@@ -57,8 +60,8 @@ def command(checkpoint, out, target_modules, target_regex, exclude_modules, bloc
         from_path=from_path, overwrite=overwrite,
     )
     kind = "given" if from_path else "identity"
-    click.echo(f"Attached OFT ({kind} rotations) to {len(result.modules)} modules of {checkpoint}:")
+    echo(f"Attached OFT ({kind} rotations) to {len(result.modules)} modules of {checkpoint}:")
     for module in result.modules:
         fit = f"  fit residual {module.fit_residual:.2e}" if from_path else ""
-        click.echo(f"  {module.name:<50} in={module.in_features:<6} r={module.r:<4} b={module.block_size}{fit}")
-    click.echo(f"Wrote {result.out}")
+        echo(f"  {module.name:<50} in={module.in_features:<6} r={module.r:<4} b={module.block_size}{fit}")
+    echo(f"Wrote {result.out}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from oftsurgery.console import echo
+
 
 @click.command("demo")
 @click.option("--workdir", default="oftsurgery-demo", show_default=True, type=click.Path(file_okay=False, path_type=str),
@@ -30,4 +32,4 @@ def command(workdir: str, tiny: bool, quiet: bool) -> None:
     """
     from oftsurgery.demo import run_demo
 
-    run_demo(workdir, preset="tiny" if tiny else "smollm2", quiet=quiet, echo=click.echo)
+    run_demo(workdir, preset="tiny" if tiny else "smollm2", quiet=quiet, echo=echo)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from oftsurgery.console import echo
+
 
 @click.command("extract")
 @click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
@@ -24,9 +26,9 @@ def command(adapter_dir: str, out: str, overwrite: bool) -> None:
 
     result = extract_rotations(adapter_dir, out, overwrite=overwrite)
     meta = result.metadata
-    click.echo(f"{adapter_dir}: {meta.get('parameterization')} rotations ({meta.get('source_generation')}), "
+    echo(f"{adapter_dir}: {meta.get('parameterization')} rotations ({meta.get('source_generation')}), "
                f"{len(result.modules)} modules")
     for module in result.modules:
-        click.echo(f"  {module.name:<50} {module.blocks}x{module.block_size}x{module.block_size}  "
+        echo(f"  {module.name:<50} {module.blocks}x{module.block_size}x{module.block_size}  "
                    f"||R-I|| = {module.strength:.4g}")
-    click.echo(f"Wrote {result.out}")
+    echo(f"Wrote {result.out}")

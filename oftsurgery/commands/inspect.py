@@ -6,6 +6,8 @@ import json
 
 import click
 
+from oftsurgery.console import echo
+
 
 @click.command("inspect")
 @click.argument("path", metavar="CHECKPOINT|ADAPTER_OR_ROTATIONS", type=click.Path(path_type=str))
@@ -14,13 +16,16 @@ import click
 @click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=str), metavar="FILE.png",
               help="For an adapter or rotations file: draw rotation strength per layer and module kind "
                    "(a heatmap) into FILE.png.")
+@click.option("--tp", "tensor_parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="For a checkpoint: check the serving kernels' shape rules per shard at this tensor-parallel size.")
 @click.option("--all", "show_all", is_flag=True, help="For an adapter or rotations file: list every module, "
               "not only the 20 strongest.")
-def command(path: str, as_json: bool, layers: bool, plot: str | None, show_all: bool) -> None:
+def command(path: str, as_json: bool, layers: bool, plot: str | None, tensor_parallel: int, show_all: bool) -> None:
     """Describe a GPTQ/AWQ checkpoint, or an OFT adapter / rotations file.
 
-    For a checkpoint: method, bits, group size, layers by kind, size. Only headers and
-    configs are read, so it is fast on any size.
+    For a checkpoint: method, bits, group size, layers by kind, size, and the kernel family
+    vLLM and transformers will serve it with, and why (Marlin or a slower kernel). Only
+    headers and configs are read, so it is fast on any size.
 
     For a PEFT OFT adapter folder (any PEFT version) or a rotations file written by
     `oftsurgery extract`: the rotation strength ‖R − I‖_F of every module, strongest
@@ -30,6 +35,7 @@ def command(path: str, as_json: bool, layers: bool, plot: str | None, show_all: 
     Examples:
       oftsurgery inspect ./SmolLM2-135M-GPTQ-4bit
       oftsurgery inspect ./SmolLM2-135M-GPTQ-4bit --json
+      oftsurgery inspect ./Llama-3-70B-GPTQ --tp 4
       oftsurgery inspect ./my-oft-adapter
       oftsurgery inspect rotations.safetensors --plot rotations.png
     """
@@ -42,11 +48,11 @@ def command(path: str, as_json: bool, layers: bool, plot: str | None, show_all: 
         raise click.UsageError("--plot draws the rotations of an adapter folder or rotations file, not a checkpoint.")
     from oftsurgery.inspect import render_summary, summarize_checkpoint
 
-    summary = summarize_checkpoint(path)
+    summary = summarize_checkpoint(path, tensor_parallel=tensor_parallel)
     if as_json:
-        click.echo(json.dumps(summary.to_dict(with_layers=layers), indent=2))
+        echo(json.dumps(summary.to_dict(with_layers=layers), indent=2))
     else:
-        click.echo(render_summary(summary))
+        echo(render_summary(summary))
 
 
 def _inspect_rotations(path: str, as_json: bool, plot: str | None, show_all: bool) -> None:
@@ -54,9 +60,9 @@ def _inspect_rotations(path: str, as_json: bool, plot: str | None, show_all: boo
 
     summary = summarize_rotations(path)
     if as_json:
-        click.echo(json.dumps(summary.to_dict(), indent=2))
+        echo(json.dumps(summary.to_dict(), indent=2))
     else:
-        click.echo(summary.render(top=None if show_all else 20))
+        echo(summary.render(top=None if show_all else 20))
     if plot:
         from oftsurgery.plots import plot_rotation_strength
 

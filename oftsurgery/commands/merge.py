@@ -7,6 +7,9 @@ import sys
 
 import click
 
+from oftsurgery.cli_options import SIZE, hub_limits
+from oftsurgery.console import echo
+
 
 @click.command("merge")
 @click.argument("checkpoint", type=click.Path(path_type=str))
@@ -25,13 +28,16 @@ import click
 @click.option("--seq-len", type=click.IntRange(min=8), default=256, show_default=True,
               help="Calibration sequence length.")
 @click.option("--device", default="auto", show_default=True,
-              help="Where to compute: auto (the GPU when torch can use one, else the CPU), cpu, cuda or cuda:N.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
+              help="Where to compute: auto (the GPU when torch can use one, else the CPU), cpu, cuda or cuda:N "
+                   "(under torchrun: each rank's own GPU).")
+@click.option("--max-shard-size", type=SIZE, default="5GB", show_default=True,
+              help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="NAMESPACE/NAME",
               help="After a successful merge, publish the output to this Hub repository.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository as private.")
 @click.option("--token", default=None, help="With --push-to-hub: Hub token (default: HF_TOKEN / stored login).")
 @click.option("--endpoint", default=None, help="With --push-to-hub: Hub endpoint URL (private Hub deployments).")
+@hub_limits
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True,
               help="Read a CHECKPOINT that has only pickle weights (pytorch_model.bin) with torch's weights-only "
@@ -42,7 +48,8 @@ import click
                    "failed, source codes kept because nothing beat them, or a module calibration never reached.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_len, device, max_shard_size,
-            push_to_hub, private, token, endpoint, overwrite, allow_pickle, strict, quiet) -> None:
+            push_to_hub, private, token, endpoint, timeout, retries, retry_wait, overwrite, allow_pickle,
+            strict, quiet) -> None:
     """Fold an OFT adapter into a GPTQ/AWQ checkpoint and write a quantized checkpoint.
 
     ADAPTER_OR_ROTATIONS is a PEFT OFT adapter directory (any PEFT generation) or a
@@ -54,23 +61,62 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
       oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./SmolLM2-GPTQ-merged
       oftsurgery merge ./SmolLM2-GPTQ rotations.safetensors --out ./merged-awq --requant awq
       oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./merged --method rtn
-    """
-    from oftsurgery.merge import MergeOptions, merge_checkpoint, parse_size
 
+    Across processes or GPUs, with the same bytes as one process (docs/distributed.md):
+
+    \b
+      torchrun --standalone --nproc-per-node 8 -m oftsurgery merge ./GPTQ ./adapter -o ./merged --device cuda
+    """
+    from oftsurgery.merge import MergeOptions, merge_checkpoint
+
+    _refuse_unused_options(click.get_current_context(), method, push_to_hub)
+    hub_options = {"token": token, "endpoint": endpoint, "timeout": timeout, "retries": retries,
+                   "retry_wait": retry_wait}
+    if push_to_hub:  # a bad push target is refused now, not after a long merge
+        from oftsurgery.hub import check_push_target
+
+        check_push_target(push_to_hub, **hub_options)
     options = MergeOptions(
         requant=requant, method=method, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len, device=device,
-        overwrite=overwrite, max_shard_size=parse_size(max_shard_size), progress=not quiet, allow_pickle=allow_pickle,
+        overwrite=overwrite, max_shard_size=max_shard_size, progress=not quiet, allow_pickle=allow_pickle,
         strict=strict,
         command="oftsurgery " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:])),
     )
     report = merge_checkpoint(checkpoint, adapter, out, options)
-    click.echo(report.summary())
-    click.echo(f"wrote {report.output}")
+    from oftsurgery.merge.distributed import primary_process
+
+    if not primary_process():  # under torchrun: rank 0 wrote the output, and reports (and pushes) it
+        return
+    echo(report.summary())
+    echo(f"wrote {report.output}")
     if push_to_hub:
         from oftsurgery.hub import push_checkpoint
 
-        result = push_checkpoint(report.output, push_to_hub, private=private, token=token, endpoint=endpoint)
-        click.echo(f"pushed: {result.commit_url}")
+        result = push_checkpoint(report.output, push_to_hub, private=private, **hub_options)
+        echo(f"pushed: {result.commit_url}")
+
+
+_CALIBRATION_OPTIONS = {"calib": "--calib", "calib_tokens": "--calib-tokens", "seq_len": "--seq-len"}
+_PUSH_OPTIONS = {"private": "--private", "token": "--token", "endpoint": "--endpoint", "timeout": "--timeout",
+                 "retries": "--retries", "retry_wait": "--retry-wait"}
+
+
+def _refuse_unused_options(ctx: click.Context, method: str, push_to_hub: str | None) -> None:
+    """An option the run would silently ignore is a mistake on the command line: say so before any work."""
+    from click.core import ParameterSource
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+    if method == "rtn":
+        for name, flag in _CALIBRATION_OPTIONS.items():
+            if given(name):
+                raise click.UsageError(f"{flag} is used only by --method calibrated; --method rtn reads no "
+                                       "calibration text, so drop it.")
+    if not push_to_hub:
+        for name, flag in _PUSH_OPTIONS.items():
+            if given(name):
+                raise click.UsageError(f"{flag} is used only with --push-to-hub; add it or drop {flag}.")
 
 
 def _redacted(args: list[str]) -> list[str]:

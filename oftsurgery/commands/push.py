@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from oftsurgery.cli_options import hub_limits
+from oftsurgery.console import echo
+
 
 @click.command("push")
 @click.argument("folder", type=click.Path(path_type=str))
@@ -16,14 +19,20 @@ import click
               help="Hub token with write access [default: HF_TOKEN, or the token saved by `hf auth login`].")
 @click.option("--endpoint", default=None, metavar="URL",
               help="Hub URL, for private Hub deployments [default: HF_ENDPOINT, or https://huggingface.co].")
+@hub_limits
 def command(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
-            create_pr: bool, token: str | None, endpoint: str | None) -> None:
+            create_pr: bool, token: str | None, endpoint: str | None, timeout: float, retries: int,
+            retry_wait: float) -> None:
     """Publish a quantized checkpoint FOLDER (e.g. a merge's output) to the Hugging Face Hub.
 
     The folder is checked first: config.json with a GPTQ/AWQ quantization config, every tensor
     of the index present. Nothing is uploaded if it is incomplete. A model card (README.md) is
     written into the folder if it has none, with the merge's figures and command when the merge
     report is there. Pushing the same folder again commits nothing new.
+
+    Every request waits at most --timeout seconds to connect and for an answer; network
+    errors, timeouts and 408/429/5xx answers are retried --retries times, waiting
+    --retry-wait seconds before the first retry and twice as long before each next one.
 
     Prefer HF_TOKEN or `hf auth login` to --token: a token on the command line can be seen by
     other users of the machine.
@@ -38,11 +47,11 @@ def command(folder: str, repo_id: str, private: bool, revision: str | None, comm
 
     result = push_checkpoint(
         folder, repo_id, private=private, revision=revision, commit_message=commit_message,
-        create_pr=create_pr, token=token, endpoint=endpoint,
+        create_pr=create_pr, token=token, endpoint=endpoint, timeout=timeout, retries=retries, retry_wait=retry_wait,
     )
     if result.card_written is not None:
         click.echo(f"wrote model card: {result.card_written}", err=True)
     click.echo(f"pushed {len(result.files)} files to {result.repo_id} ({result.revision})", err=True)
     if result.pr_url:
         click.echo(f"pull request: {result.pr_url}", err=True)
-    click.echo(result.commit_url)
+    echo(result.commit_url)

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from oftsurgery.console import echo
+
 
 @click.command("verify")
 @click.argument("merged", type=click.Path(path_type=str))
@@ -35,4 +37,4 @@ def command(merged, base, adapter, text, tokens, seq_len, device, as_json) -> No
     from oftsurgery.verify import verify_merge
 
     figures = verify_merge(merged, base, adapter, text=text, num_tokens=tokens, seq_len=seq_len, device=device)
-    click.echo(json.dumps(figures.to_dict(), indent=2) if as_json else figures.render())
+    echo(json.dumps(figures.to_dict(), indent=2) if as_json else figures.render())

@@ -159,6 +159,10 @@ class CheckpointReader:
             self.config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidCheckpointError(f"{config_path} is not valid JSON ({exc}).") from None
+        if not isinstance(self.config, dict):
+            from oftsurgery.schema import describe
+
+            raise InvalidCheckpointError(f"{config_path} must hold a JSON object, not {describe(self.config)}.")
         self.shard_metadata: dict[str, dict[str, Any]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._index_metadata: dict[str, Any] = {}

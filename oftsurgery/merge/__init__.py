@@ -8,6 +8,8 @@ __all__ = ["METHODS", "LayerReport", "MergeOptions", "MergeReport", "merge_check
 
 def parse_size(text: str) -> int:
     """'5GB' / '500MB' / '1024' -> bytes."""
+    import math
+
     from oftsurgery.errors import OftSurgeryError
 
     units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "B": 1}
@@ -19,9 +21,12 @@ def parse_size(text: str) -> int:
     else:
         number, factor = value, 1
     try:
-        size = int(float(number) * factor)
+        amount = float(number) * factor
     except ValueError:
-        raise OftSurgeryError(f"Cannot read the size {text!r}; write it like 5GB or 500MB.") from None
+        amount = math.nan
+    if not math.isfinite(amount):  # "inf" and "nan" parse as floats
+        raise OftSurgeryError(f"Cannot read the size {text!r}; write it like 5GB or 500MB.")
+    size = int(amount)
     if size <= 0:
         raise OftSurgeryError(f"The size {text!r} must be positive.")
     return size

@@ -9,6 +9,8 @@ its "calib" split, which never overlaps the text `verify` evaluates on.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +22,43 @@ if TYPE_CHECKING:
 BUILTIN_CALIB = "builtin:english"
 
 
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".ndjson", ".json")
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_LAST: tuple[tuple, tuple[str, str]] | None = None  # the last source read: checked up front, used later
+
+
 def load_calibration_text(source: str | None) -> tuple[str, str]:
-    """Return (text, description) for a calibration source."""
+    """Return (text, description) for a calibration source.
+
+    The last source read is remembered, so checking it before a merge starts (which reads it) and
+    using it later costs one read (one download for a dataset).
+    """
+    global _LAST
+    key = _cache_key(source)
+    if _LAST is not None and _LAST[0] == key:
+        return _LAST[1]
+    loaded = _load(source)
+    _LAST = (key, loaded)
+    return loaded
+
+
+def _cache_key(source: str | None) -> tuple:
+    if source is None or source.startswith("builtin:"):
+        return (source,)
+    try:
+        stat = Path(source).stat()
+        return (source, stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        return (source, None)
+
+
+def _looks_like_path(source: str) -> bool:
+    """A local path, not a Hub dataset name (namespace/name): absolute, ./ ../ ~, or a text suffix."""
+    return (Path(source).is_absolute() or source.startswith((".", "~")) or "\\" in source
+            or source.lower().endswith(TEXT_SUFFIXES) or source.count("/") > 1)
+
+
+def _load(source: str | None) -> tuple[str, str]:
     from oftsurgery.models import builtin_text
 
     if source is None or source.startswith("builtin:"):
@@ -29,29 +66,51 @@ def load_calibration_text(source: str | None) -> tuple[str, str]:
         if kind not in ("english", "code"):
             raise CalibrationError(f"Unknown built-in calibration text {source!r}; use builtin:english or builtin:code.")
         return builtin_text(kind, "calib", max_chars=None), f"built-in {kind} text (calib split)"
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_file():
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CalibrationError(f"Calibration file {path} cannot be read as UTF-8 text ({exc}).") from None
-        if path.suffix in (".jsonl", ".ndjson"):
-            texts = []
-            for n, line in enumerate(raw.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError:
-                    raise CalibrationError(f"{path} line {n} is not valid JSON.") from None
-                texts.append(item if isinstance(item, str) else str(item.get("text", "")))
-            raw = "\n\n".join(t for t in texts if t)
-        if not raw.strip():
-            raise CalibrationError(f"Calibration file {path} holds no text.")
-        return raw, f"file {path}"
-    if "/" in source and not path.exists():
-        return _hf_dataset_text(source), f"dataset {source}"
-    raise CalibrationError(f"Calibration source {source!r} is neither a file nor a dataset name (namespace/name).")
+        return _file_text(path), f"file {path}"
+    if path.is_dir():
+        raise CalibrationError(f"Calibration source {path} is a folder; pass a .txt or .jsonl file.")
+    if os.path.lexists(path):
+        raise CalibrationError(f"Calibration file {path} cannot be read (a broken link or not a regular file).")
+    if _looks_like_path(source):
+        raise CalibrationError(f"Calibration file {path} does not exist.")
+    if not _DATASET_NAME.match(source):
+        raise CalibrationError(
+            f"Calibration source {source!r} is neither an existing file nor a Hub dataset name (namespace/name)."
+        )
+    return _hf_dataset_text(source), f"dataset {source}"
+
+
+def _file_text(path: Path) -> str:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"Calibration file {path} cannot be read as UTF-8 text ({exc}).") from None
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        texts = []
+        for n, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                raise CalibrationError(f"{path} line {n} is not valid JSON.") from None
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                texts.append(item["text"])
+            elif isinstance(item, str):
+                texts.append(item)
+            else:
+                from oftsurgery.schema import describe
+
+                raise CalibrationError(
+                    f"{path} line {n} holds {describe(item)}; each line must be a JSON string or an object "
+                    'with a "text" string.'
+                )
+        raw = "\n\n".join(t for t in texts if t)
+    if not raw.strip():
+        raise CalibrationError(f"Calibration file {path} holds no text.")
+    return raw
 
 
 def _hf_dataset_text(name: str) -> str:
@@ -71,8 +130,9 @@ def _hf_dataset_text(name: str) -> str:
                 break
         return "\n\n".join(texts)
     except Exception as exc:  # offline, unknown dataset, no text column...
-        raise CalibrationError(f"Could not load calibration dataset {name!r} ({type(exc).__name__}); offline? "
-                               "Pass a local text or JSONL file instead.") from None
+        raise CalibrationError(f"Could not load calibration dataset {name!r} ({type(exc).__name__}): no such local "
+                               "file, and the Hub dataset cannot be read (offline?); pass a local text or JSONL file "
+                               "instead.") from None
 
 
 def calibration_batches(text: str, tokenizer, num_tokens: int, seq_len: int) -> "torch.Tensor":

@@ -7,7 +7,8 @@ W′ = W·Rᵀ requantized on their source grid and packed back into the checkpo
 with gptqmodel's packers. The work runs on one device (`--device`, default auto: the GPU when
 there is one), resolved before anything else. While the main thread solves decoder layer i+1, one
 worker thread packs and writes layer i (`pipeline.BackgroundWriter`). The output directory
-appears only complete.
+appears only complete. Under torchrun the work is spread over the ranks (`distributed.py`,
+docs/distributed.md) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oftsurgery.device import AUTO, resolve_device
-from oftsurgery.errors import MergeError, OftSurgeryError
+from oftsurgery.device import AUTO
+from oftsurgery.errors import MergeError, OftSurgeryError, UnsupportedFormatError
 from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
+from oftsurgery.merge.distributed import SingleProcess, open_ranks, row_batches
 from oftsurgery.merge.pipeline import BackgroundWriter, InlineWriter, WorkerFailed
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
 from oftsurgery.merge.report import LayerReport, MergeReport
@@ -40,6 +43,7 @@ DEFAULT_SEQ_LEN = 256
 REPORT_FILE = "merge_report.json"
 # decoder layers queued between the solve (main thread) and pack+write (worker); 0: no worker thread
 PIPELINE_DEPTH = 1
+SELF_CHECK_ROWS = 2  # calibration rows the layer runner is checked on against the model's own forward
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ def requantize_layer(
         heldout_tokens = measured.tokens if measured is not fit else 0
     else:
         if method == "calibrated":
-            fallbacks.append("not calibrated: the calibration never reached this module, so it was rounded to nearest")
+            fallbacks.append(NOT_REACHED)
 
         def residual(w) -> float:  # ‖E‖²_F in weight space: no data, H = I
             return float(torch.linalg.vector_norm(w - target, dtype=torch.float64) ** 2)
@@ -182,10 +186,12 @@ def _group_by_decoder_layer(names: list[str]) -> tuple[list[str], dict[int, list
 
 
 class _Merger:
-    def __init__(self, reader: CheckpointReader, plan: MergePlan, options: MergeOptions):
+    def __init__(self, reader: CheckpointReader, plan: MergePlan, options: MergeOptions,
+                 ranks: SingleProcess | None = None):
         self.reader = reader
         self.plan = plan
         self.options = options
+        self.ranks = ranks or SingleProcess(options.device)
         self.reports: list[LayerReport] = []
         # the requantized weights of the decoder layer just written, to feed the next layer
         self.merged: dict[str, "QuantizedWeight"] = {}
@@ -208,6 +214,13 @@ class _Merger:
         if cache:
             self._unpacked[prefix] = qw
         return qw
+
+    def source_weight_float(self, prefix: str) -> "torch.Tensor":
+        """A layer's stored weights dequantized (not cached: the runner's self-check runs once)."""
+        from oftsurgery.quant.codec import layer_quant_config, unpack_layer
+
+        cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
+        return unpack_layer(_layer_tensors(self.reader, prefix), cfg).dequantize()
 
     def new_decoder_layer(self) -> None:
         self._unpacked.clear()
@@ -247,6 +260,46 @@ class _Merger:
         self._record(prefix, report)
         return new_qw
 
+    def solve(self, prefixes: list[str], solve_here) -> None:
+        """Requantize the named targeted layers, each on the rank that owns it, and give every rank
+        the results, listed in the order given (in one process: all of them here, in that order).
+
+        `solve_here(prefix)` requantizes one layer in this process, records its report line and
+        returns its weight; the results land in `self.merged`.
+        """
+        from oftsurgery.quant.grid import QuantizedWeight
+
+        ranks = self.ranks
+        owners = ranks.assign(prefixes, [self._solve_cost(p) for p in prefixes])
+        for prefix in prefixes:
+            if owners[prefix] == ranks.rank:
+                self.current = prefix
+                self.merged[prefix] = solve_here(prefix)
+                self.reports[-1].rank = ranks.rank
+        if not ranks.distributed:
+            return
+        for prefix in prefixes:  # the same order on every rank
+            mine = owners[prefix] == ranks.rank
+            qw = self.merged[prefix] if mine else None
+            tensors, info = ranks.share(
+                owners[prefix],
+                {"codes": qw.codes, "scales": qw.scales, "zeros": qw.zeros, "g_idx": qw.g_idx} if mine else None,
+                {"bits": qw.bits, "group_size": qw.group_size,
+                 "report": asdict(next(r for r in reversed(self.reports) if r.name == prefix))} if mine else None)
+            if not mine:
+                self.merged[prefix] = QuantizedWeight(**tensors, bits=info["bits"], group_size=info["group_size"])
+                self.reports.append(LayerReport(**info["report"]))
+        # every rank lists the layers in the same order, whoever solved them
+        order = {p: i for i, p in enumerate(prefixes)}
+        done = sorted((r for r in self.reports if r.name in order), key=lambda r: order[r.name])
+        self.reports = [r for r in self.reports if r.name not in order] + done
+
+    def _solve_cost(self, prefix: str) -> float:
+        """What requantizing a layer costs, roughly: the calibrated solve grows as out·in², rounding as out·in."""
+        layer = self.plan.layers[prefix]
+        calibrated = self.options.method == "calibrated"
+        return float(layer.out_features * layer.in_features * (layer.in_features if calibrated else 1))
+
     def solved_weight(self, prefix: str) -> "QuantizedWeight":
         """The requantized weight of one targeted layer (requantized data-free if not done yet)."""
         if prefix in self.merged:
@@ -266,14 +319,20 @@ class _Merger:
     def _converted_weight(self, prefix: str) -> "QuantizedWeight":
         return _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
 
-    def write_group(self, writer: "BackgroundWriter | InlineWriter", names: list[str]) -> None:
-        """Write the tensors `names` (a decoder layer, or everything outside the layer stack).
+    def write_group(self, writer: "BackgroundWriter | InlineWriter | None", names: list[str]) -> None:
+        """Write the tensors `names` (a decoder layer, or everything outside the layer stack); with
+        `writer` None (a rank other than 0) only solve this rank's share of them.
 
         Requantization happens here, on the calling thread, one linear at a time; packing, the
         re-check, the copy to the host and the writing happen in `writer`'s jobs (on a worker thread
         for `BackgroundWriter`), one job per linear, so at most a few linears' codes exist at once.
         """
         layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
+        # what is not requantized yet (rtn; no calibration): dealt out to the ranks first
+        self.solve([p for p in layers_here if self.plan.layers[p].targeted and p not in self.merged],
+                   self.solved_weight)
+        if writer is None:  # a rank that does not write: its share is done
+            return
         rewritten = [p for p in layers_here if self.plan.layers[p].targeted or self.plan.converts_format]
         owned = {n for n in names if any(n.startswith(p + ".") and "." not in n[len(p) + 1 :] for p in rewritten)}
         untouched = [n for n in names if n not in owned]
@@ -306,90 +365,139 @@ class _Merger:
                 self._reads.clear()
 
 
-def _input_groups(layer_module, names: list[str], sample, kwargs) -> list[list[str]]:
-    """Targeted linears of a decoder layer grouped by the input they share, in execution order.
+def _input_groups(runner, layer_module, index: int, names: list[str], hidden, batches: list[range] | None = None,
+                  ranks: SingleProcess | None = None) -> tuple[list[list[str]], list[str]]:
+    """Targeted linears of a decoder layer grouped by the input they share, in execution order, and the
+    targeted linears no calibration row reaches.
 
-    For a Llama block this is [q, k, v], [o], [gate, up], [down]: each group's input depends only on
-    the groups before it, so requantizing group by group lets every group see (and compensate) what
-    the earlier groups of the same layer will really feed it.
+    For a Llama block the groups are [q, k, v], [o], [gate, up], [down]: each group's input depends
+    only on the groups before it, so requantizing group by group lets every group see (and
+    compensate) what the earlier groups of the same layer will really feed it. MoE experts run only
+    on the tokens routed to them, so batches of rows are run until every linear has been seen; an
+    expert no calibration token is routed to is returned as unreached.
+
+    `batches`: the row ranges of `hidden` to run, in order (default: runner.batch_rows rows at a
+    time). With several ranks each scans its own rows and their findings are joined in rank order,
+    which is row order: the groups come out as if one process had scanned every batch.
     """
     import torch
 
-    seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
-    hooks = [
-        layer_module.get_submodule(name).register_forward_hook(
-            lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
-        )
-        for name in names
-    ]
-    with torch.no_grad():
-        layer_module(sample, **kwargs)
-    for h in hooks:
-        h.remove()
-    groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, tensor in seen:
-        group = next((g for t, g in groups if t is tensor), None)
-        if group is None:
-            groups.append((tensor, [name]))
-        elif name not in group:
-            group.append(name)
-    return [names for _, names in groups]
+    kwargs = runner.layer_kwargs(index)
+    rows = runner.batch_rows(hidden.shape[1])
+    if batches is None:
+        batches = row_batches(range(hidden.shape[0]), rows)
+    groups: list[list[str]] = []
+    seen_names: set[str] = set()
+    for batch in batches:
+        start, stop = batch.start, batch.stop
+        seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
+        hooks = [
+            layer_module.get_submodule(name).register_forward_hook(
+                lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
+            )
+            for name in names
+        ]
+        try:
+            with torch.no_grad():
+                layer_module(hidden[start:stop], **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        batch_groups: list[tuple[torch.Tensor, list[str]]] = []
+        for name, tensor in seen:
+            group = next((g for t, g in batch_groups if t is tensor), None)
+            if group is None:
+                batch_groups.append((tensor, [name]))
+            elif name not in group:
+                group.append(name)
+        for _, group in batch_groups:
+            new = [n for n in group if n not in seen_names]
+            if new:
+                groups.append(new)
+                seen_names.update(new)
+        if len(seen_names) == len(names):
+            break
+    if ranks is not None and ranks.distributed:
+        found, groups, seen_names = ranks.gather_json(groups), [], set()
+        for group in (g for rank_groups in found for g in rank_groups):
+            new = [n for n in group if n not in seen_names]
+            if new:
+                groups.append(new)
+                seen_names.update(new)
+    return groups, [n for n in names if n not in seen_names]
 
 
-def _collect_hessians(layer_module, names: list[str], hidden, kwargs) -> dict[str, "CalibrationInputs"]:
-    """H = Σ x xᵀ at the inputs of the named linears, one per distinct input tensor.
+NOT_REACHED = "not calibrated: the calibration never reached this module, so it was rounded to nearest"
+NO_CALIBRATION_TOKENS = ("not calibrated: no calibration token was routed to this MoE expert, "
+                         "so it was rounded to nearest")
 
-    Linears that read the same tensor (q/k/v; gate/up) share one `CalibrationInputs`, so H and what
-    the solver derives from it are built once. H accumulates in float32 on the run device. Every
-    8th calibration row (`hessian.holdout_rows`) goes to the held-out statistics the report uses.
+
+def _requantize_unreached(merger: "_Merger", name: str) -> "QuantizedWeight":
+    """Requantize a linear no calibration token reached, without data, and say so in its report line."""
+    merger.current = name
+    weight = merger.requantize(name, None)
+    report = merger.reports[-1]
+    # the solver's generic reason, made specific: a router chose no calibration token for this expert
+    report.fallback = (report.fallback or NOT_REACHED).replace(NOT_REACHED, NO_CALIBRATION_TOKENS)
+    return weight
+
+
+def _collect_hessians(layer_module, names: list[str], hidden, kwargs,
+                      ranks: SingleProcess | None = None, num_rows: int | None = None) -> dict[str, "CalibrationInputs"]:
+    """H = Σ x xᵀ at the inputs of the named linears, one `CalibrationInputs` per distinct input.
+
+    Linears that read the same tensor (q/k/v; gate/up) share one, so H and what the solver derives
+    from it are built once. H accumulates in float32 on the run device, shard by shard in a fixed
+    order (`sharded_inputs.py`: the same bits on any number of ranks). Every 8th calibration row
+    (`hessian.holdout_rows`) goes to the held-out statistics the report uses. `hidden` holds this
+    rank's rows of `num_rows` (default: all of them, in one process).
     """
     import torch
 
-    from oftsurgery.merge.hessian import CalibrationInputs, InputHessian, holdout_rows
+    from oftsurgery.merge.sharded_inputs import collect_group_inputs
 
-    held_out = holdout_rows(hidden.shape[0])
-    shared: dict[str, CalibrationInputs] = {}
+    ranks = ranks or SingleProcess(str(hidden.device))
+    num_rows = hidden.shape[0] if num_rows is None else num_rows
+    # which of the linears read the same tensor: one row shows it (zeros on a rank without rows)
+    sample = hidden[:1] if hidden.shape[0] else torch.zeros((1, *hidden.shape[1:]), dtype=hidden.dtype,
+                                                              device=hidden.device)
     seen: list[tuple[str, torch.Tensor]] = []
     hooks = [layer_module.get_submodule(n).register_forward_hook(
         lambda mod, inputs, output, n=n: seen.append((n, inputs[0]))) for n in names]
     try:
         with torch.no_grad():
-            for row in range(hidden.shape[0]):  # one row at a time bounds the attention memory
-                seen.clear()
-                layer_module(hidden[row : row + 1], **kwargs)
-                distinct: list[tuple[torch.Tensor, list[str]]] = []
-                for name, x in seen:
-                    group = next((g for t, g in distinct if t is x), None)
-                    if group is None:
-                        distinct.append((x, [name]))
-                    elif name not in group:
-                        group.append(name)
-                for x, group in distinct:
-                    stats = next((shared[n] for n in group if n in shared), None)
-                    if stats is None:
-                        size, dev = x.shape[-1], x.device
-                        stats = CalibrationInputs(InputHessian(size, dev),
-                                                  InputHessian(size, dev, need_matrix=False) if held_out else None)
-                    for n in group:
-                        shared[n] = stats
-                    (stats.holdout if row in held_out else stats.fit).add(x)
+            layer_module(sample, **kwargs)
     finally:
-        seen.clear()
         for h in hooks:
             h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in seen:
+        group = next((g for t, g in groups if t is x), None)
+        if group is None:
+            groups.append((x, [name]))
+        elif name not in group:
+            group.append(name)
+    seen.clear()
+    shared: dict[str, "CalibrationInputs"] = {}
+    for _, group in groups:
+        shared.update(collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs))
     return shared
 
 
-def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwargs) -> None:
+def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwargs, num_rows: int) -> None:
     """Requantize the targeted linears of decoder layer `index` group by group on real activations.
 
     `hidden` is the merged model's stream (what the already-requantized earlier layers produce), so
     each layer compensates what earlier layers lost. Within the layer, linears not yet requantized
     hold their full-precision merged weight W·Rᵀ; those already done hold their requantized weight.
     A targeted linear no calibration row reached is requantized without inputs, which the report
-    records as a fallback.
+    records as a fallback. In a distributed merge `hidden` holds this rank's rows of the `num_rows`
+    calibration rows, and the linears of a group are solved on different ranks.
     """
+    from oftsurgery.merge.sharded_inputs import collect_group_inputs
+
     plan = merger.plan
+    ranks = merger.ranks
     prefix = runner.layer_prefix(index) + "."
     # the layer is rebuilt once per input group: dequantize and rotate each weight once, not each time
     unmerged: dict[str, "torch.Tensor"] = {}
@@ -405,65 +513,128 @@ def _calibrate_decoder_layer(runner, merger: "_Merger", index: int, hidden, kwar
     layer_module = runner.build_layer(index, current_weight)
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
-    for group in _input_groups(layer_module, local, hidden[:1], kwargs):
+    groups, unreached = _input_groups(runner, layer_module, index, local, hidden,
+                                      _local_batches(runner, ranks, hidden, num_rows), ranks)
+    merger.solve([prefix + name for name in unreached], lambda p: _requantize_unreached(merger, p))
+    for group in groups:
         layer_module = runner.build_layer(index, current_weight)
-        inputs = _collect_hessians(layer_module, group, hidden, kwargs)
-        for name in group:
-            merger.current = prefix + name
-            merger.requantize(prefix + name, inputs.get(name), target=unmerged.pop(prefix + name, None))
+        inputs = collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs)
+
+        def solve_here(name: str) -> "QuantizedWeight":
+            stats = inputs[name[len(prefix):]]
+            if stats.fit.tokens == 0 and (stats.holdout is None or stats.holdout.tokens == 0):
+                return _requantize_unreached(merger, name)  # routing can shift once earlier groups are requantized
+            return merger.requantize(name, stats, target=unmerged.pop(name, None))
+
+        merger.solve([prefix + name for name in group], solve_here)
         del inputs  # frees the group's Hessian and the solver's factors before the next group
+
+
+def _local_batches(runner, ranks: SingleProcess, hidden, num_rows: int) -> list[range]:
+    """This rank's rows of `hidden` in batches of runner.batch_rows, each inside one calibration shard:
+    batch shapes (and with them the float results) then do not depend on the number of ranks."""
+    first = ranks.local_rows(num_rows).start
+    size = runner.batch_rows(hidden.shape[1])
+    return [b for shard in ranks.local_shards(num_rows)
+            for b in row_batches(range(shard.start - first, shard.stop - first), size)]
+
+
+def _forward_local(runner, ranks: SingleProcess, layer_module, index: int, hidden, num_rows: int):
+    """Decoder layer `index` applied to this rank's rows, one calibration shard at a time."""
+    import torch
+
+    if not hidden.shape[0]:
+        return hidden
+    first = ranks.local_rows(num_rows).start
+    return torch.cat([runner.forward_layer(layer_module, index, hidden[s.start - first : s.stop - first])
+                      for s in ranks.local_shards(num_rows)])
 
 
 def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,
                      options: MergeOptions = MergeOptions()) -> MergeReport:
     """Merge an OFT adapter (PEFT dir of any generation, or an `extract` rotations file) into a
-    GPTQ/AWQ checkpoint and write a checkpoint of the requested format to `out`."""
+    GPTQ/AWQ checkpoint and write a checkpoint of the requested format to `out`.
+
+    Under `torchrun`, or inside a process group the caller initialised, every rank calls this and
+    the merge runs across the ranks (docs/distributed.md): rank 0 writes the same bytes a single
+    process would, and every rank returns the report.
+    """
+    with open_ranks(options.device) as ranks, ranks.guard(out):
+        return _merge(checkpoint, adapter, out, options, ranks)
+
+
+def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess) -> MergeReport:
     from oftsurgery.oft.adapter_io import load_rotations
 
     if options.method not in METHODS:
         raise MergeError(f"--method must be one of {', '.join(METHODS)}, not {options.method!r}.")
-    options = replace(options, device=str(resolve_device(options.device, MergeError)))  # once, before any work
+    ranks.check_device()  # resolved once, before any work (cuda under torchrun: each rank its own GPU)
+    options = replace(options, device=ranks.device)
     started = time.perf_counter()
     reader = CheckpointReader(checkpoint, allow_pickle=options.allow_pickle)
     source = load_quant_config(checkpoint)
     rotations = load_rotations(adapter)
     plan = plan_merge(reader, source, rotations, options.requant)
-    out_path = check_output_path(out, [checkpoint, adapter], overwrite=options.overwrite)
+    # only the writing rank's file system matters (other machines may not even see it)
+    out_path = check_output_path(out, [checkpoint, adapter], overwrite=options.overwrite) if ranks.is_writer \
+        else Path(out).expanduser().absolute()
+    if options.method == "calibrated" and plan.targeted:
+        from oftsurgery.merge.calibration import load_calibration_text
 
-    merger = _Merger(reader, plan, options)
+        load_calibration_text(options.calib)  # a bad source fails now, not after the first layers (read once)
+    elif options.calib is not None and options.method == "rtn" and ranks.is_writer:
+        import warnings
+
+        warnings.warn(f"The rtn method reads no calibration text; calib={options.calib!r} is ignored.", stacklevel=2)
+    from oftsurgery.provenance import checkpoint_fingerprint
+
+    fingerprint = checkpoint_fingerprint(reader, source)  # lets `verify` check what this was merged from
+    ranks.sync()  # every rank has checked its inputs: one that refused them stops the others here
+
+    merger = _Merger(reader, plan, options, ranks)
     report = MergeReport(
         checkpoint=str(checkpoint), adapter=str(adapter), output=str(out_path), method=options.method,
         source_format=source.describe(), output_format=plan.target.describe(), calibration=None,
         calib_tokens=0, residual_space="activations" if options.method == "calibrated" else "weights",
-        identity_modules=plan.identity_modules, command=options.command,
+        identity_modules=plan.identity_modules, command=options.command, checkpoint_fingerprint=fingerprint,
+        world_size=ranks.world_size,
     )
+    _describe_serving(plan, report)
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
+    progress = ranks.progress(options.progress)
     try:
-        with atomic_output(out_path, overwrite=options.overwrite) as tmp:
-            writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
-            sink = BackgroundWriter(writer, PIPELINE_DEPTH) if PIPELINE_DEPTH > 0 else InlineWriter(writer)
+        # rank 0 writes; the other ranks solve their share and write nothing
+        with atomic_output(out_path, overwrite=options.overwrite) if ranks.is_writer else nullcontext() as tmp:
+            writer = sink = None
+            if tmp is not None:
+                ranks.track_temporary(tmp)
+                writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
+                sink = BackgroundWriter(writer, PIPELINE_DEPTH) if PIPELINE_DEPTH > 0 else InlineWriter(writer)
             try:
                 merger.write_group(sink, outside)
                 if options.method == "calibrated" and plan.targeted:
-                    _merge_calibrated(reader, merger, by_layer, sink, report)
+                    _merge_calibrated(reader, merger, by_layer, sink, report, progress)
                 else:
-                    for index in _progress(by_layer, len(by_layer), "merging", options.progress):
+                    for index in _progress(by_layer, len(by_layer), "merging", progress):
                         merger.new_decoder_layer()
                         merger.write_group(sink, by_layer[index])
-                sink.close()
-                writer.close()
+                if sink is not None:
+                    sink.close()
+                    writer.close()
             except WorkerFailed as failed:  # raise what failed in the worker as if it failed here
                 merger.current = failed.label
                 raise failed.error from None
             finally:
-                sink.abort()  # stop and wait for the worker before the temporary directory goes
-                writer.abort()
+                if sink is not None:
+                    sink.abort()  # stop and wait for the worker before the temporary directory goes
+                    writer.abort()
             report.layers = merger.reports
             report.seconds = time.perf_counter() - started
-            _write_configs(reader, plan, tmp)
-            copy_side_files(reader.side_files(), tmp)
-            report.write(tmp / REPORT_FILE)
-            _write_card(tmp, report, plan)
+            if tmp is not None:
+                _write_configs(reader, plan, tmp)
+                copy_side_files(reader.side_files(), tmp)
+                report.write(tmp / REPORT_FILE)
+                _write_card(tmp, report, plan)
     except OftSurgeryError:
         raise
     except Exception as exc:
@@ -476,7 +647,7 @@ def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Pat
     return report
 
 
-def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeReport) -> None:
+def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeReport, progress: bool) -> None:
     import torch
 
     from oftsurgery.merge.calibration import calibration_batches, load_calibration_text
@@ -492,28 +663,48 @@ def _merge_calibrated(reader, merger: _Merger, by_layer, writer, report: MergeRe
                          "use --method rtn or add the tokenizer files.") from None
     ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
     report.calibration, report.calib_tokens = desc, int(ids.numel())
-    runner = LayerwiseModel(reader.config, reader.get, device=options.device)
-    hidden, kwargs = runner.first_layer_inputs(ids)
+    runner = LayerwiseModel(reader.config, reader.get, device=options.device, tensor_names=reader.tensors)
+    unknown = [p.prefix for p in merger.plan.targeted if p.prefix not in runner.module_linears()]
+    if unknown:
+        raise UnsupportedFormatError(
+            f"{unknown[0]} is a targeted quantized layer of the checkpoint but {runner.architecture} has no such "
+            "decoder-layer module, so calibration could not reach it; use --method rtn."
+        )
+    # refuse before any merge work if the runner does not reproduce the model's own forward
+    report.runner_check = max(runner.verify(ids[:SELF_CHECK_ROWS], merger.source_weight_float), default=0.0)
+    # each rank carries its own rows (all of them in one process), shard by shard; one without rows
+    # still runs row 0 once, for the layers' keyword arguments
+    ranks, num_rows = merger.ranks, ids.shape[0]
+    shards = ranks.local_shards(num_rows)
+    hidden = (torch.cat([runner.first_layer_inputs(ids[s.start : s.stop])[0] for s in shards]) if shards
+              else runner.first_layer_inputs(ids[:1])[0][:0])
+
     def merged_weight(name: str) -> torch.Tensor:
         """Float weight of a linear as the merged model will hold it."""
         if name in merger.merged:
             return merger.merged[name].dequantize()
         return merger.source_weight(name).dequantize()
 
-    for index in _progress(by_layer, len(by_layer), "merging (calibrated)", options.progress):
+    for index in _progress(by_layer, len(by_layer), "merging (calibrated)", progress):
         names = by_layer[index]
         merger.new_decoder_layer()
         prefix = runner.layer_prefix(index) + "."
         if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
-            _calibrate_decoder_layer(runner, merger, index, hidden, kwargs)
+            _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index), num_rows)
         merger.write_group(writer, names)
         layer_module = runner.build_layer(index, merged_weight)
-        with torch.no_grad():
-            hidden = torch.cat([_first(layer_module(hidden[r : r + 1], **kwargs)) for r in range(hidden.shape[0])])
+        hidden = _forward_local(runner, ranks, layer_module, index, hidden, num_rows)
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
+def _describe_serving(plan: MergePlan, report: MergeReport) -> None:
+    """Which vLLM/transformers kernels the input and the output load with; warn if the merge loses Marlin."""
+    from oftsurgery.serving import marlin_lost_warnings, serving_contract
+
+    shapes = {p: (l.in_features, l.out_features) for p, l in plan.layers.items()}
+    source, output = serving_contract(plan.source, shapes), serving_contract(plan.target, shapes)
+    names = {"vllm": "vLLM", "transformers": "transformers"}
+    report.serving = {names[e]: {"input": source[e].describe(), "output": output[e].describe()} for e in source}
+    report.serving_warnings = marlin_lost_warnings(source, output)
 
 
 def _write_configs(reader: CheckpointReader, plan: MergePlan, out_dir: Path) -> None:

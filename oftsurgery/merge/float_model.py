@@ -1,126 +1,356 @@
-"""A float copy of a quantized model, built one decoder layer at a time.
+"""The layer runner: a quantized model's own forward, one decoder layer at a time, in float.
 
-Calibrated requantization needs real activations at every targeted layer. Loading the whole model
-in float would cost 4 bytes per weight; instead we build the architecture on the meta device (no
-memory), materialise only the embeddings and rotary tables, capture what the first decoder layer
-receives, and then materialise each decoder layer in turn from dequantized weights. Peak memory is
-one decoder layer plus the calibration activations.
+Calibrated requantization needs the activations every targeted linear really sees. Loading the
+whole model in float would cost 4 bytes per weight; instead the model is built on the meta device
+(`module_map.build_skeleton`: no memory, buffers such as rotary tables and Gemma's embedding scale
+real) and only what is needed is materialised:
+
+- **what layer 0 receives** comes from the model's own forward: its own embedding module (scaling
+  included), run up to the decoder stack, read by a forward pre-hook on the real first layer;
+- **what every layer is called with** (attention mask of its layer type — sliding or full —,
+  rotary tables of its type, positions) is read the same way, by pre-hooks on every real layer while
+  the layers pass the hidden states through untouched. It is captured on one calibration row, so
+  every tensor argument has batch size 1 and broadcasts over any number of rows;
+- **each decoder layer** is materialised on demand from the checkpoint (`build_layer`), in the
+  layout gptqmodel quantized (split projections, one linear per MoE expert), and run on batches of
+  rows (`forward_layer`).
+
+`verify` is the guard: before any merge work it runs the stock transformers model (fused modules,
+its own forward, each layer materialised in turn) on a few calibration rows and checks that every
+decoder layer's output from the runner matches; otherwise the architecture is refused.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Callable
+import inspect
+import math
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from oftsurgery.errors import UnsupportedFormatError
+from oftsurgery.errors import OftSurgeryError, UnsupportedFormatError
+from oftsurgery.merge.module_map import (
+    CheckpointTensors,
+    build_skeleton,
+    decoder_layers,
+    release,
+    set_tensor,
+    stock_tensor,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+SELF_CHECK_TOLERANCE = 1e-4  # relative L2 error of a decoder layer's output, runner vs the model's own forward
+DEFAULT_BATCH_TOKENS = 4096  # calibration tokens per layer call: bounds the attention scores' memory
+_NOT_FORWARDED = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
 
-class _Captured(Exception):
-    pass
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has seen what it needed."""
+
+
+class _Mismatch(Exception):
+    def __init__(self, index: int, error: float, what: str):
+        super().__init__(index, error, what)
+        self.index, self.error, self.what = index, error, what
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _passthrough(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def relative_error(ours: "torch.Tensor", theirs: "torch.Tensor") -> float:
+    import torch
+
+    ref = float(torch.linalg.vector_norm(theirs.double()))
+    diff = float(torch.linalg.vector_norm((ours - theirs).double()))
+    return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
 
 
 class LayerwiseModel:
-    """Run a decoder-only HF model layer by layer with weights supplied by the caller.
+    """Run a decoder-only transformers model layer by layer with weights supplied by the caller.
 
-    `tensor(name)` returns any float/int tensor of the checkpoint by name (non-quantized tensors as
-    stored); `linear_weight(prefix)` returns the float weight [out, in] of a quantized linear.
+    `tensor(name)` returns any tensor of the checkpoint by name (non-quantized tensors as stored);
+    `tensor_names` are all the checkpoint's tensor names (default: `tensor.__self__.tensors`, a
+    `CheckpointReader`'s). Weights of quantized linears come from the `linear_weight(prefix)`
+    callable given to `build_layer`/`verify` (the float weight [out, in]).
     """
 
-    def __init__(self, config: dict[str, Any], tensor: Callable[[str], "torch.Tensor"], device: str = "cpu"):
+    def __init__(self, config: dict[str, Any], tensor: Callable[[str], "torch.Tensor"], device: str = "cpu",
+                 tensor_names: Iterable[str] | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
 
-        cfg = dict(config)
-        cfg.pop("quantization_config", None)
-        try:
-            hf_config = AutoConfig.for_model(**cfg)
-        except Exception as exc:
-            raise UnsupportedFormatError(f"Unknown model architecture {cfg.get('model_type')!r} ({exc}).") from None
-        hf_config._attn_implementation = "sdpa"
-        hf_config.use_cache = False
-        self.config = hf_config
+        if tensor_names is None:
+            tensor_names = getattr(getattr(tensor, "__self__", None), "tensors", None)
+            if tensor_names is None:
+                raise TypeError("LayerwiseModel needs tensor_names (the checkpoint's tensor names).")
         self.device = torch.device(device)
+        self._config = dict(config)
         self._tensor = tensor
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-        base = getattr(model, "model", None)
-        if base is None or not hasattr(base, "layers") or not hasattr(base, "embed_tokens"):
-            raise UnsupportedFormatError(
-                f"Calibrated merge supports decoder-only models with model.layers; {type(model).__name__} has another layout."
-            )
-        self.model = model
-        self.base = base
-        self.num_layers = len(base.layers)
-        self._embed = torch.nn.Embedding.from_pretrained(
-            tensor("model.embed_tokens.weight").to(torch.float32), freeze=True
-        ).to(self.device)
-        rotary = getattr(base, "rotary_emb", None)
-        self._rotary = type(rotary)(config=hf_config).to(self.device) if rotary is not None else None
+        self._names = set(tensor_names)
+        self.batch_tokens = batch_tokens
+        self.model = build_skeleton(self._config, checkpoint_layout=True)
+        self.config = self.model.config
+        self.architecture = type(self.model).__name__
+        self.base, self.layers, self.layers_path = decoder_layers(self.model)
+        self.num_layers = len(self.layers)
+        self._materialize_outside_layers(self.model, self.base, self.layers)
+        self._kwargs: list[dict[str, Any]] | None = None
+        self._kwargs_seq_len: int | None = None
 
+    # ---- naming ----------------------------------------------------------------------------------
     def layer_prefix(self, index: int) -> str:
-        return f"model.layers.{index}"
-
-    def first_layer_inputs(self, input_ids: "torch.Tensor") -> tuple["torch.Tensor", dict[str, Any]]:
-        """Hidden states entering decoder layer 0, and the keyword arguments every layer receives."""
-        import torch
-
-        captured: dict[str, Any] = {}
-
-        class Catcher(torch.nn.Module):
-            def forward(self, hidden_states, *args, **kwargs):
-                captured["hidden"] = hidden_states
-                captured["kwargs"] = kwargs
-                raise _Captured
-
-        base = self.base
-        saved = (base.embed_tokens, base.layers, getattr(base, "rotary_emb", None))
-        base.embed_tokens = self._embed
-        base.layers = torch.nn.ModuleList([Catcher()])
-        if self._rotary is not None:
-            base.rotary_emb = self._rotary
-        try:
-            with torch.no_grad():
-                base(input_ids=input_ids.to(self.device), use_cache=False)
-        except _Captured:
-            pass
-        finally:
-            base.embed_tokens, base.layers = saved[0], saved[1]
-            if saved[2] is not None:
-                base.rotary_emb = saved[2]
-        if "hidden" not in captured:
-            raise UnsupportedFormatError("Could not capture the first decoder layer's inputs for calibration.")
-        kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("past_key_values", "use_cache")}
-        return captured["hidden"], kwargs
-
-    def build_layer(self, index: int, linear_weight: Callable[[str], "torch.Tensor"]) -> "nn.Module":
-        """Materialise decoder layer `index` in float32: linears from `linear_weight`, the rest as stored."""
-        import torch
-
-        layer = copy.deepcopy(self.base.layers[index]).to_empty(device=self.device)
-        prefix = self.layer_prefix(index)
-        for name, module in layer.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.data = linear_weight(f"{prefix}.{name}").to(self.device, torch.float32)
-                if module.bias is not None:
-                    module.bias.data = self._tensor(f"{prefix}.{name}.bias").to(self.device, torch.float32)
-        for name, param in layer.named_parameters():
-            owner = name.rsplit(".", 1)[0]
-            if isinstance(layer.get_submodule(owner), torch.nn.Linear):
-                continue
-            param.data = self._tensor(f"{prefix}.{name}").to(self.device, torch.float32)
-        for name, module in layer.named_modules():  # rotary tables etc. inside layers, if any
-            if hasattr(module, "inv_freq") and hasattr(module, "config"):
-                fresh = type(module)(config=self.config).to(self.device)
-                module.load_state_dict(fresh.state_dict(), strict=False)
-        layer.eval()
-        return layer
+        return f"{self.layers_path}.{index}"
 
     @staticmethod
     def linear_names(layer: "nn.Module") -> list[str]:
         import torch
 
         return [name for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def module_linears(self) -> set[str]:
+        """Full names of every linear in the decoder layers, in the checkpoint layout."""
+        return {f"{self.layer_prefix(i)}.{name}" for i, layer in enumerate(self.layers) for name in self.linear_names(layer)}
+
+    def _tensors(self, linear_weight: Callable[[str], "torch.Tensor"]) -> CheckpointTensors:
+        return CheckpointTensors(self._names, self._tensor, linear_weight)
+
+    # ---- materialising ---------------------------------------------------------------------------
+    def _materialize_outside_layers(self, model: "nn.Module", base: "nn.Module", layers: "nn.ModuleList") -> None:
+        """Embeddings, norms and buffers of the base model (everything but the decoder layers) on the device."""
+        base_path = next(name for name, module in model.named_modules() if module is base)
+        layers_rel = next(name for name, module in base.named_modules() if module is layers)
+        tensors = self._tensors(lambda prefix: self._unexpected_quantized(prefix))
+        inside = layers_rel + "."
+        for name, _ in list(base.named_parameters()):
+            full = f"{base_path}.{name}" if base_path else name
+            if name.startswith(inside) or not tensors.has(full):
+                continue  # decoder layers come later; a parameter the checkpoint lacks stays meta, unused
+            set_tensor(base, name, tensors.get(full).to(self.device))
+        for name, buffer in list(base.named_buffers()):
+            if not name.startswith(inside):
+                set_tensor(base, name, buffer.to(self.device))
+
+    def _unexpected_quantized(self, prefix: str):
+        raise UnsupportedFormatError(
+            f"{prefix} outside the decoder layers is quantized; the layer runner handles quantized "
+            "decoder-layer linears only (use --method rtn)."
+        )
+
+    def build_layer(self, index: int, linear_weight: Callable[[str], "torch.Tensor"]) -> "nn.Module":
+        """Decoder layer `index` in float32 on the device, in the checkpoint's layout: quantized linears
+        from `linear_weight(prefix)`, every other parameter as stored."""
+        layer = copy.deepcopy(self.layers[index])
+        prefix = self.layer_prefix(index)
+        tensors = self._tensors(linear_weight)
+        for name, param in list(layer.named_parameters()):
+            full = f"{prefix}.{name}"
+            if not tensors.has(full):
+                raise UnsupportedFormatError(
+                    f"{self.architecture} decoder layer {index} has a parameter {name} that the checkpoint does not "
+                    f"hold ({full}); its tensors do not match this model class's layout (use --method rtn)."
+                )
+            value = tensors.get(full)
+            if tuple(value.shape) != tuple(param.shape):
+                raise UnsupportedFormatError(
+                    f"{full} has shape {tuple(value.shape)} in the checkpoint but {tuple(param.shape)} in "
+                    f"{self.architecture} (use --method rtn)."
+                )
+            set_tensor(layer, name, value.to(self.device))
+        for name, buffer in list(layer.named_buffers()):
+            full = f"{prefix}.{name}"
+            set_tensor(layer, name, (tensors.get(full) if full in self._names else buffer).to(self.device))
+        return layer.eval()
+
+    # ---- what the layers receive -----------------------------------------------------------------
+    def _run_to_layers(self, input_ids: "torch.Tensor", last: int) -> dict[int, tuple["torch.Tensor", dict]]:
+        """Run the model's own forward on `input_ids` until decoder layer `last` is called; return what
+        layers 0..last were called with. Layers before `last` pass hidden states through unchanged,
+        so only the arguments (not the hidden states) of layers after 0 are meaningful."""
+        import torch
+
+        records: dict[int, tuple[torch.Tensor, dict]] = {}
+
+        def pre_hook(index: int):
+            def hook(module, args, kwargs):
+                records[index] = self._call_arguments(module, args, kwargs)
+                if index == last:
+                    raise _Stop
+            return hook
+
+        hooks = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+                 for i, layer in enumerate(self.layers) if i <= last]
+        shadowed = list(self.layers)[:last]
+        for layer in shadowed:  # an instance attribute shadows the class's forward; hooks still run
+            layer.forward = _passthrough
+        try:
+            with torch.no_grad():
+                self.base(input_ids=input_ids.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        except Exception as exc:
+            raise UnsupportedFormatError(
+                f"{self.architecture}'s own forward could not be run up to its decoder layers "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); use --method rtn."
+            ) from None
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for layer in shadowed:
+                del layer.forward
+        if len(records) != last + 1:
+            raise UnsupportedFormatError(
+                f"{self.architecture}'s forward did not call its decoder layers in order; use --method rtn."
+            )
+        return records
+
+    @staticmethod
+    def _call_arguments(module, args, kwargs) -> tuple["torch.Tensor", dict]:
+        """(hidden states, every other argument by name) of one decoder-layer call."""
+        kwargs = dict(kwargs)
+        if args:
+            hidden, extra = args[0], args[1:]
+            if extra:  # name positional extras so they can be passed as keywords
+                params = [p for p in inspect.signature(module.forward).parameters][1:]
+                kwargs.update(zip(params, extra))
+        else:
+            hidden = kwargs.pop("hidden_states")
+        return hidden, {k: v for k, v in kwargs.items() if k not in _NOT_FORWARDED}
+
+    def first_layer_inputs(self, input_ids: "torch.Tensor") -> tuple["torch.Tensor", dict[str, Any]]:
+        """Hidden states entering decoder layer 0 for every row of `input_ids` [rows, seq_len], and the
+        keyword arguments of layer 0 (see `layer_kwargs`)."""
+        import torch
+
+        self._capture_kwargs(input_ids[:1])
+        rows = self.batch_rows(input_ids.shape[1])
+        hidden = [self._run_to_layers(input_ids[r : r + rows], last=0)[0][0] for r in range(0, input_ids.shape[0], rows)]
+        return torch.cat(hidden), self.layer_kwargs(0)
+
+    def _capture_kwargs(self, one_row: "torch.Tensor") -> None:
+        seq_len = int(one_row.shape[1])
+        if self._kwargs is not None and self._kwargs_seq_len == seq_len:
+            return
+        records = self._run_to_layers(one_row, last=self.num_layers - 1)
+        self._kwargs = [records[i][1] for i in range(self.num_layers)]
+        self._kwargs_seq_len = seq_len
+
+    def layer_kwargs(self, index: int) -> dict[str, Any]:
+        """Keyword arguments the model's own forward passes decoder layer `index` (its layer type's
+        mask and rotary tables), for batch size 1: they broadcast over any number of rows."""
+        if self._kwargs is None:
+            raise RuntimeError("call first_layer_inputs before layer_kwargs")
+        return self._kwargs[index]
+
+    def batch_rows(self, seq_len: int) -> int:
+        return max(1, self.batch_tokens // max(1, seq_len))
+
+    def forward_layer(self, layer_module: "nn.Module", index: int, hidden: "torch.Tensor") -> "torch.Tensor":
+        """Decoder layer `index` (a module from `build_layer`) applied to hidden states [rows, seq, hidden]."""
+        import torch
+
+        kwargs = self.layer_kwargs(index)
+        rows = self.batch_rows(hidden.shape[1])
+        with torch.no_grad():
+            return torch.cat([_first(layer_module(hidden[r : r + rows], **kwargs)) for r in range(0, hidden.shape[0], rows)])
+
+    # ---- the self-check --------------------------------------------------------------------------
+    def verify(self, input_ids: "torch.Tensor", linear_weight: Callable[[str], "torch.Tensor"],
+               tolerance: float = SELF_CHECK_TOLERANCE) -> list[float]:
+        """Check that the runner reproduces the model's own forward; return each layer's relative error.
+
+        The reference is the stock transformers model (its own classes and fused modules, every
+        layer materialised in turn from the same weights) run on `input_ids` in one call. The runner
+        goes its own way: its captured embeddings (compared with what the reference's layer 0
+        receives) and per-layer arguments, its split layout, rows in batches; each of its layers is
+        run on the input the reference's layer received. Raises UnsupportedFormatError naming the architecture and the first layer whose
+        output differs by more than `tolerance` (relative L2).
+        """
+        import torch
+
+        reference = build_skeleton(self._config, checkpoint_layout=False)
+        ref_base, ref_layers, _ = decoder_layers(reference)
+        self._materialize_outside_layers(reference, ref_base, ref_layers)
+        weights: dict[str, torch.Tensor] = {}
+
+        def cached_weight(prefix: str) -> "torch.Tensor":  # one dequantization per linear for both sides
+            if prefix not in weights:
+                weights[prefix] = linear_weight(prefix)
+            return weights[prefix]
+
+        tensors = self._tensors(cached_weight)
+        embedded = self.first_layer_inputs(input_ids)[0]
+        state: dict[str, torch.Tensor] = {}
+        errors: list[float] = []
+
+        def pre_hook(index: int):
+            def hook(module, args, kwargs):
+                theirs, _ = self._call_arguments(module, args, kwargs)
+                if index == 0:
+                    err = relative_error(embedded, theirs)
+                    if not err <= tolerance:
+                        raise _Mismatch(0, err, "the input of decoder layer 0 (the embeddings)")
+                # each layer is compared on the reference's own input: rounding differences cannot pile
+                # up across layers (or flip an MoE router's choice), so any mismatch is this layer's
+                state["input"] = theirs
+                prefix = self.layer_prefix(index)
+                for name, param in list(module.named_parameters()):
+                    value = stock_tensor(module, prefix, name, tensors)
+                    if tuple(value.shape) != tuple(param.shape):
+                        raise UnsupportedFormatError(
+                            f"{prefix}.{name} assembled from the checkpoint has shape {tuple(value.shape)}, "
+                            f"but {self.architecture} expects {tuple(param.shape)} (use --method rtn)."
+                        )
+                    set_tensor(module, name, value.to(self.device))
+                for name, buffer in list(module.named_buffers()):
+                    set_tensor(module, name, buffer.to(self.device))
+            return hook
+
+        def post_hook(index: int):
+            def hook(module, args, kwargs, output):
+                theirs = _first(output)
+                layer = self.build_layer(index, cached_weight)
+                ours = self.forward_layer(layer, index, state.pop("input"))
+                release(module)
+                weights.clear()
+                err = relative_error(ours, theirs)
+                errors.append(err)
+                if not err <= tolerance:
+                    raise _Mismatch(index, err, f"decoder layer {index}")
+            return hook
+
+        hooks = []
+        for i, layer in enumerate(ref_layers):
+            hooks.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+            hooks.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
+        try:
+            with torch.no_grad():
+                ref_base(input_ids=input_ids.to(self.device), use_cache=False)
+        except _Mismatch as bad:
+            raise UnsupportedFormatError(
+                f"The layer runner does not reproduce {self.architecture}'s own forward at {bad.what} "
+                f"(relative error {bad.error:.1e} > {tolerance:.0e}), so calibrating would use wrong "
+                "activations; use --method rtn."
+            ) from None
+        except OftSurgeryError:
+            raise
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            raise UnsupportedFormatError(
+                f"The layer runner could not be checked against {self.architecture}'s own forward "
+                f"({type(exc).__name__}: {detail}); use --method rtn."
+            ) from None
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if len(errors) != self.num_layers:
+            raise UnsupportedFormatError(
+                f"{self.architecture}'s own forward ran {len(errors)} of its {self.num_layers} decoder layers, so the "
+                "layer runner cannot be checked against it; use --method rtn."
+            )
+        return errors

@@ -52,6 +52,17 @@ class InputHessian:
         stats.tokens = -1  # unknown
         return stats
 
+    @classmethod
+    def assembled(cls, in_features: int, device: "torch.device | str", *, tokens: int,
+                  matrix: "torch.Tensor | None" = None, rows: "torch.Tensor | None" = None) -> "InputHessian":
+        """Statistics summed elsewhere (shard by shard, on one or several ranks: sharded_inputs.py):
+        H when given, X [tokens, in] when given (H is then made from X if not given)."""
+        stats = cls(in_features, device, need_matrix=matrix is not None)
+        stats._matrix = matrix
+        stats._rows = [rows] if rows is not None else None
+        stats.tokens = tokens
+        return stats
+
     def add(self, x: "torch.Tensor") -> None:
         """Accumulate inputs x [..., in] (any float dtype) in float32 on this statistic's device."""
         import torch

@@ -73,8 +73,13 @@ def _is_identity(blocks: "torch.Tensor") -> bool:
 
 
 def target_quant_config(source: QuantConfig, requant: str | None, layers: dict[str, LayerPlan],
-                        awq_zero_has_zero: bool = False) -> QuantConfig:
-    """The output's quantization config for `--requant` (None: the source's method)."""
+                        awq_zero_has_zero: bool = False, awq_zeros_symmetric: bool = False) -> QuantConfig:
+    """The output's quantization config for `--requant` (None: the source's method).
+
+    AWQ → GPTQ is asymmetric GPTQ (v2 when a zero point is 0, which v1's stored z−1 cannot hold),
+    except when every AWQ zero point is the midpoint 8: then it is symmetric v1 GPTQ, exactly the
+    same weights, and the variant vLLM's Marlin kernel serves.
+    """
     method = (requant or source.method).lower()
     if method == source.method:
         return source
@@ -95,11 +100,64 @@ def target_quant_config(source: QuantConfig, requant: str | None, layers: dict[s
                "version": "gemm", "modules_to_not_convert": None}
         return parse_quant_config(raw, "output config")
     if method == "gptq":
-        raw = {"quant_method": "gptq", "bits": 4, "group_size": source.group_size, "desc_act": False, "sym": False,
+        raw = {"quant_method": "gptq", "bits": 4, "group_size": source.group_size, "desc_act": False,
+               "sym": bool(awq_zeros_symmetric),
                "checkpoint_format": "gptq_v2" if awq_zero_has_zero else "gptq", "pack_dtype": "int32",
                "lm_head": False, "true_sequential": True}
         return parse_quant_config(raw, "output config")
     raise UnsupportedFormatError(f"--requant must be 'gptq' or 'awq', not {requant!r}.")
+
+
+# Projections transformers fuses but GPTQ checkpoints may store split (gptqmodel splits Phi-3's
+# gate_up_proj through defuser), in the order the fused weight stacks them.
+SPLIT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
+
+def split_fused_targets(rotations, layers: dict[str, "LayerPlan"]):
+    """Rotations for a fused module (an adapter trained on the float model's `mlp.gate_up_proj`) moved
+    onto the split layers the checkpoint stores (`mlp.gate_proj`, `mlp.up_proj`).
+
+    Exact: an input-side rotation acts on the input all split parts share, so W_fused·Rᵀ stacks
+    W_part·Rᵀ; an oft_s output scale is cut where the parts' outputs meet. Output-side rotations are
+    cut too when no block straddles two parts, and refused otherwise.
+    """
+    from oftsurgery.oft.adapter_io import RotationSet
+
+    moves = {}
+    for module in rotations.blocks:
+        if module in layers:
+            continue
+        parent, _, leaf = module.rpartition(".")
+        parts = [f"{parent}.{p}" for p in SPLIT_PROJECTIONS.get(leaf, ())]
+        if parts and all(p in layers for p in parts):
+            moves[module] = parts
+    if not moves:
+        return rotations
+    blocks, scales, output_side = dict(rotations.blocks), dict(rotations.scales), set(rotations.output_side)
+    for module, parts in moves.items():
+        fused, scale = blocks.pop(module), scales.pop(module, None)
+        sizes = [layers[p].out_features for p in parts]
+        if scale is not None and scale.shape[0] != sum(sizes):
+            raise InvalidAdapterError(f"oft_s for {module} has {scale.shape[0]} values; its split layers {parts} "
+                                      f"have {sum(sizes)} outputs together.")
+        start = 0
+        for part, size in zip(parts, sizes):
+            if module in output_side:
+                b = fused.shape[-1]
+                if start % b or size % b:
+                    raise InvalidAdapterError(
+                        f"The output-side rotation of {module} has blocks of {b} that straddle its split layers "
+                        f"{', '.join(parts)} in this checkpoint; it cannot be merged into them."
+                    )
+                blocks[part] = fused if fused.shape[0] == 1 else fused[start // b : (start + size) // b]
+                output_side.add(part)
+            else:
+                blocks[part] = fused
+            if scale is not None:
+                scales[part] = scale[start : start + size]
+            start += size
+        output_side.discard(module)
+    return RotationSet(blocks, dict(rotations.metadata), scales, output_side)
 
 
 def plan_merge(reader: "CheckpointReader", source: QuantConfig, rotations, requant: str | None = None) -> MergePlan:
@@ -112,6 +170,7 @@ def plan_merge(reader: "CheckpointReader", source: QuantConfig, rotations, requa
         layers[prefix] = LayerPlan(prefix, in_f, out_f, None)
     if not layers:
         raise InvalidAdapterError(f"{reader.path} holds no quantized linear layers to merge into.")
+    rotations = split_fused_targets(rotations, layers)
 
     missing = [m for m in rotations.blocks if m not in layers]
     if missing:
@@ -143,14 +202,16 @@ def plan_merge(reader: "CheckpointReader", source: QuantConfig, rotations, requa
             identity.append(module)  # still merged: the pipeline must reproduce it exactly
         plan.rotations = rotations
 
-    zero_has_zero = False
+    zero_has_zero, zeros_symmetric = False, False
     if source.is_awq and (requant or "awq").lower() == "gptq":
         from oftsurgery.quant.awq import unpack_awq
 
+        zeros_symmetric = True
         for prefix in layers:
             qw = unpack_awq({k: reader.get(f"{prefix}.{k}") for k in ("qweight", "qzeros", "scales")}, source.group_size)
+            zeros_symmetric = zeros_symmetric and bool((qw.zeros == 2 ** (source.bits - 1)).all())
             if bool((qw.zeros == 0).any()):
                 zero_has_zero = True
                 break
-    target = target_quant_config(source, requant, layers, zero_has_zero)
+    target = target_quant_config(source, requant, layers, zero_has_zero, zeros_symmetric and not zero_has_zero)
     return MergePlan(source=source, target=target, layers=layers, identity_modules=identity)

@@ -26,6 +26,7 @@ class LayerReport:
     # calibration tokens X of the residuals above were measured on, held out of the solve (0: the
     # residuals are on the fitted rows, or in weight space for rtn)
     heldout_tokens: int = 0
+    rank: int = 0  # the rank that solved this layer in a distributed merge (0 in a single process)
 
     @property
     def worse_than_base(self) -> bool:
@@ -48,6 +49,11 @@ class MergeReport:
     seconds: float = 0.0
     command: str | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)
+    checkpoint_fingerprint: str | None = None  # of the source checkpoint; `verify` checks it (oftsurgery.provenance)
+    runner_check: float | None = None  # calibrated: largest relative error of the layer runner vs the model's own forward
+    serving: dict[str, dict[str, str]] = field(default_factory=dict)  # engine -> {"input": ..., "output": ...} kernels
+    serving_warnings: list[str] = field(default_factory=list)  # the output serves on slower kernels than the input
+    world_size: int = 1  # processes the merge ran on (torchrun ranks)
 
     # ---- aggregate figures ----
     @property
@@ -78,7 +84,7 @@ class MergeReport:
         return [(l.name, l.fallback) for l in self.layers if l.fallback]
 
     def warnings(self) -> list[str]:
-        out = []
+        out = list(self.serving_warnings)
         fallbacks = self.fallbacks
         if fallbacks:
             kinds: dict[str, int] = {}
@@ -116,6 +122,12 @@ class MergeReport:
         ]
         if self.identity_modules:
             lines.append(f"{len(self.identity_modules)} of the rotations are exactly the identity (untrained?)")
+        if self.runner_check is not None:
+            lines.append(f"calibration activations checked against the model's own forward: largest relative "
+                         f"error per decoder layer {self.runner_check:.1e}")
+        for engine, kernels in self.serving.items():
+            same = kernels["input"] == kernels["output"]
+            lines.append(f"serving in {engine}: {kernels['output']}" + ("" if same else f" (input: {kernels['input']})"))
         return "\n".join(lines + self.warnings())
 
     def to_dict(self) -> dict[str, Any]:

@@ -429,15 +429,14 @@ def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian
     for attempt in (damp, *[d for d in RETRY_DAMPS if d > damp]):
         try:
             perm, U = _gptq_factor(hess, attempt, act_order, layer.dtype)
+            if attempt != damp:
+                fallbacks.append(f"cholesky: the Hessian is not positive definite at damp {damp:g}, "
+                                 f"so the GPTQ pass used damp {attempt:g}")
+            codes = _gptq_pass(layer, perm, U, block_size)
         except SolverError as exc:
             last = exc
             continue
-        if attempt != damp:
-            fallbacks.append(f"cholesky: the Hessian is not positive definite at damp {damp:g}, "
-                             f"so the GPTQ pass used damp {attempt:g}")
-        try:
-            codes = _gptq_pass(layer, perm, U, block_size)
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # e.g. out of memory
             fallbacks.append(f"gptq failed ({_failure(exc)}), so the codes start from round-to-nearest")
         break
     else:

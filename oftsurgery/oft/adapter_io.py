@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oftsurgery.errors import InvalidAdapterError, UnsupportedFormatError
+from oftsurgery.io import ownership
 from oftsurgery.oft import config as cfg
 from oftsurgery.oft.config import OFTOptions
+from oftsurgery.schema import check_fields
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -35,10 +37,26 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
-ROTATIONS_FORMAT = "oftsurgery-rotations"
+ROTATIONS_FORMAT = ownership.ROTATIONS_FORMAT
 ROTATIONS_FORMAT_VERSION = "1"
 ROTATION_SUFFIX = ".rotation"
 SCALE_SUFFIX = ".scale"
+
+# The kinds of the metadata keys a rotations file may carry (see oftsurgery.schema).
+ROTATIONS_METADATA_SCHEMA = {
+    "source": "str?",
+    "source_generation": "str?",
+    "base_model": "str?",
+    "parameterization": "str?",
+    "num_cayley_neumann_terms": "int?",
+    "peft_version": "str?",
+    "coft": "bool?",
+    "eps": "number?",
+    "block_share": "bool?",
+    "block_sizes": "dict?",
+    "target_modules": "str_list?",
+    "output_side": "str_list?",
+}
 
 # A rotations file of exact Cayley blocks must be orthogonal to this; Neumann blocks are only
 # approximately orthogonal and are checked loosely.
@@ -93,7 +111,7 @@ def read_peft_adapter(path: str | Path) -> PeftOftAdapter:
         data = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InvalidAdapterError(f"{config_path} cannot be read as JSON ({exc}).") from None
-    options = OFTOptions.from_peft_dict(data)
+    options = OFTOptions.from_peft_dict(data, str(config_path))
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (folder / PICKLE_WEIGHTS).is_file():
@@ -147,7 +165,9 @@ def write_peft_adapter(out_dir: str | Path, options: OFTOptions, params: dict[st
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise InvalidAdapterError(f"Refusing to save {name}: it holds NaN or Inf.")
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    # the marker lets `--overwrite` recognise this folder as one oftsurgery wrote (PEFT ignores it)
+    metadata = {"format": "pt", ownership.FORMAT_KEY: ownership.ADAPTER_FORMAT}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata=metadata)
     (out / ADAPTER_CONFIG).write_text(json.dumps(options.to_peft_dict(), indent=2, sort_keys=True) + "\n")
 
 
@@ -297,7 +317,7 @@ def save_rotations(rotations: RotationSet, path: str | Path) -> None:
         tensors[module + ROTATION_SUFFIX] = blocks.detach().to("cpu", torch.float32).contiguous()
     for module, scale in rotations.scales.items():
         tensors[module + SCALE_SUFFIX] = scale.detach().to("cpu", torch.float32).contiguous()
-    metadata = {"format": "pt", "oftsurgery_format": ROTATIONS_FORMAT, "oftsurgery_format_version": ROTATIONS_FORMAT_VERSION}
+    metadata = {"format": "pt", ownership.FORMAT_KEY: ROTATIONS_FORMAT, "oftsurgery_format_version": ROTATIONS_FORMAT_VERSION}
     meta = dict(rotations.metadata)
     meta["output_side"] = sorted(rotations.output_side)
     metadata["oftsurgery_metadata"] = json.dumps(meta, sort_keys=True, default=str)
@@ -328,7 +348,8 @@ def read_rotations_file(path: str | Path) -> RotationSet:
         metadata = json.loads(header.get("oftsurgery_metadata", "{}"))
     except json.JSONDecodeError:
         raise InvalidAdapterError(f"{file} has unreadable metadata.") from None
-    output_side = set(metadata.pop("output_side", []))
+    check_fields(metadata, ROTATIONS_METADATA_SCHEMA, f"The metadata of {file}", InvalidAdapterError)
+    output_side = set(metadata.pop("output_side", None) or [])
     blocks, scales = {}, {}
     for name, tensor in tensors.items():
         _check_finite(tensor, f"{name} in {file}")
@@ -349,6 +370,9 @@ def read_rotations_file(path: str | Path) -> RotationSet:
             raise InvalidAdapterError(f"{file} holds an unexpected tensor {name!r}.")
     if not blocks:
         raise InvalidAdapterError(f"{file} holds no rotations.")
+    strays = sorted(output_side - set(blocks)) + sorted(set(scales) - set(blocks))
+    if strays:
+        raise InvalidAdapterError(f"The metadata or scales of {file} name {strays[0]}, which has no rotation in the file.")
     return RotationSet(blocks, metadata, scales, output_side)
 
 

@@ -23,6 +23,32 @@ GENERATION_NEUMANN_V1 = "peft-0.16-0.17"
 GENERATION_OFT_S = "peft-0.14-0.15"
 GENERATION_OUTPUT_SIDE = "peft<=0.13"
 
+# The kinds of the adapter_config.json keys we interpret (see oftsurgery.schema).
+PEFT_CONFIG_SCHEMA = {
+    "peft_type": "str?",
+    "r": "int",
+    "oft_block_size": "int",
+    "module_dropout": "number",
+    "coft": "bool",
+    "eps": "number",
+    "block_share": "bool",
+    "use_cayley_neumann": "bool",
+    "num_cayley_neumann_terms": "int",
+    "target_modules": "str|str_list?",
+    "exclude_modules": "str|str_list?",
+    "init_weights": "bool",
+    "fan_in_fan_out": "bool",
+    "bias": "str",
+    "modules_to_save": "str_list?",
+    "layers_to_transform": "int|int_list?",
+    "layers_pattern": "str|str_list?",
+    "base_model_name_or_path": "str?",
+    "revision": "str?",
+    "task_type": "str?",
+    "inference_mode": "bool",
+    "peft_version": "str?",
+}
+
 
 @dataclass
 class OFTOptions:
@@ -102,8 +128,11 @@ class OFTOptions:
         return out
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> OFTOptions:
-        """Read an adapter_config.json dict of any PEFT generation."""
+    def from_peft_dict(cls, data: dict[str, Any], where: str = "The adapter config") -> OFTOptions:
+        """Read an adapter_config.json dict of any PEFT generation (`where` names it in errors)."""
+        from oftsurgery.schema import check_fields
+
+        check_fields(data, PEFT_CONFIG_SCHEMA, where, InvalidAdapterError)
         peft_type = str(data.get("peft_type", "")).upper()
         if peft_type != "OFT":
             raise InvalidAdapterError(f"This is not an OFT adapter (peft_type={data.get('peft_type')!r}).")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from oftsurgery.errors import InvalidCheckpointError, UnsupportedFormatError
+from oftsurgery.schema import check_fields, describe
 
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
@@ -62,24 +63,48 @@ def _first(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+# The kinds of the GPTQ/AWQ config keys we interpret (see oftsurgery.schema); a wrong kind is a
+# broken file (InvalidCheckpointError), a right kind with a value we cannot reproduce is unsupported.
+QUANT_CONFIG_SCHEMA = {
+    "quant_method": "str?",
+    "method": "str?",
+    "bits": "int?",
+    "w_bit": "int?",
+    "group_size": "int?",
+    "q_group_size": "int?",
+    "sym": "bool?",
+    "desc_act": "bool?",
+    "checkpoint_format": "str?",
+    "format": "str?",
+    "pack_dtype": "str?",
+    "lm_head": "bool?",
+    "dynamic": "dict?",
+    "zero_point": "bool?",
+    "version": "str?",
+    "modules_to_not_convert": "str_list?",
+}
+
+
 def parse_quant_config(raw: dict[str, Any], source: str = "") -> QuantConfig:
     """Validate one quantization-config dict and turn it into a `QuantConfig`."""
     if not isinstance(raw, dict):
-        raise UnsupportedFormatError(f"The quantization config in {source or 'the checkpoint'} is not a JSON object.")
+        raise InvalidCheckpointError(f"The quantization config in {source or 'the checkpoint'} is not a JSON object.")
     where = source or "the quantization config"
-    method = str(_first(raw, "quant_method", "method", default="")).lower()
+    method = _first(raw, "quant_method", "method", default="")
+    if not isinstance(method, str):
+        raise InvalidCheckpointError(f"{where} has quant_method = {method!r}; it must be a string.")
+    method = method.lower()
     if not method:
         raise UnsupportedFormatError(f"{where} names no quantization method (no quant_method/method key).")
     if method not in ("gptq", "awq"):
         raise UnsupportedFormatError(
             f"{where} uses quantization method {method!r}; oftsurgery supports only plain GPTQ and AWQ (GEMM)."
         )
+    check_fields(raw, QUANT_CONFIG_SCHEMA, where, InvalidCheckpointError)
     bits = _first(raw, "bits", "w_bit")
-    try:
-        bits = int(bits)
-    except (TypeError, ValueError):
-        raise UnsupportedFormatError(f"{where} has no valid `bits` value (found {bits!r}).") from None
-    group_size = int(_first(raw, "group_size", "q_group_size", default=-1))
+    if bits is None:
+        raise UnsupportedFormatError(f"{where} has no valid `bits` value (found {bits!r}).")
+    group_size = _first(raw, "group_size", "q_group_size", default=-1)
     if group_size == 0 or group_size < -1:
         raise UnsupportedFormatError(f"{where} has an invalid group_size {group_size}.")
 
@@ -148,9 +173,12 @@ def _parse_awq(raw: dict[str, Any], where: str, bits: int, group_size: int) -> Q
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidCheckpointError(f"{path} is not readable JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise InvalidCheckpointError(f"{path} must hold a JSON object, not {describe(data)}.")
+    return data
 
 
 def load_quant_config(checkpoint_dir: str | Path) -> QuantConfig:

@@ -150,7 +150,7 @@ class HostedRepo:
 @dataclass
 class InjectedFailure:
     endpoint: str
-    status: int
+    status: int  # STALL: read the request and never answer
     remaining: int | None  # None: every matching request fails
     error_code: str | None
     message: str
@@ -169,6 +169,9 @@ class _HubError(Exception):
         super().__init__(message)
         self.status, self.message, self.error_code = status, message, error_code
         self.extra = extra or {}
+
+
+STALL = 0  # InjectedFailure.status of a request the server accepts and never answers
 
 
 class LocalHub:
@@ -196,6 +199,7 @@ class LocalHub:
         self._failures: list[InjectedFailure] = []
         self._pending_lfs: dict[str, tuple[int, str]] = {}  # oid -> (size, ticket)
         self._lock = threading.RLock()
+        self._stopping = threading.Event()  # releases stalled requests
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._commit_counter = 0
@@ -215,6 +219,7 @@ class LocalHub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -261,6 +266,14 @@ class LocalHub:
             self._failures.append(
                 InjectedFailure(endpoint, status, times, error_code, message or f"Injected failure {status} on {endpoint}")
             )
+
+    def stall(self, endpoint: str, *, times: int | None = None) -> None:
+        """Make the next `times` requests to `endpoint` (all if None) hang: the server reads them and
+        never answers (until it stops), like a Hub behind a broken proxy."""
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint {endpoint!r}; one of {ENDPOINTS}")
+        with self._lock:
+            self._failures.append(InjectedFailure(endpoint, STALL, times, None, "stalled"))
 
     def clear_failures(self) -> None:
         with self._lock:
@@ -626,6 +639,12 @@ class _Handler(BaseHTTPRequestHandler):
             if match is None:
                 raise _HubError(404, f"No route for {method} {split.path}")
             failure = self.hub._take_failure(endpoint)
+            if failure is not None and failure.status == STALL:
+                with self.hub._lock:
+                    self.hub.requests.append(RecordedRequest(endpoint, method, split.path, STALL))
+                self.hub._stopping.wait()
+                self.close_connection = True
+                return
             if failure is not None:
                 raise _HubError(failure.status, failure.message, failure.error_code)
             params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}

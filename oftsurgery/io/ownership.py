@@ -1,0 +1,115 @@
+"""What `--overwrite` may replace: only what oftsurgery wrote, or an empty folder.
+
+oftsurgery's outputs are recognisable from their own contents:
+- a merged checkpoint folder holds `merge_report.json` (a JSON object naming its checkpoint,
+  adapter and method);
+- an adapter folder written by `attach` (or `save_oft_adapter`) holds `adapter_model.safetensors`
+  whose header metadata says `oftsurgery_format: peft-adapter`;
+- a rotations file written by `extract` has `oftsurgery_format: oftsurgery-rotations` in its
+  header metadata.
+oftsurgery never writes subfolders, so a folder holding one is never ours to replace. The working
+directory, the home directory and any folder above them are refused whatever they hold.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from oftsurgery.errors import OutputPathError
+
+MERGE_REPORT = "merge_report.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FORMAT_KEY = "oftsurgery_format"
+ADAPTER_FORMAT = "peft-adapter"
+ROTATIONS_FORMAT = "oftsurgery-rotations"
+_REPORT_KEYS = {"checkpoint", "adapter", "method"}
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def _header_format(path: Path) -> str | None:
+    from oftsurgery.errors import OftSurgeryError
+    from oftsurgery.io.reader import read_safetensors_header
+
+    try:
+        metadata, _ = read_safetensors_header(path)
+    except OftSurgeryError:
+        return None
+    value = metadata.get(FORMAT_KEY) if isinstance(metadata, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def is_merge_output(folder: Path) -> bool:
+    try:
+        report = json.loads((folder / MERGE_REPORT).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and _REPORT_KEYS <= set(report)
+
+
+def is_adapter_output(folder: Path) -> bool:
+    weights = folder / ADAPTER_WEIGHTS
+    return weights.is_file() and _header_format(weights) == ADAPTER_FORMAT
+
+
+def is_rotations_file(path: Path) -> bool:
+    return path.is_file() and _header_format(path) == ROTATIONS_FORMAT
+
+
+def _protected(out: Path) -> str | None:
+    """Why `out` may never be replaced (it is or holds the working or home directory), or None."""
+    places = []
+    try:
+        places.append(("the working directory", Path.cwd().resolve()))
+    except OSError:  # the working directory was deleted
+        pass
+    try:
+        places.append(("your home directory", Path.home().resolve()))
+    except (OSError, RuntimeError):
+        pass
+    for what, place in places:
+        if out == place:
+            return f"it is {what}"
+        if _is_within(place, out):
+            return f"it contains {what}"
+    return None
+
+
+def check_replaceable(out: Path, is_file: bool) -> None:
+    """Raise OutputPathError (one sentence) unless `--overwrite` may replace the existing `out`."""
+    refuse = "; --overwrite replaces only an output oftsurgery wrote or an empty folder, so choose another path " \
+             "or remove it yourself."
+    reason = _protected(out)
+    if reason:
+        raise OutputPathError(f"Not replacing {out}: {reason}; choose another output path.")
+    if is_file:
+        if out.is_dir():
+            raise OutputPathError(f"Not replacing {out}: it is a folder and the output is a file{refuse}")
+        if not is_rotations_file(out):
+            raise OutputPathError(f"Not replacing {out}: it is not a rotations file written by oftsurgery{refuse}")
+        return
+    if not out.is_dir():
+        raise OutputPathError(f"Not replacing {out}: it is a file and the output is a folder{refuse}")
+    try:
+        entries = sorted(out.iterdir())
+    except OSError as exc:
+        raise OutputPathError(f"Not replacing {out}: its contents cannot be listed ({exc.strerror or exc}).") from None
+    if not entries:
+        return
+    if not (is_merge_output(out) or is_adapter_output(out)):
+        raise OutputPathError(
+            f"Not replacing {out}: it is not empty and holds neither a {MERGE_REPORT} nor an adapter written by "
+            f"oftsurgery{refuse}"
+        )
+    subfolders = [e.name for e in entries if e.is_dir() and not e.is_symlink()]
+    if subfolders:
+        raise OutputPathError(
+            f"Not replacing {out}: it holds a folder oftsurgery did not write ({subfolders[0]}){refuse}"
+        )

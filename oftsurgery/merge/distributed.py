@@ -1,0 +1,654 @@
+"""One merge spread over several processes with torch.distributed (`torchrun … -m oftsurgery merge`).
+
+The output must have the same bytes whatever the number of ranks, so nothing here depends on it:
+
+- **Calibration rows** are always cut into `SHARDS` (8) contiguous shards. Each shard's sums
+  (Hessians Σ xxᵀ) are accumulated alone, in batches that never span shards, and the shards are
+  added in one fixed binary tree, ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)). Floating-point addition is
+  not associative, but every addition of that tree is the same in every run: ranks own contiguous
+  runs of shards, each adds up the whole subtrees it owns, the ranks all-gather those partial sums
+  and every rank finishes the same tree. A single process walks the very same tree, so 1, 2, 4 or
+  8 ranks (any number, in fact) give bitwise the same Hessian.
+- **Hidden states**: each rank carries only its own rows through the model; a row's path does not
+  depend on the other rows.
+- **Solving**: the targeted linears of an input group (q/k/v, gate/up, the experts of an MoE
+  layer) are dealt out to ranks; each rank solves its own and the owner broadcasts the codes,
+  scales and zeros, so every rank continues from the same requantized weights.
+- **Writing**: rank 0 alone writes; progress bars show on rank 0 only.
+
+**Failures.** An error on any rank ends every rank with one message and nothing at `--out`. The
+failing rank posts its message to the process group's key-value store before it exits; a rank
+waiting in a collective polls that store (and sees the failed peer's closed connection), and a
+rank busy computing is stopped by torchrun's SIGTERM. Whoever posts first reports; the others end
+quietly (`PeerFailedError`) with the same exit code, after rank 0 has removed its temporary output.
+
+`open_ranks` gives a `SingleProcess` outside torchrun and a `DistributedRanks` inside it (or
+inside a process group the caller initialised); both have the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from oftsurgery.errors import InterruptedError_, MergeError, OftSurgeryError, PeerFailedError
+
+if TYPE_CHECKING:
+    import torch
+
+SHARDS = 8  # calibration rows are always cut into this many shards (a power of two: a binary tree)
+# How long a rank may wait in one collective: another rank may be solving a large layer or rank 0
+# writing a decoder layer meanwhile. A peer that died is noticed long before (store poll, torchrun).
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+GATHER_BUDGET = 1 << 26  # elements received per all-gather of partial sums (bounds transient memory)
+_POLL_STORE_EVERY = 0.2  # seconds between looks at the store for a failed peer while waiting
+
+Node = tuple[int, int]  # a whole subtree of the shard tree: shards [lo, hi)
+Sums = dict[str, "torch.Tensor"]
+
+
+# ------------------------------------------------------------------------------------------------
+# which rows and shards belong to whom (pure functions of row count, rank and world size)
+# ------------------------------------------------------------------------------------------------
+
+def _split_evenly(total: int, parts: int) -> list[range]:
+    """`total` items cut into `parts` contiguous runs, the first `total % parts` one longer."""
+    base, extra = divmod(total, parts)
+    runs, start = [], 0
+    for k in range(parts):
+        stop = start + base + (1 if k < extra else 0)
+        runs.append(range(start, stop))
+        start = stop
+    return runs
+
+
+def shard_rows(num_rows: int) -> list[range]:
+    """The calibration rows of each of the `SHARDS` shards. Non-empty shards come first, so shard
+    0 holds a row whenever there is one."""
+    return _split_evenly(num_rows, SHARDS)
+
+
+def shards_of_rank(rank: int, world_size: int) -> range:
+    """The shards rank `rank` owns: a contiguous run; rank 0 always owns shard 0. With more ranks
+    than shards the extra ranks own none (they still solve layers)."""
+    return _split_evenly(SHARDS, world_size)[rank]
+
+
+def rows_of_rank(num_rows: int, rank: int, world_size: int) -> range:
+    """The calibration rows rank `rank` carries through the model: those of its shards."""
+    shards = shards_of_rank(rank, world_size)
+    if not shards:
+        return range(0, 0)
+    rows = shard_rows(num_rows)
+    return range(rows[shards.start].start, rows[shards.stop - 1].stop)
+
+
+def row_batches(rows: range, batch_size: int) -> list[range]:
+    """`rows` cut into batches of `batch_size` counted from its start (pass one shard: a batch must
+    never span two shards, or the batch shapes, and with them the float results, would depend on
+    the number of ranks)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    return [range(s, min(s + batch_size, rows.stop)) for s in range(rows.start, rows.stop, batch_size)]
+
+
+def subtrees(shards: range, node: Node = (0, SHARDS)) -> list[Node]:
+    """The largest whole subtrees of the shard tree made only of `shards`, left to right."""
+    lo, hi = node
+    if not shards or hi <= shards.start or shards.stop <= lo:
+        return []
+    if shards.start <= lo and hi <= shards.stop:
+        return [node]
+    mid = (lo + hi) // 2
+    return subtrees(shards, (lo, mid)) + subtrees(shards, (mid, hi))
+
+
+def _add(left: Sums | None, right: Sums | None) -> Sums | None:
+    """One node of the tree: left + right, key by key (None: a subtree without rows)."""
+    if left is None:
+        return right
+    if right is None:
+        return left
+    if left.keys() != right.keys():
+        raise ValueError(f"shards summed different quantities: {sorted(left)} vs {sorted(right)}")
+    return {k: left[k] + right[k] for k in left}
+
+
+def tree_sum(node: Node, known: dict[Node, Sums | None], leaf: Callable[[int], Sums | None]) -> Sums | None:
+    """The value of `node`: taken from `known` if there, else the sum of its two halves (left +
+    right), down to `leaf(shard)`. The one order of additions every rank and run uses."""
+    if node in known:
+        return known[node]
+    lo, hi = node
+    if hi - lo == 1:
+        return leaf(lo)
+    mid = (lo + hi) // 2
+    return _add(tree_sum((lo, mid), known, leaf), tree_sum((mid, hi), known, leaf))
+
+
+def assign_to_ranks(names: Sequence[str], costs: Sequence[float], world_size: int) -> dict[str, int]:
+    """Deal named jobs out to ranks, the longest first to the least loaded rank (ties: the highest
+    rank, since rank 0 also packs and writes). Deterministic: every rank computes the same table."""
+    load = [0.0] * world_size
+    owner: dict[str, int] = {}
+    for i in sorted(range(len(names)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], -r))
+        owner[names[i]] = rank
+        load[rank] += costs[i]
+    return owner
+
+
+# ------------------------------------------------------------------------------------------------
+# the two implementations
+# ------------------------------------------------------------------------------------------------
+
+class SingleProcess:
+    """The whole merge in this process: the same interface as `DistributedRanks`, nothing to send."""
+
+    rank = 0
+    world_size = 1
+    distributed = False
+
+    def __init__(self, device: str = "cpu", device_error: OftSurgeryError | None = None):
+        self.device = device
+        self._device_error = device_error
+
+    def check_device(self) -> None:
+        """Raise the reason the requested device cannot be used (raised inside `guard`, so that in a
+        distributed merge one rank says it, not every rank)."""
+        if self._device_error is not None:
+            raise self._device_error
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the output (rank 0)."""
+        return self.rank == 0
+
+    def local_rows(self, num_rows: int) -> range:
+        """The calibration rows this process carries through the model."""
+        return rows_of_rank(num_rows, self.rank, self.world_size)
+
+    def local_shards(self, num_rows: int) -> list[range]:
+        """The row ranges of this process's non-empty shards (global row numbers), in order."""
+        rows = shard_rows(num_rows)
+        return [rows[s] for s in shards_of_rank(self.rank, self.world_size) if rows[s]]
+
+    def sum_over_shards(self, num_rows: int, shard_sums: Callable[[range], Sums]) -> Sums:
+        """Σ over all calibration rows of per-row quantities, the same bits for any world size.
+
+        `shard_sums(rows)` returns the sums over one shard's rows (global numbers, never empty),
+        accumulated in batches within it; this adds the shards in the fixed tree order.
+        """
+        if num_rows < 1:
+            raise ValueError("no calibration rows")
+        rows = shard_rows(num_rows)
+        mine = shards_of_rank(self.rank, self.world_size)
+
+        def leaf(shard: int) -> Sums | None:
+            if shard not in mine:
+                raise AssertionError(f"shard {shard} is not on rank {self.rank}")
+            return shard_sums(rows[shard]) if rows[shard] else None
+
+        own = {node: tree_sum(node, {}, leaf) for node in subtrees(mine)}
+        known = self._gather_subtrees(own, num_rows)
+        total = tree_sum((0, SHARDS), known, leaf)
+        assert total is not None  # shard 0 holds a row
+        return total
+
+    def _gather_subtrees(self, own: dict[Node, Sums | None], num_rows: int) -> dict[Node, Sums | None]:
+        return own
+
+    def gather_rows(self, rows: "torch.Tensor") -> "torch.Tensor":
+        """Every rank's `rows` [n_rank, ...] stacked in rank order, which is calibration-row order."""
+        return rows
+
+    def gather_json(self, obj: Any) -> list[Any]:
+        """Every rank's JSON-able `obj`, in rank order."""
+        return [obj]
+
+    def assign(self, names: Sequence[str], costs: Sequence[float] | None = None) -> dict[str, int]:
+        """Which rank solves each named layer (all of them here)."""
+        return assign_to_ranks(names, costs or [1.0] * len(names), self.world_size)
+
+    def share(self, owner: int, tensors: dict[str, "torch.Tensor"] | None, info: dict[str, Any] | None,
+              ) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
+        """The owner's solved tensors and their JSON-able description, on every rank."""
+        assert tensors is not None and info is not None
+        return tensors, info
+
+    def sync(self) -> None:
+        """Wait until every rank got here (raises if one failed instead)."""
+
+    def progress(self, enabled: bool) -> bool:
+        """Whether this process shows progress bars."""
+        return enabled and self.is_writer
+
+    def track_temporary(self, path: Path) -> None:
+        """The temporary output being written (removed again on failure): only atomic_output's job here."""
+
+    @contextmanager
+    def guard(self, out: Path) -> Iterator[None]:  # noqa: ARG002
+        """Failure handling around one merge: in one process, errors pass through unchanged."""
+        yield
+
+
+class DistributedRanks(SingleProcess):
+    """This process as one rank of a torch.distributed process group (gloo or NCCL)."""
+
+    distributed = True
+    _merges = 0  # merges started in this process: keys of the store are per merge
+
+    def __init__(self, device: str, device_error: OftSurgeryError | None = None):
+        import torch.distributed as dist
+
+        super().__init__(device, device_error)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        backend = str(dist.get_backend()).lower()
+        # tensors travel on the device the backend carries: NCCL needs CUDA, gloo prefers the CPU
+        self.cpu_capable = "gloo" in backend
+        if self.cpu_capable and not ("nccl" in backend and device.startswith("cuda")):
+            self.comm_device = "cpu"
+        elif "nccl" in backend:
+            import torch
+
+            self.comm_device = device if device.startswith("cuda") else f"cuda:{torch.cuda.current_device()}"
+        else:
+            self.comm_device = device
+        DistributedRanks._merges += 1
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self._key_prefix = f"oftsurgery/{restart}/{DistributedRanks._merges}/"
+        self._temporary: Path | None = None
+
+    # ---- collectives, each waited for by polling so a failed peer stops us ----------------------
+
+    def _wait(self, work) -> None:
+        delay, last_look = 0.0002, time.monotonic()
+        try:
+            while not work.is_completed():
+                time.sleep(delay)
+                delay = min(delay * 2, 0.01)
+                if time.monotonic() - last_look > _POLL_STORE_EVERY:
+                    last_look = time.monotonic()
+                    peer = self._posted()
+                    if peer is not None and peer["rank"] != self.rank:
+                        raise PeerFailedError(peer["rank"], peer["message"], peer["exit_code"])
+            work.wait()
+        except (PeerFailedError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the transport failed: a peer closed its connections (or died)
+            raise CollectiveError(" ".join(str(exc).split())[:200] or type(exc).__name__) from exc
+
+    def _broadcast(self, tensor: "torch.Tensor", src: int) -> None:
+        import torch.distributed as dist
+
+        self._wait(dist.broadcast(tensor, src, async_op=True))
+
+    def _all_gather(self, tensor: "torch.Tensor") -> list["torch.Tensor"]:
+        import torch
+        import torch.distributed as dist
+
+        received = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(received, tensor, async_op=True))
+        return received
+
+    def sync(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        # through gloo where there is one: NCCL would block in C++ until every rank has joined its
+        # (lazily made) communicator, where a rank that failed meanwhile could not be noticed
+        flag = torch.ones(1, device="cpu" if self.cpu_capable else self.comm_device)
+        self._wait(dist.all_reduce(flag, async_op=True))
+
+    def broadcast_json(self, obj: Any, src: int) -> Any:
+        """A JSON-able value from rank `src` to every rank (no pickle)."""
+        import torch
+
+        data = json.dumps(obj).encode() if self.rank == src else b""
+        length = torch.tensor([len(data)], dtype=torch.int64, device=self.comm_device)
+        self._broadcast(length, src)
+        size = int(length.item())
+        buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.comm_device) if self.rank == src
+                  else torch.empty(size, dtype=torch.uint8, device=self.comm_device))
+        self._broadcast(buffer, src)
+        return json.loads(bytes(buffer.cpu().tolist()).decode()) if self.rank != src else obj
+
+    # ---- the pieces of the merge -----------------------------------------------------------------
+
+    def _gather_subtrees(self, own: dict[Node, Sums | None], num_rows: int) -> dict[Node, Sums | None]:
+        """Every rank's subtree sums, and then the finished tree's root under the key (0, SHARDS).
+
+        The partial sums travel in chunks of `GATHER_BUDGET` elements and the tree is finished chunk
+        by chunk: addition is elementwise, so the bits are those of adding the whole tensors.
+        """
+        import torch
+
+        rows = shard_rows(num_rows)
+        covers = [subtrees(shards_of_rank(r, self.world_size)) for r in range(self.world_size)]
+        width = max(len(c) for c in covers)
+        has_rows = {node: bool(rows[node[0]]) for cover in covers for node in cover}  # non-empty first
+        first = own[covers[0][0]] if self.rank == 0 else None
+        layout = self.broadcast_json(
+            {k: [str(v.dtype).removeprefix("torch."), list(v.shape), v.device.type] for k, v in first.items()}
+            if first is not None else None, src=0)
+        root: Sums = {}
+        for key, (dtype_name, shape, _) in layout.items():
+            dtype = getattr(torch, dtype_name)
+            numel = int(torch.Size(shape).numel())
+            total = torch.empty(numel, dtype=dtype, device=self.device)
+            chunk = max(1, GATHER_BUDGET // (self.world_size * width))
+            for start in range(0, numel, chunk):
+                stop = min(start + chunk, numel)
+                outgoing = torch.zeros(width, stop - start, dtype=dtype, device=self.comm_device)
+                for i, node in enumerate(covers[self.rank]):
+                    if own[node] is not None:
+                        outgoing[i] = own[node][key].reshape(-1)[start:stop].to(self.comm_device)
+                received = self._all_gather(outgoing)
+                known = {node: ({key: received[r][i].to(self.device)} if has_rows[node] else None)
+                         for r, cover in enumerate(covers) for i, node in enumerate(cover)}
+                total[start:stop] = tree_sum((0, SHARDS), known, _no_leaf)[key]
+            root[key] = total.view(shape)
+        return {(0, SHARDS): root}
+
+    def gather_json(self, obj: Any) -> list[Any]:
+        import torch
+
+        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        return [json.loads(bytes(part.cpu().tolist()).decode()) for part in self._gather_ragged(data)]
+
+    def _gather_ragged(self, part: "torch.Tensor") -> list["torch.Tensor"]:
+        """Every rank's `part` [n_rank, ...] (n may differ per rank), in rank order, on the comm device."""
+        import torch
+
+        counts = [int(c.item()) for c in self._all_gather(torch.tensor([part.shape[0]], dtype=torch.int64,
+                                                                          device=self.comm_device))]
+        width = max(counts)
+        padded = torch.zeros((max(width, 1), *part.shape[1:]), dtype=part.dtype, device=self.comm_device)
+        padded[: part.shape[0]] = part.to(self.comm_device)
+        received = self._all_gather(padded)
+        return [received[r][: counts[r]] for r in range(self.world_size)]
+
+    def gather_rows(self, rows: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        return torch.cat(self._gather_ragged(rows)).to(rows.device)
+
+    def share(self, owner: int, tensors: dict[str, "torch.Tensor"] | None, info: dict[str, Any] | None,
+              ) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
+        import torch
+
+        mine = self.rank == owner
+        if mine:  # a transposed view (codes are often kept input-major) travels as its contiguous base
+            flipped = {k: v.dim() == 2 and not v.is_contiguous() and v.T.is_contiguous() for k, v in tensors.items()}
+            sent = {k: (v.T if flipped[k] else v).contiguous() for k, v in tensors.items()}
+        header = self.broadcast_json(
+            {"info": info, "tensors": {k: [str(v.dtype).removeprefix("torch."), list(v.shape), v.device.type, flipped[k]]
+                                       for k, v in sent.items()}} if mine else None, src=owner)
+        out: dict[str, torch.Tensor] = {}
+        for key, (dtype_name, shape, device_type, transposed) in header["tensors"].items():
+            buffer = (sent[key].to(self.comm_device) if mine
+                      else torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.comm_device))
+            self._broadcast(buffer, owner)
+            if not mine:  # where the owner kept it (the CPU or this rank's GPU), in its layout
+                buffer = buffer.to("cpu" if device_type == "cpu" else self.device)
+                out[key] = buffer.T if transposed else buffer
+        return (tensors, info) if mine else (out, header["info"])
+
+    # ---- failures ------------------------------------------------------------------------------
+
+    def track_temporary(self, path: Path) -> None:
+        self._temporary = Path(path)
+
+    def _store(self):
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d
+
+        return dist.PrefixStore(self._key_prefix, distributed_c10d._get_default_store())
+
+    def _posted(self) -> dict[str, Any] | None:
+        """The failure a rank posted for this merge, or None. An unreachable store (its host, rank 0
+        outside torchrun, is gone) counts as a failed peer that already reported."""
+        try:
+            store = self._store()
+            if not store.check(["error"]):
+                return None
+            return json.loads(store.get("error").decode())
+        except Exception:  # noqa: BLE001
+            return {"rank": -1, "message": "another rank ended the merge", "exit_code": 1}
+
+    def _post(self, failure: dict[str, Any]) -> bool:
+        """Post this rank's failure unless one is there already; True if this rank's was first."""
+        payload = json.dumps(failure)
+        try:
+            won = self._store().compare_set("error", "", payload)
+        except Exception:  # noqa: BLE001  (no store: say it here rather than nowhere)
+            return True
+        return bytes(won).decode() == payload
+
+    def _stop_signals(self) -> None:
+        """This rank is ending: torchrun's SIGTERM (sent once a peer exits) must not interrupt the
+        cleanup, nor add a second message after the first."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(signum, signal.SIG_IGN)
+            except ValueError:  # not the main thread
+                pass
+
+    def _remove_temporary(self) -> None:
+        """atomic_output removes it too, but a signal may have cut that short."""
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+
+    @contextmanager
+    def guard(self, out: str | Path) -> Iterator[None]:
+        """Around one merge on every rank: turn any failure into one report across the ranks.
+
+        The first rank to post its failure raises it (prefixed with its rank unless it is rank 0);
+        every other rank raises `PeerFailedError`, which the CLI does not print. Signals stay
+        ignored afterwards under torchrun (the worker is ending); elsewhere they are restored.
+        """
+        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        except BaseException as exc:
+            _group_state["failed"] = True
+            self._stop_signals()
+            self._remove_temporary()
+            error = self._settle(exc, _shown_path(out))
+            if "TORCHELASTIC_RUN_ID" not in os.environ:
+                for signum, handler in saved.items():
+                    try:
+                        signal.signal(signum, handler)
+                    except (ValueError, TypeError):
+                        pass
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _settle(self, exc: BaseException, out: Path) -> BaseException:
+        lost = _caused_by(exc, CollectiveError)
+        if lost is not None:
+            exc = lost
+        peer = self._posted()
+        if peer is None and isinstance(exc, CollectiveError):
+            # a failing rank posts before its connections close; give the store a moment anyway
+            deadline = time.monotonic() + 3.0
+            while peer is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                peer = self._posted()
+        if peer is not None and peer["rank"] != self.rank:
+            return PeerFailedError(peer["rank"], peer["message"], peer["exit_code"])
+        if isinstance(exc, PeerFailedError):
+            return exc
+        if isinstance(exc, CollectiveError):
+            error: BaseException = MergeError(
+                f"Rank {self.rank} of {self.world_size} lost contact with another rank ({exc}), which ended without "
+                f"a message (killed or crashed? see torchrun's report); nothing was written to {out}.")
+            message, code = str(error), MergeError.exit_code
+        elif isinstance(exc, (KeyboardInterrupt, InterruptedError_)):
+            error = InterruptedError_(f"Interrupted; nothing was written to {out}.")
+            message, code = str(error), InterruptedError_.exit_code
+        elif isinstance(exc, OftSurgeryError):
+            error = exc
+            if self.rank != 0:
+                error = type(exc).__new__(type(exc))
+                error.__dict__.update(exc.__dict__)
+                error.args = (f"Rank {self.rank} of {self.world_size}: {exc}",)
+            message, code = str(error), getattr(error, "exit_code", 1)
+        else:  # a bug: the CLI shows it as "Unexpected ...", the other ranks say nothing
+            error = exc
+            detail = " ".join(str(exc).split()) or "no message"
+            message, code = f"Rank {self.rank}: unexpected {type(exc).__name__}: {detail}", 1
+        if self.rank != 0 and not isinstance(exc, CollectiveError):
+            # the same bad input fails every rank at once: give rank 0, whose message has no rank
+            # prefix, a moment to say it first
+            time.sleep(0.5)
+        if self._post({"rank": self.rank, "message": message, "exit_code": code}):
+            return error
+        peer = self._posted() or {"rank": -1, "message": "another rank ended the merge", "exit_code": 1}
+        return PeerFailedError(peer["rank"], peer["message"], peer["exit_code"])
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed in transport: a peer closed its connections or died."""
+
+
+def _caused_by(exc: BaseException, kind: type) -> BaseException | None:
+    """`exc` or the first exception of that kind in its chain of causes (the engine wraps errors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _shown_path(out: str | Path) -> Path:
+    try:
+        return Path(out).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return Path(out).expanduser().absolute()
+
+
+def _no_leaf(shard: int) -> Sums | None:
+    raise AssertionError(f"shard {shard} was not gathered")
+
+
+# ------------------------------------------------------------------------------------------------
+# setting up
+# ------------------------------------------------------------------------------------------------
+
+def launched_by_torchrun() -> bool:
+    """Whether the environment describes a process group to join (torchrun sets these)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def primary_process() -> bool:
+    """Whether this process should print results: not a rank other than 0."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except ImportError:
+        pass
+    return os.environ.get("RANK", "0") == "0"
+
+
+def rank_device(requested: str, local_rank: int = 0, local_world_size: int = 1, *, distributed: bool = False) -> str:
+    """The device a rank computes on (`--device auto|cpu|cuda|cuda:N`, resolved by oftsurgery.device).
+    In a distributed merge `cuda`, and `auto` on a machine with GPUs, mean this rank's own GPU,
+    `cuda:LOCAL_RANK`."""
+    import torch
+
+    from oftsurgery.device import AUTO, resolve_device
+
+    if not distributed:
+        return str(resolve_device(requested, MergeError))
+    text = str(requested or AUTO).strip().lower()
+    if text == AUTO:
+        text = resolve_device(AUTO, MergeError).type
+    if text == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count and local_rank >= count:
+            raise MergeError(f"This rank (LOCAL_RANK {local_rank}) computes on cuda:{local_rank}, but this machine has "
+                             f"{count} GPU(s); start at most {count} processes per machine.")
+        text = f"cuda:{local_rank}" if count else text
+    elif text.startswith("cuda:") and local_world_size > 1:
+        raise MergeError(f"With {local_world_size} processes per machine pass --device cuda (or auto), not "
+                         f"{requested}: each rank uses the GPU numbered by its LOCAL_RANK.")
+    return str(resolve_device(text, MergeError))
+
+
+def _resolve(requested: str, distributed: bool) -> tuple[str, OftSurgeryError | None]:
+    """The rank's device, or the CPU and the reason the request fails (raised later, inside `guard`)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        return rank_device(requested, local_rank, local_world, distributed=distributed), None
+    except OftSurgeryError as exc:
+        return "cpu", exc
+
+
+@contextmanager
+def open_ranks(device: str) -> Iterator[SingleProcess]:
+    """The ranks of this merge: the caller's process group if one is initialised, else one set up
+    from torchrun's environment (NCCL for CUDA, gloo for the CPU), else a single process."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # a torch built without distributed support
+        dist = None
+    if dist is None or not dist.is_available() or not (dist.is_initialized() or launched_by_torchrun()):
+        yield SingleProcess(*_resolve(device, distributed=False))
+        return
+    resolved, error = _resolve(device, distributed=True)
+    if not dist.is_initialized():
+        _join_group(device, resolved)
+    yield DistributedRanks(resolved, error)
+
+
+_group_state = {"ours": False, "failed": False}
+
+
+def _join_group(requested: str, device: str) -> None:
+    """Initialise the default process group from torchrun's environment, for the rest of the process.
+
+    The backend depends only on what was asked and what the machine has, so every rank picks the
+    same: gloo for CPU tensors plus NCCL for CUDA tensors when CUDA was asked for and is there
+    (NCCL's communicator is made at its first use; a rank whose GPU is missing has failed by then,
+    inside `guard`), else gloo alone. Kept, not torn down after the merge: a group initialised again
+    in the same process would meet the first one's keys in torchrun's store and hang. It is
+    destroyed at exit unless a merge failed (tearing down a group whose peers are gone can block).
+    """
+    import atexit
+
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    gpus = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    wants_cuda = str(requested).strip().lower().startswith("cuda") or str(requested).strip().lower() == "auto"
+    if wants_cuda and gpus and dist.is_nccl_available():
+        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=COLLECTIVE_TIMEOUT)
+    else:
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    _group_state["ours"] = True
+    atexit.register(_leave_group)
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if _group_state["ours"] and not _group_state["failed"] and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,118 @@
+"""The calibration statistics of one input, gathered shard by shard: the same bits on any number of ranks.
+
+What the solver needs about the input X of a group of linears (hessian.py): H = Σ xxᵀ over the
+fitted rows, X itself while it has at most `in_features` rows, and the same for the held-out rows
+(every 8th calibration row, by its global number). Here the calibration rows are always cut into
+the same 8 shards (distributed.py); each shard's H is accumulated alone, in batches that never cross a shard, and the
+shards are added in one fixed tree, so a single process and 2, 4 or 8 ranks — each carrying only
+its own rows — build bitwise the same statistics. Token counts are added the same way (exactly:
+integers), and X, when small enough to keep, is gathered in row order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+BATCH_TOKENS = 4096  # calibration tokens per forward pass: few launches, small attention memory
+
+if TYPE_CHECKING:
+    import torch
+
+    from oftsurgery.merge.distributed import SingleProcess
+    from oftsurgery.merge.hessian import CalibrationInputs
+
+
+def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str], hidden: "torch.Tensor",
+                         num_rows: int, kwargs: dict[str, Any]) -> dict[str, "CalibrationInputs"]:
+    """One `CalibrationInputs` shared by the linears `names` of `layer_module`, which read one input.
+
+    `hidden` holds this rank's calibration rows (`ranks.local_rows(num_rows)`) entering the layer.
+    Linears no calibration token reaches (an MoE expert) get statistics with no tokens.
+    """
+    import torch
+
+    from oftsurgery.merge.hessian import CalibrationInputs, InputHessian, holdout_rows
+
+    in_features = layer_module.get_submodule(names[0]).in_features
+    first_row = ranks.local_rows(num_rows).start
+    held_out = holdout_rows(num_rows)
+    batch = max(1, BATCH_TOKENS // max(1, hidden.shape[1]))  # fitted rows per forward pass
+    device = hidden.device if hidden.shape[0] else torch.device(ranks.device)
+    kept_fit: list[torch.Tensor] = []  # this rank's fitted rows of X, while they can still be few enough
+    kept_fit_tokens = 0
+    holdout_by_shard: dict[int, list[torch.Tensor]] = {}
+
+    seen: list[torch.Tensor] = []
+    hooks = [layer_module.get_submodule(n).register_forward_hook(lambda mod, inputs, output: seen.append(inputs[0]))
+             for n in names]
+
+    def shard_sums(rows: range) -> dict[str, torch.Tensor]:
+        nonlocal kept_fit, kept_fit_tokens
+        fit = torch.zeros(in_features, in_features, device=device)
+        fit_tokens = holdout_tokens = 0
+        holdout = holdout_by_shard.setdefault(rows.start, [])
+        fitted = [r for r in rows if r not in held_out]
+        # fitted and held-out rows never share a forward pass (an MoE expert's input holds only the
+        # tokens routed to it and could not be split by row afterwards), and a batch never spans two
+        # shards, so every world size runs the very same batches
+        batches = [("fit", fitted[i : i + batch]) for i in range(0, len(fitted), batch)]
+        batches += [("holdout", [r]) for r in rows if r in held_out]
+        with torch.no_grad():
+            for part, chunk in batches:
+                seen.clear()
+                local = torch.tensor(chunk, device=hidden.device) - first_row
+                layer_module(hidden.index_select(0, local), **kwargs)
+                if any(x is not seen[0] for x in seen[1:]):
+                    raise RuntimeError(f"{', '.join(names)} do not read one input")
+                if not seen:  # routed elsewhere (an MoE expert)
+                    continue
+                x = seen[0].reshape(-1, in_features).to(device, torch.float32)
+                if part == "holdout":
+                    holdout.append(x)
+                    holdout_tokens += x.shape[0]
+                    continue
+                fit.addmm_(x.T, x)
+                fit_tokens += x.shape[0]
+                if kept_fit is not None:
+                    kept_fit.append(x)
+                    kept_fit_tokens += x.shape[0]
+                    if kept_fit_tokens > in_features:  # then all ranks together have too many as well
+                        kept_fit = None
+        seen.clear()
+        return {"fit": fit, "fit_tokens": torch.tensor([fit_tokens], dtype=torch.int64, device=device),
+                "holdout_tokens": torch.tensor([holdout_tokens], dtype=torch.int64, device=device)}
+
+    try:
+        sums = ranks.sum_over_shards(num_rows, shard_sums)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fit_tokens, holdout_tokens = int(sums["fit_tokens"].item()), int(sums["holdout_tokens"].item())
+    small = fit_tokens <= in_features
+    fit = InputHessian.assembled(in_features, device, tokens=fit_tokens, matrix=sums["fit"],
+                                 rows=ranks.gather_rows(_rows(kept_fit, in_features, device)) if small else None)
+    holdout = None
+    if held_out:
+        if holdout_tokens <= in_features:  # X is the cheaper form: H is made from it when asked
+            rows = [x for shard in sorted(holdout_by_shard) for x in holdout_by_shard[shard]]
+            holdout = InputHessian.assembled(in_features, device, tokens=holdout_tokens,
+                                             rows=ranks.gather_rows(_rows(rows, in_features, device)))
+        else:
+            def holdout_sums(rows: range) -> dict[str, torch.Tensor]:
+                matrix = torch.zeros(in_features, in_features, device=device)
+                for x in holdout_by_shard.pop(rows.start, []):
+                    matrix.addmm_(x.T, x)
+                return {"holdout": matrix}
+
+            holdout = InputHessian.assembled(in_features, device, tokens=holdout_tokens,
+                                             matrix=ranks.sum_over_shards(num_rows, holdout_sums)["holdout"])
+    stats = CalibrationInputs(fit, holdout)
+    return {name: stats for name in names}
+
+
+def _rows(pieces: "list[torch.Tensor] | None", in_features: int, device) -> "torch.Tensor":
+    import torch
+
+    if not pieces:
+        return torch.zeros(0, in_features, device=device)
+    return torch.cat(pieces)
