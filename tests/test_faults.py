@@ -635,18 +635,18 @@ def test_a_failed_overwrite_leaves_the_old_output_as_it_was(monkeypatch, merged_
 
 def _create_at_out_during_the_merge(monkeypatch, out: Path, with_file: bool) -> None:
     """Someone (a user, another run) creates `out` while the merge works on its layers."""
-    import oftsurgery.merge.requant as requant
+    import oftsurgery.merge.rtn as rtn
 
-    real = requant.requantize_rtn
+    real = rtn.rtn_merge_layer
 
-    def requantize_rtn(*args, **kwargs):
+    def rtn_merge_layer(*args, **kwargs):
         if not out.exists():
             out.mkdir()
             if with_file:
                 (out / "notes.txt").write_text("mine")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(requant, "requantize_rtn", requantize_rtn)
+    monkeypatch.setattr(rtn, "rtn_merge_layer", rtn_merge_layer)
 
 
 @pytest.mark.parametrize(("with_file", "overwrite", "words"), [
@@ -828,15 +828,20 @@ def test_verify_json_is_pure_json_and_nothing_else_is_said(merged_rtn, tiny_gptq
     assert done.stderr == ""
 
 
-def test_third_party_chatter_goes_to_stderr_and_only_with_v(tiny_gptq_dir, rotations, tmp_path):
-    quiet = _run_cli(*_merge_args(tiny_gptq_dir, rotations, tmp_path / "quiet"))
-    loud = _run_cli(*_merge_args(tiny_gptq_dir, rotations, tmp_path / "loud", "-v"))
+def test_third_party_chatter_goes_to_stderr_and_only_with_v(merged_rtn, tiny_gptq_dir, rotations, tmp_path):
+    """verify imports gptqmodel, which prints a banner and INFO lines: on stderr with -v, nowhere without."""
+    verify = ("verify", merged_rtn, "--base", tiny_gptq_dir, "--adapter", rotations, "--tokens", "64", "--seq-len", "32")
+    quiet = _run_cli(*verify)
+    loud = _run_cli("-v", *verify)
     assert quiet.returncode == loud.returncode == 0, (quiet.stderr, loud.stderr)
-    assert "GPT-QModel" in loud.stderr and "INFO" in loud.stderr  # the chatter exists (the packer imports gptqmodel)
-    assert quiet.stderr == ""  # and is silent by default
-    for done in (quiet, loud):  # stdout: our three result lines, nothing else
-        lines = done.stdout.splitlines()
-        assert len(lines) == 3 and lines[0].startswith("merged 14 layer(s)") and lines[2].startswith("wrote "), lines
+    assert "GPT-QModel" in loud.stderr and "INFO" in loud.stderr  # the chatter exists
+    assert "GPT-QModel" not in quiet.stderr + quiet.stdout + loud.stdout  # and is silent by default, never on stdout
+    assert quiet.stdout == loud.stdout  # stdout carries the results alone
+    merge = _run_cli(*_merge_args(tiny_gptq_dir, rotations, tmp_path / "quiet"))
+    assert merge.returncode == 0 and merge.stderr == "", merge.stderr
+    lines = merge.stdout.splitlines()  # our summary and the output path, nothing else
+    assert lines[0].startswith("merged 14 layer(s)") and lines[-1].startswith("wrote "), lines
+    assert not any("INFO" in line or "GPT-QModel" in line for line in lines), lines
 
 
 def test_an_error_after_gptqmodel_was_imported_is_one_line(merged_rtn, tiny_gptq_dir, rotations, tmp_path):
