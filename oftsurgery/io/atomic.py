@@ -29,18 +29,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from oftsurgery.errors import DiskFullError, InterruptedError_, OutputPathError
-from oftsurgery.io.ownership import check_replaceable
+from oftsurgery.io.ownership import check_replaceable, is_within
 from oftsurgery.io.rename import RenameUnsupported, exchange, rename_no_replace
 
 logger = logging.getLogger(__name__)
-
-
-def _is_within(child: Path, parent: Path) -> bool:
-    try:
-        child.relative_to(parent)
-        return True
-    except ValueError:
-        return False
 
 
 def resolve_output(out: str | Path) -> Path:
@@ -71,9 +63,9 @@ def check_output_path(out: str | Path, inputs: Sequence[str | Path] = (), overwr
             in_path = Path(item).expanduser().resolve()
         except (RuntimeError, OSError):
             continue  # a broken input is reported by whoever reads it
-        if out_path == in_path or _is_within(out_path, in_path):
+        if out_path == in_path or is_within(out_path, in_path):
             raise OutputPathError(f"The output {out_path} is or lies inside the input {in_path}; choose another path.")
-        if _is_within(in_path, out_path):
+        if is_within(in_path, out_path):
             raise OutputPathError(f"The output {out_path} contains the input {in_path}; choose another path.")
     if os.path.lexists(out_path):
         if not overwrite:
@@ -330,7 +322,7 @@ def atomic_output(out: str | Path, overwrite: bool = False, is_file: bool = Fals
                 f"The file system of {out_path} cannot hold a file this large ({error.strerror}); nothing was "
                 "written, pass a smaller --max-shard-size or write elsewhere."
             ) from exc
-        if error is not None and error.errno in _NOT_WRITABLE and _is_within(Path(error.filename or tmp_dir), tmp_dir):
+        if error is not None and error.errno in _NOT_WRITABLE and is_within(Path(error.filename or tmp_dir), tmp_dir):
             raise OutputPathError(f"Cannot write {out_path} ({error.strerror}); nothing was written.") from exc
         raise
     finally:

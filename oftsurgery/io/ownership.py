@@ -26,7 +26,8 @@ ROTATIONS_FORMAT = "oftsurgery-rotations"
 _REPORT_KEYS = {"checkpoint", "adapter", "method"}
 
 
-def _is_within(child: Path, parent: Path) -> bool:
+def is_within(child: Path, parent: Path) -> bool:
+    """Whether `child` is `parent` or lies below it (both taken as given: resolve them first)."""
     try:
         child.relative_to(parent)
         return True
@@ -77,7 +78,7 @@ def _protected(out: Path) -> str | None:
     for what, place in places:
         if out == place:
             return f"it is {what}"
-        if _is_within(place, out):
+        if is_within(place, out):
             return f"it contains {what}"
     return None
 

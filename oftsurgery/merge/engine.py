@@ -365,6 +365,30 @@ class _Merger:
                 self._reads.clear()
 
 
+def _linears_by_input(layer_module, names: list[str], hidden, kwargs) -> list[list[str]]:
+    """Run `hidden` through the layer once and group the named linears by the input tensor they read,
+    in execution order (q/k/v share one, gate/up another). Linears no token reached are left out."""
+    import torch
+
+    seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
+    hooks = [layer_module.get_submodule(name).register_forward_hook(
+        lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))) for name in names]
+    try:
+        with torch.no_grad():
+            layer_module(hidden, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in seen:
+        group = next((g for t, g in groups if t is x), None)
+        if group is None:
+            groups.append((x, [name]))
+        elif name not in group:
+            group.append(name)
+    return [group for _, group in groups]
+
+
 def _input_groups(runner, layer_module, index: int, names: list[str], hidden, batches: list[range] | None = None,
                   ranks: SingleProcess | None = None) -> tuple[list[list[str]], list[str]]:
     """Targeted linears of a decoder layer grouped by the input they share, in execution order, and the
@@ -390,27 +414,8 @@ def _input_groups(runner, layer_module, index: int, names: list[str], hidden, ba
     seen_names: set[str] = set()
     for batch in batches:
         start, stop = batch.start, batch.stop
-        seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
-        hooks = [
-            layer_module.get_submodule(name).register_forward_hook(
-                lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))
-            )
-            for name in names
-        ]
-        try:
-            with torch.no_grad():
-                layer_module(hidden[start:stop], **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
-        batch_groups: list[tuple[torch.Tensor, list[str]]] = []
-        for name, tensor in seen:
-            group = next((g for t, g in batch_groups if t is tensor), None)
-            if group is None:
-                batch_groups.append((tensor, [name]))
-            elif name not in group:
-                group.append(name)
-        for _, group in batch_groups:
+        batch_groups = _linears_by_input(layer_module, names, hidden[start:stop], kwargs)
+        for group in batch_groups:
             new = [n for n in group if n not in seen_names]
             if new:
                 groups.append(new)
@@ -461,25 +466,8 @@ def _collect_hessians(layer_module, names: list[str], hidden, kwargs,
     # which of the linears read the same tensor: one row shows it (zeros on a rank without rows)
     sample = hidden[:1] if hidden.shape[0] else torch.zeros((1, *hidden.shape[1:]), dtype=hidden.dtype,
                                                               device=hidden.device)
-    seen: list[tuple[str, torch.Tensor]] = []
-    hooks = [layer_module.get_submodule(n).register_forward_hook(
-        lambda mod, inputs, output, n=n: seen.append((n, inputs[0]))) for n in names]
-    try:
-        with torch.no_grad():
-            layer_module(sample, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, x in seen:
-        group = next((g for t, g in groups if t is x), None)
-        if group is None:
-            groups.append((x, [name]))
-        elif name not in group:
-            group.append(name)
-    seen.clear()
     shared: dict[str, "CalibrationInputs"] = {}
-    for _, group in groups:
+    for group in _linears_by_input(layer_module, names, sample, kwargs):
         shared.update(collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs))
     return shared
 
