@@ -43,6 +43,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT_MARK = "SCALE-BENCH-RESULT "
+# what every child runs first: its own peak RSS, read from /proc at the end (VmHWM). The parent's
+# wait4 ru_maxrss would also count the bench's own memory at fork time (Linux keeps the larger
+# across exec), e.g. right after it has built a checkpoint.
+VMHWM = r"""
+def vmhwm():
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+"""
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 MERGE_CHILD = r"""
@@ -82,6 +93,7 @@ if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 reports (its lo
     "seconds": seconds,
     "layer_seconds": [b - a for a, b in zip(marks, marks[1:])] or None,
     "peak_gpu_bytes": torch.cuda.max_memory_allocated() if gpu else None,
+    "peak_rss_bytes": vmhwm(),
   }), flush=True)
 """
 
@@ -128,6 +140,7 @@ for entries in (log.values() if isinstance(log, dict) else [log or []]):
 print("SCALE-BENCH-RESULT " + json.dumps({
     "seconds": seconds, "warmup_seconds": warm_seconds, "calib_tokens": used_tokens, "module_seconds": per_module,
     "peak_gpu_bytes": torch.cuda.max_memory_allocated() if gpu else None,
+    "peak_rss_bytes": vmhwm(),
 }), flush=True)
 """
 
@@ -171,6 +184,7 @@ def run_child(code: str, args: list[str], log_path: Path, label: str, memory_lim
     print(f"[scale] {label} ... (log: {log_path})", flush=True)
     started = time.perf_counter()
     env = child_env()
+    code = VMHWM + code
     if nproc is None:
         command = [sys.executable, "-c", code, *args]
     else:
@@ -187,7 +201,7 @@ def run_child(code: str, args: list[str], log_path: Path, label: str, memory_lim
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
-    peak_rss = usage.ru_maxrss * 1024  # kilobytes on Linux
+    peak_rss = usage.ru_maxrss * 1024  # kilobytes on Linux; an upper bound, used when the child reports none
     text = log_path.read_text(encoding="utf-8", errors="replace")
     results = [line[len(RESULT_MARK):] for line in text.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not results:
@@ -196,7 +210,9 @@ def run_child(code: str, args: list[str], log_path: Path, label: str, memory_lim
         return {"error": f"exit {proc.returncode}: {tail[-1] if tail else 'no output'}", "wall_s": wall,
                 "peak_rss_bytes": peak_rss, "log": str(log_path)}
     result = json.loads(results[-1])
-    result.update({"wall_s": wall, "peak_rss_bytes": peak_rss, "log": str(log_path)})
+    if nproc is not None or not result.get("peak_rss_bytes"):  # ranks: the largest, as wait4 reports it
+        result["peak_rss_bytes"] = peak_rss
+    result.update({"wall_s": wall, "log": str(log_path)})
     print(f"[scale] {label} done in {wall:.1f}s", flush=True)
     return result
 
@@ -246,7 +262,11 @@ def merge_figures(result: dict, report: dict | None, layers: int, layer_bytes: i
         "solve_per_layer_s": (sum(solve_by_layer.values()) / len(solve_by_layer)) if solve_by_layer else None,
         "solve_by_layer_s": solve_by_layer,
         "solve_by_kind_s": {k: sum(v) / len(v) for k, v in solve_by_kind.items()},
-        "gb_per_s": layer_bytes / per_layer / 1e9 if per_layer > 0 else None,
+        # bytes of ONE decoder layer over the time of one (layer_bytes counts all of them)
+        "gb_per_s": layer_bytes / layers / per_layer / 1e9 if per_layer > 0 else None,
+        # the last layer alone: what every layer after the first costs once one-time costs are paid
+        "last_layer_gb_per_s": (layer_bytes / layers / loop[-1] / 1e9) if loop and len(loop) == layers and loop[-1] > 0
+        else None,
         "codes_changed": (report or {}).get("summary", {}).get("codes_changed"),
         "kept_fraction": (report or {}).get("summary", {}).get("kept_fraction"),
         "calib_tokens": (report or {}).get("calib_tokens"),
@@ -330,9 +350,13 @@ def render(results: dict) -> str:
     for key in rows:
         run = rows[key]
         if key != "peer" and "error" not in run and run:
-            notes.append(f"{key}: per decoder layer from the {run['per_layer_source']}, fixed overhead "
-                         f"{run['fixed_overhead_s']:.1f} s, modes {','.join(run['modes']) or '-'}, codes changed "
-                         f"{(run['codes_changed'] or 0):.2%}")
+            each = run.get("layer_seconds") or []
+            last = run.get("last_layer_gb_per_s")
+            notes.append(f"{key}: per decoder layer from the {run['per_layer_source']}"
+                         + (f" ({', '.join(f'{x:.2f}' for x in each)} s; the last at {last * 1e3:.0f} MB/s)"
+                            if each and last else "")
+                         + f", fixed overhead {run['fixed_overhead_s']:.1f} s, modes {','.join(run['modes']) or '-'}, "
+                         f"codes changed {(run['codes_changed'] or 0):.2%}")
     if peer and "error" not in peer:
         notes.append(f"peer: warm-up (1 layer, same process) {peer['warmup_seconds']:.1f} s, "
                      f"{peer['calib_tokens']} tokens")
@@ -477,6 +501,15 @@ def main(argv=None) -> dict:
              "memory_limit_bytes": args.memory_limit,
              "versions": versions(), "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))}
     results = {"setup": setup, "runs": {}}
+    json_path = Path(args.json) if args.json else work / "results" / (
+        f"scale-{args.preset}-L{args.layers}-{args.device.replace(':', '')}-{stamp}.json")
+
+    def save() -> str:
+        """Write what is measured so far: a long run that is stopped keeps its finished rows."""
+        results["table"] = render(results)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        return results["table"]
 
     merge_args = lambda src, out, method: [str(src.gptq), str(src.rotations), str(out), method,  # noqa: E731
                                            args.device, args.calib, str(args.calib_tokens), str(args.seq_len)]
@@ -495,6 +528,7 @@ def main(argv=None) -> dict:
             report_path = out / "merge_report.json"
             report = json.loads(report_path.read_text()) if "error" not in result and report_path.is_file() else None
             results["runs"][key] = merge_figures(result, report, args.layers, layer_bytes)
+            save()
             if not args.keep_outputs:
                 shutil.rmtree(out, ignore_errors=True)
     if args.peer:
@@ -505,12 +539,7 @@ def main(argv=None) -> dict:
                            args.memory_limit)
         results["runs"]["peer"] = peer_figures(result, args.layers)
 
-    table = render(results)
-    results["table"] = table
-    json_path = Path(args.json) if args.json else work / "results" / (
-        f"scale-{args.preset}-L{args.layers}-{args.device.replace(':', '')}-{stamp}.json")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    table = save()
     print("\n" + table + f"\n\nJSON: {json_path}", flush=True)
     return results
 

@@ -29,6 +29,7 @@ from oftsurgery.merge.distributed import SingleProcess, open_ranks, row_batches
 from oftsurgery.merge.pipeline import BackgroundWriter, InlineWriter, WorkerFailed
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
 from oftsurgery.merge.report import LayerReport, MergeReport
+from oftsurgery.merge.transfer import adopt, upload
 from oftsurgery.quant.config import QuantConfig, load_quant_config
 
 if TYPE_CHECKING:
@@ -66,8 +67,14 @@ class MergeOptions:
 # one layer
 # ------------------------------------------------------------------------------------------------
 
-def _layer_tensors(reader: CheckpointReader, prefix: str) -> dict[str, "torch.Tensor"]:
-    return {n[len(prefix) + 1 :]: reader.get(n) for n in reader.tensors if n.startswith(prefix + ".") and "." not in n[len(prefix) + 1 :]}
+def _layer_tensors(reader: CheckpointReader, prefix: str, pin_memory: bool = False) -> dict[str, "torch.Tensor"]:
+    return {n[len(prefix) + 1 :]: reader.get(n, pin_memory)
+            for n in reader.tensors if n.startswith(prefix + ".") and "." not in n[len(prefix) + 1 :]}
+
+
+def _layer_tensors_on(reader: CheckpointReader, prefix: str, device: "torch.device") -> dict[str, "torch.Tensor"]:
+    """A layer's stored tensors on `device` (see `transfer.upload`: pass them through `adopt`)."""
+    return upload(lambda pin: _layer_tensors(reader, prefix, pin), device)
 
 
 def _to_target_grid(qw: "QuantizedWeight", source: QuantConfig, target: QuantConfig) -> "QuantizedWeight":
@@ -208,8 +215,7 @@ class _Merger:
             return self._unpacked[prefix]
         cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
         ahead = self._reads.pop(prefix, None)
-        stored = ahead.result() if ahead is not None else _layer_tensors(self.reader, prefix)
-        packed = {k: v.to(self.options.device) for k, v in stored.items()}
+        packed = adopt(ahead.result() if ahead is not None else _layer_tensors_on(self.reader, prefix, self.options.device))
         qw = unpack_layer(packed, cfg)
         if cache:
             self._unpacked[prefix] = qw
@@ -328,9 +334,11 @@ class _Merger:
         for `BackgroundWriter`), one job per linear, so at most a few linears' codes exist at once.
         """
         layers_here = sorted({p for p in self.plan.layers if any(n.startswith(p + ".") for n in names)})
-        # what is not requantized yet (rtn; no calibration): dealt out to the ranks first
-        self.solve([p for p in layers_here if self.plan.layers[p].targeted and p not in self.merged],
-                   self.solved_weight)
+        # what is not requantized yet (rtn; no calibration): across ranks, dealt out and shared first;
+        # in one process, requantized in the loop below, each linear as its packed tensors arrive
+        if self.ranks.distributed:
+            self.solve([p for p in layers_here if self.plan.layers[p].targeted and p not in self.merged],
+                       self.solved_weight)
         if writer is None:  # a rank that does not write: its share is done
             return
         rewritten = [p for p in layers_here if self.plan.layers[p].targeted or self.plan.converts_format]
@@ -356,7 +364,7 @@ class _Merger:
                     if prefix in unread:
                         for ahead in unread[unread.index(prefix) : unread.index(prefix) + 2]:
                             if ahead not in self._reads:
-                                self._reads[ahead] = reads.submit(_layer_tensors, reader, ahead)
+                                self._reads[ahead] = reads.submit(_layer_tensors_on, reader, ahead, self.options.device)
                     qw = self.solved_weight(prefix) if self.plan.layers[prefix].targeted else self._converted_weight(prefix)
                     writer.submit(prefix, lambda prefix=prefix, qw=qw: sorted(self._pack(prefix, qw).items()))
             finally:

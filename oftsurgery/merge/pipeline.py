@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from oftsurgery.merge.transfer import to_host
+
 if TYPE_CHECKING:
     from oftsurgery.io import CheckpointWriter
 
@@ -43,7 +45,7 @@ def write_items(writer: "CheckpointWriter", items: Iterable[tuple[str, Any]]) ->
             _, dtype, shape, path, offset, nbytes = item
             writer.add_file_range(name, dtype, shape, path, offset, nbytes)
         else:
-            writer.add(name, item)
+            writer.add(name, to_host(item))  # pinned, waiting for this copy alone (see transfer.py)
 
 
 class BackgroundWriter:
@@ -89,7 +91,12 @@ class BackgroundWriter:
 
     def close(self) -> None:
         """Wait for every job; raise the first failure."""
-        self._jobs.put(None)
+        while self._thread.is_alive():  # (a dead worker would never make room in a full queue)
+            try:
+                self._jobs.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
         self._thread.join()
         self._raise_failure()
 

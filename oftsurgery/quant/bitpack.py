@@ -68,9 +68,16 @@ def _fold(t4: torch.Tensor) -> torch.Tensor:
     return t4
 
 
-def _chunks(t4: torch.Tensor, target: int = 1 << 20):
-    """Ranges over dim 1 of a [before, periods, words, after] tensor, about `target` elements
-    each, so that the per-field temporaries stay small (in cache, no page faults per field)."""
+# elements per chunk: on a CPU the per-field temporaries stay in cache (no page faults per field);
+# on a GPU memory is not the limit but kernel launches are (every chunk costs one launch per field)
+CPU_CHUNK_ELEMENTS = 1 << 20
+GPU_CHUNK_ELEMENTS = 1 << 27
+
+
+def _chunks(t4: torch.Tensor):
+    """Ranges over dim 1 of a [before, periods, words, after] tensor, about CPU_CHUNK_ELEMENTS or
+    GPU_CHUNK_ELEMENTS elements each."""
+    target = GPU_CHUNK_ELEMENTS if t4.is_cuda else CPU_CHUNK_ELEMENTS
     per_period = max(1, t4.shape[0] * t4.shape[2] * t4.shape[3])
     step = max(1, target // per_period)
     return [(p0, min(p0 + step, t4.shape[1])) for p0 in range(0, t4.shape[1], step)]
