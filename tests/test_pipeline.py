@@ -79,3 +79,35 @@ def test_a_failed_job_is_raised_at_the_next_submit_and_later_jobs_do_not_run(tmp
     sink.abort()
     assert ran == []  # jobs after a failure are dropped, not run
     writer.abort()
+
+
+def test_rtn_reads_each_linear_on_the_read_ahead_thread(monkeypatch, tiny_gptq_dir, tmp_path):
+    """In one process the data-free merge reads the next linear's packed tensors while the current one
+    is merged: every targeted linear is read on the read-ahead thread, none on the main thread."""
+    import oftsurgery.merge.engine as engine
+
+    reads: list[tuple[str, str]] = []
+    original = engine._layer_tensors_on
+
+    def recording(reader, prefix, device):
+        reads.append((prefix, threading.current_thread().name))
+        return original(reader, prefix, device)
+
+    monkeypatch.setattr(engine, "_layer_tensors_on", recording)
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.03)
+    merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", MergeOptions(method="rtn", progress=False))
+    targeted = {p for p in CheckpointReader(tiny_gptq_dir).tensors if p.endswith(".qweight")}
+    assert {f"{prefix}.qweight" for prefix, _ in reads} == targeted
+    assert all(thread.startswith("oftsurgery-read") for _, thread in reads), reads
+
+
+def test_close_returns_when_the_worker_thread_is_gone(monkeypatch, tmp_path):
+    """A worker that died without a recorded failure must not leave `close` waiting on a full queue."""
+    monkeypatch.setattr(BackgroundWriter, "_run", lambda self: None)  # the thread exits at once
+    sink = BackgroundWriter(CheckpointWriter(tmp_path / "out"))
+    sink._thread.join()
+    sink._jobs.put(("stuck", lambda: iter(())))  # the queue (depth 1) is now full
+    closer = threading.Thread(target=sink.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive()
