@@ -353,7 +353,7 @@ def render(results: dict) -> str:
             each = run.get("layer_seconds") or []
             last = run.get("last_layer_gb_per_s")
             notes.append(f"{key}: per decoder layer from the {run['per_layer_source']}"
-                         + (f" ({', '.join(f'{x:.2f}' for x in each)} s; the last at {last * 1e3:.0f} MB/s)"
+                         + (f" ({', '.join(f'{x:.2f}' for x in each)} s; the last at {last * 1e3:.3g} MB/s)"
                             if each and last else "")
                          + f", fixed overhead {run['fixed_overhead_s']:.1f} s, modes {','.join(run['modes']) or '-'}, "
                          f"codes changed {(run['codes_changed'] or 0):.2%}")
