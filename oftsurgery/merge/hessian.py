@@ -8,9 +8,11 @@ what the solver's damping of 1% of the mean diagonal changes. Where float64 is k
 said in requant.py's docstring.
 
 The calibration rows are split: every `HOLDOUT_EVERY`-th row is held out of the solve and goes to a
-second `InputHessian`, on which the merge report measures its residuals. Measured on the rows the
-solver fitted, the merged layer can never look worse than leaving the adapter out (the source codes
-are one of the candidates it chooses from); on held-out rows it can, and then the report says so.
+second `InputHessian`, on which the merge chooses between its candidates (the solve, round-to-nearest,
+the source codes) and measures the residuals it reports. On the rows it fitted, the solve always
+looks best, also where it has fitted little more than their noise (fewer rows than inputs); held-out
+rows show when it is further from the fine-tuned layer than the source codes, and then the source
+codes are kept and the report says so (a "kept" fallback).
 """
 
 from __future__ import annotations

@@ -28,10 +28,6 @@ class LayerReport:
     heldout_tokens: int = 0
     rank: int = 0  # the rank that solved this layer in a distributed merge (0 in a single process)
 
-    @property
-    def worse_than_base(self) -> bool:
-        return self.residual_after > self.residual_before * (1 + 1e-6)
-
 
 @dataclass
 class MergeReport:
@@ -103,12 +99,6 @@ class MergeReport:
                 f"WARNING: the merge changed only {self.codes_changed:.3%} of the codes and "
                 f"{self.scales_changed:.3%} of the scales; the fine-tune is probably lost "
                 "(was the adapter trained? try --method calibrated)."
-            )
-        worse = [l.name for l in self.layers if l.worse_than_base]
-        if worse:
-            out.append(
-                f"WARNING: {len(worse)} layer(s) ended up further from the fine-tuned layer than the unmerged base "
-                f"(first: {worse[0]})."
             )
         return out
 
