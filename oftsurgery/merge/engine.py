@@ -101,8 +101,9 @@ def requantize_layer(
 
     Calibrated (with `inputs`): the solver runs on the inputs' device; its result, round-to-nearest
     and the source codes are compared on the held-out calibration rows (the fitted ones when there
-    are too few rows to hold any out), and the reported residuals are those errors. rtn: rounding and weight-space residuals ‖E‖_F on `device`, no
-    Hessian at all. Choosing anything but the requested mode is recorded as a `fallback`.
+    are too few rows to hold any out), and the reported residuals are those errors. rtn: rounding
+    and weight-space residuals ‖E‖_F on `device`, no Hessian at all. Choosing anything but the
+    requested mode is recorded as a `fallback`.
     `target` is W·Rᵀ when the caller has it already.
     """
     import torch
@@ -131,8 +132,8 @@ def requantize_layer(
         fallbacks += solved.fallbacks
         candidates = {"compensated": solved.weight, "rtn": requant.requantize_rtn(source, target)}
         # each candidate's error once, on the held-out rows: on the rows it fitted the solve always looks
-        # best, also where it has only fitted their noise (few tokens for many inputs); there it can be
-        # further from the fine-tuned layer than the source codes, and then those are kept
+        # best, also where it has only fitted their noise (few tokens for many inputs); held out, it can
+        # lose to rounding or even to the source codes, and then the winner takes its place
         errors = {"compensated": residual(solved.weight.dequantize()) if measured is not fit else solved.error,
                   "rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
         preferred = "compensated"

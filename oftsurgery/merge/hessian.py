@@ -11,8 +11,8 @@ The calibration rows are split: every `HOLDOUT_EVERY`-th row is held out of the 
 second `InputHessian`, on which the merge chooses between its candidates (the solve, round-to-nearest,
 the source codes) and measures the residuals it reports. On the rows it fitted, the solve always
 looks best, also where it has fitted little more than their noise (fewer rows than inputs); held-out
-rows show when it is further from the fine-tuned layer than the source codes, and then the source
-codes are kept and the report says so (a "kept" fallback).
+rows show when rounding or the source codes are closer to the fine-tuned layer, and then they take
+its place and the report says so (an "rtn" or "kept" fallback).
 """
 
 from __future__ import annotations
