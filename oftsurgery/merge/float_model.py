@@ -142,6 +142,14 @@ class LayerwiseModel:
             "decoder-layer linears only (use --method rtn)."
         )
 
+    def _set_checked(self, module: "nn.Module", name: str, param: "torch.Tensor", value: "torch.Tensor",
+                     where: str) -> None:
+        """Put `value` in place of the parameter `name`, on the run device, if its shape is the model's."""
+        if tuple(value.shape) != tuple(param.shape):
+            raise UnsupportedFormatError(f"{where} has shape {tuple(value.shape)}, but {self.architecture} expects "
+                                         f"{tuple(param.shape)} (use --method rtn).")
+        set_tensor(module, name, value.to(self.device))
+
     def build_layer(self, index: int, linear_weight: Callable[[str], "torch.Tensor"]) -> "nn.Module":
         """Decoder layer `index` in float32 on the device, in the checkpoint's layout: quantized linears
         from `linear_weight(prefix)`, every other parameter as stored."""
@@ -155,13 +163,7 @@ class LayerwiseModel:
                     f"{self.architecture} decoder layer {index} has a parameter {name} that the checkpoint does not "
                     f"hold ({full}); its tensors do not match this model class's layout (use --method rtn)."
                 )
-            value = tensors.get(full)
-            if tuple(value.shape) != tuple(param.shape):
-                raise UnsupportedFormatError(
-                    f"{full} has shape {tuple(value.shape)} in the checkpoint but {tuple(param.shape)} in "
-                    f"{self.architecture} (use --method rtn)."
-                )
-            set_tensor(layer, name, value.to(self.device))
+            self._set_checked(layer, name, param, tensors.get(full), f"{full} in the checkpoint")
         for name, buffer in list(layer.named_buffers()):
             full = f"{prefix}.{name}"
             set_tensor(layer, name, (tensors.get(full) if full in self._names else buffer).to(self.device))
@@ -300,13 +302,8 @@ class LayerwiseModel:
                 state["input"] = theirs
                 prefix = self.layer_prefix(index)
                 for name, param in list(module.named_parameters()):
-                    value = stock_tensor(module, prefix, name, tensors)
-                    if tuple(value.shape) != tuple(param.shape):
-                        raise UnsupportedFormatError(
-                            f"{prefix}.{name} assembled from the checkpoint has shape {tuple(value.shape)}, "
-                            f"but {self.architecture} expects {tuple(param.shape)} (use --method rtn)."
-                        )
-                    set_tensor(module, name, value.to(self.device))
+                    self._set_checked(module, name, param, stock_tensor(module, prefix, name, tensors),
+                                      f"{prefix}.{name} assembled from the checkpoint")
                 for name, buffer in list(module.named_buffers()):
                     set_tensor(module, name, buffer.to(self.device))
             return hook
