@@ -16,7 +16,8 @@ kept that thread busy, including waiting for the GPU inside it: the merge runs o
 (read-ahead, main, pack-and-write) and on a GPU the host side sets the pace. `--torch-profiler`
 prints torch's operator tables for that run. `--code DIR` compares with a source tree that is not a
 git revision here (a directory holding an `oftsurgery` package, e.g. on a machine without the
-repository's history). Every row gives the SHA-256 of the merged shards, so a change that must not
+repository's history). `--syncs` (GPU) runs one more merge in torch's sync debug mode and counts,
+per place in the code and per thread, how often the host stopped to wait for the GPU. Every row gives the SHA-256 of the merged shards, so a change that must not
 change bytes is checked in the same run.
 
     python bench/rtn_speed.py --layers 2                              # this tree vs 899d999
@@ -78,6 +79,19 @@ def timed(iterable, *args, **kwargs):
         yield item
         marks.append(time.perf_counter())
 engine._progress = timed
+syncs = collections.Counter()  # "file:line function <- caller" -> host synchronisations with the GPU
+if sys.argv[5] == "syncs" and torch.cuda.is_available():
+    import traceback, warnings
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "oftsurgery" in f.filename and "bench" not in f.filename]
+        key = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+        syncs[(threading.current_thread().name.split("_")[0], key or "(outside oftsurgery)")] += 1
+    from pathlib import Path
+    warnings.simplefilter("always")
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
 kwargs = dict(method="rtn", overwrite=True, progress=False)
 if sys.argv[4] != "default":
     kwargs["device"] = sys.argv[4]
@@ -99,12 +113,14 @@ seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
 # (Linux keeps the larger of the two across exec), e.g. a bench that has just built the checkpoint
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "layer_seconds": [b - a for a, b in zip(marks, marks[1:])],
-                  "max_rss_bytes": peak, "busy": [[t, s, v] for (t, s), v in sorted(busy.items())]}))
+                  "max_rss_bytes": peak, "busy": [[t, s, v] for (t, s), v in sorted(busy.items())],
+                  "syncs": [[t, k, n] for (t, k), n in syncs.most_common()]}))
 """
 
 
 def run_merge(code_root: Path, checkpoint: Path, rotations: Path, out: Path, device: str, mode: str = "plain") -> dict:
-    """One merge in a fresh process; `mode`: "plain", "steps" (step timers) or "torch-profiler" (both)."""
+    """One merge in a fresh process; `mode`: "plain", "steps" (step timers), "torch-profiler" (both) or
+    "syncs" (where the host waits for the GPU)."""
     env = dict(os.environ, PYTHONPATH=str(code_root), GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
     # run from the code root: `python -c` puts the working directory first on sys.path
     result = subprocess.run([sys.executable, "-c", _CHILD, str(checkpoint), str(rotations), str(out), device, mode],
@@ -144,6 +160,8 @@ def main() -> None:
                         help="another source tree (a directory holding an oftsurgery package) to run the same way")
     parser.add_argument("--steps", action="store_true", help="also time each step of the engine per thread")
     parser.add_argument("--torch-profiler", action="store_true", help="with --steps: print torch's operator tables")
+    parser.add_argument("--syncs", action="store_true",
+                        help="on a GPU: one more merge counting where the host waits for the GPU (torch's sync debug mode)")
     args = parser.parse_args()
 
     from oftsurgery.testing.synthetic import synthetic_checkpoint
@@ -158,7 +176,7 @@ def main() -> None:
     layer_bytes = sum(i.nbytes for n, i in reader.tensors.items() if n.startswith("model.layers.0."))
     load = os.getloadavg()[0]
 
-    rows, steps = [], []
+    rows, steps, syncs = [], [], []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         trees = [("this tree", ROOT, args.device)]
         if args.compare != "none":
@@ -170,6 +188,8 @@ def main() -> None:
             if args.steps:
                 mode = "torch-profiler" if args.torch_profiler else "steps"
                 steps.append((name, run_merge(root, checkpoint, rotations, out, device, mode)))
+            if args.syncs:
+                syncs.append((name, run_merge(root, checkpoint, rotations, out, device, "syncs")))
 
     print(f"checkpoint: {args.layers} decoder layer(s) 4096/11008 GPTQ 4-bit g128 sym, vocab {args.vocab} "
           f"(oftsurgery.testing.synthetic), "
@@ -190,6 +210,11 @@ def main() -> None:
               "step kept each thread busy\n| thread | step | s per decoder layer |\n|---|---|---|")
         for thread, step, value in r["busy"]:
             print(f"| {thread} | {step} | {value / args.layers:.3f} |")
+    for name, r in syncs:
+        print(f"\n{name}, a merge in torch's sync debug mode: host synchronisations per decoder layer, by place "
+              f"({sum(n for _, _, n in r['syncs']) / args.layers:.1f} in all)\n| thread | where (innermost first) | per decoder layer |\n|---|---|---|")
+        for thread, where, n in r["syncs"]:
+            print(f"| {thread} | {where} | {n / args.layers:.1f} |")
 
 
 if __name__ == "__main__":

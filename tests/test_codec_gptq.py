@@ -6,6 +6,7 @@ Reference layers come from `tests/quant_layers.py` (gptqmodel quantizes and pack
 from __future__ import annotations
 
 import types
+from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from quant_layers import (
 )
 
 from oftsurgery.errors import InvalidCheckpointError, MergeError, UnsupportedFormatError
+from oftsurgery.quant import bitpack
 from oftsurgery.quant.bitpack import AWQ_PACK_ORDER, pack_codes, pack_stream, packed_words, unpack_codes, unpack_stream
 from oftsurgery.quant.codec import dequantize_layer, find_quantized_layers, layer_tensors, pack_layer, unpack_layer
 from oftsurgery.quant.config import parse_quant_config
@@ -251,12 +253,23 @@ def _reference_words(codes: list[int], bits: int, order=None) -> list[int]:
     return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
 
 
+def _byte_path(on: bool):
+    """Take the GPU's byte-view bit packer (2/4/8 bits) on the CPU too, or never take it."""
+    return mock.patch.object(bitpack, "_through_bytes", lambda bits, device: on and bits in (2, 4, 8))
+
+
 @SETTINGS
 @given(bits=st.sampled_from([2, 3, 4, 8]), count=st.integers(1, 200), rows=st.integers(1, 3),
-       awq_order=st.booleans(), seed=st.integers(0, 2**16))
-def test_vectorised_bit_packer_is_the_plain_bit_stream(bits, count, rows, awq_order, seed):
+       awq_order=st.booleans(), seed=st.integers(0, 2**16), byte_path=st.booleans())
+def test_vectorised_bit_packer_is_the_plain_bit_stream(bits, count, rows, awq_order, seed, byte_path):
     """pack_codes / unpack_codes along either dimension, partial words and 3-bit straddles included,
-    equal a bit-by-bit reference; garbage in unused high bits of the last word is ignored."""
+    equal a bit-by-bit reference, through int32 fields (CPU) or a byte view of the words (GPU);
+    garbage in unused high bits of the last word is ignored."""
+    with _byte_path(byte_path):
+        _check_bit_packer(bits, count, rows, awq_order, seed)
+
+
+def _check_bit_packer(bits, count, rows, awq_order, seed):
     order = AWQ_PACK_ORDER if awq_order and bits == 4 else None
     if order is not None:
         count = -(-count // 8) * 8
@@ -273,6 +286,20 @@ def test_vectorised_bit_packer_is_the_plain_bit_stream(bits, count, rows, awq_or
         noisy = expected.clone()
         noisy[:, -1] |= torch.tensor(((1 << spare) - 1) << (32 - spare), dtype=torch.int64).to(torch.int32)
         assert torch.equal(unpack_codes(noisy, bits, count, dim=-1, order=order), codes)
+
+
+@pytest.mark.parametrize("byte_path", [False, True])
+@pytest.mark.parametrize("bits, order", [(2, None), (3, None), (4, None), (8, None), (4, AWQ_PACK_ORDER)])
+def test_bit_packer_in_small_chunks_along_a_middle_dimension(monkeypatch, bits, order, byte_path):
+    """Many chunks and codes packed along the middle of a 3-D tensor (several rows before and after
+    it) still give the plain bit stream of every line, both ways, on either path."""
+    monkeypatch.setattr(bitpack, "CPU_CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(bitpack, "_through_bytes", lambda bits, device: byte_path and bits in (2, 4, 8))
+    codes = torch.randint(0, 2**bits, (3, 96, 5), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    expected = torch.tensor([[_reference_words(codes[b, :, a].tolist(), bits, order) for a in range(5)] for b in range(3)],
+                            dtype=torch.int32).permute(0, 2, 1)  # [3, words, 5]
+    assert torch.equal(pack_codes(codes, bits, dim=1, order=order), expected)
+    assert torch.equal(unpack_codes(expected, bits, 96, dim=1, order=order), codes)
 
 
 def test_malformed_layers_are_refused():

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from oftsurgery.merge.distributed import SingleProcess, open_ranks, row_batches
 from oftsurgery.merge.pipeline import BackgroundWriter, InlineWriter, WorkerFailed
 from oftsurgery.merge.plan import LayerPlan, MergePlan, decoder_layer_index, plan_merge
 from oftsurgery.merge.report import LayerReport, MergeReport
-from oftsurgery.merge.transfer import adopt, upload
+from oftsurgery.merge.transfer import adopt, continue_elsewhere, to_host, upload
 from oftsurgery.quant.config import QuantConfig, load_quant_config
 
 if TYPE_CHECKING:
@@ -205,7 +206,8 @@ class _Merger:
         self.merged: dict[str, "QuantizedWeight"] = {}
         self.current: str | None = None  # the layer being merged, named if something fails
         self._unpacked: dict[str, "QuantizedWeight"] = {}
-        self._reads: dict[str, Any] = {}  # prefix -> Future of its packed tensors, read ahead
+        self._reads: dict[str, Any] = {}  # prefix -> Future of `_read_ahead`'s result
+        self._rotations: dict[str, dict[str, "torch.Tensor"]] = {}  # prefix -> its rotation on the device, read ahead
 
     def source_weight(self, prefix: str, cache: bool = True) -> "QuantizedWeight":
         """A layer's stored codes (uint8) and grid (per-module `dynamic` overrides applied), unpacked on
@@ -216,8 +218,12 @@ class _Merger:
             return self._unpacked[prefix]
         cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
         ahead = self._reads.pop(prefix, None)
-        packed = adopt(ahead.result() if ahead is not None else _layer_tensors_on(self.reader, prefix, self.options.device))
-        qw = unpack_layer(packed, cfg)
+        if ahead is not None:
+            packed, rotation = ahead.result()
+            self._rotations[prefix] = adopt(rotation)
+        else:
+            packed = _layer_tensors_on(self.reader, prefix, self.options.device)
+        qw = unpack_layer(adopt(packed), cfg)
         if cache:
             self._unpacked[prefix] = qw
         return qw
@@ -263,7 +269,7 @@ class _Merger:
         from oftsurgery.merge.rtn import rtn_merge_layer
 
         qw = _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
-        new_qw, report = rtn_merge_layer(self.plan.layers[prefix], qw)
+        new_qw, report = rtn_merge_layer(self.plan.layers[prefix], qw, self._rotations.pop(prefix, None))
         self._record(prefix, report)
         return new_qw
 
@@ -365,13 +371,31 @@ class _Merger:
                     if prefix in unread:
                         for ahead in unread[unread.index(prefix) : unread.index(prefix) + 2]:
                             if ahead not in self._reads:
-                                self._reads[ahead] = reads.submit(_layer_tensors_on, reader, ahead, self.options.device)
+                                self._reads[ahead] = reads.submit(self._read_ahead, ahead)
                     qw = self.solved_weight(prefix) if self.plan.layers[prefix].targeted else self._converted_weight(prefix)
-                    writer.submit(prefix, lambda prefix=prefix, qw=qw: sorted(self._pack(prefix, qw).items()))
+                    writer.submit(prefix, partial(self._pack_to_host, prefix, qw, continue_elsewhere(self.options.device)))
             finally:
                 for future in self._reads.values():
                     future.cancel()
                 self._reads.clear()
+                self._rotations.clear()
+
+    def _pack_to_host(self, prefix: str, qw: "QuantizedWeight", on_own_stream) -> list[tuple[str, "torch.Tensor"]]:
+        """The writer's job for one linear: packed on the device (on the writer thread's own stream,
+        after the kernels that made `qw`), then copied to the host with one wait."""
+        with on_own_stream():
+            return sorted(to_host(self._pack(prefix, qw)).items())
+
+    def _read_ahead(self, prefix: str) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
+        """On the reader thread: a linear's packed tensors and, for the rtn merge of a targeted linear,
+        its rotation (`rtn.rotation_tensors`), both on the merge's device (pass them through `adopt`)."""
+        from oftsurgery.merge.rtn import rotation_tensors
+
+        packed = _layer_tensors_on(self.reader, prefix, self.options.device)
+        layer = self.plan.layers[prefix]
+        if not (layer.targeted and self.options.method == "rtn"):
+            return packed, {}
+        return packed, upload(lambda pin: rotation_tensors(layer, pin), self.options.device)
 
 
 def _linears_by_input(layer_module, names: list[str], hidden, kwargs) -> list[list[str]]:

@@ -45,7 +45,7 @@ def write_items(writer: "CheckpointWriter", items: Iterable[tuple[str, Any]]) ->
             _, dtype, shape, path, offset, nbytes = item
             writer.add_file_range(name, dtype, shape, path, offset, nbytes)
         else:
-            writer.add(name, to_host(item))  # pinned, waiting for this copy alone (see transfer.py)
+            writer.add(name, to_host({name: item})[name])  # a no-op for host tensors (see transfer.py)
 
 
 class BackgroundWriter:

@@ -125,7 +125,7 @@ def requantize_rtn(qw: "QuantizedWeight", target: "torch.Tensor") -> "QuantizedW
 
     dev = target.device
     codes = quantize_to_codes(target, qw.scales.to(dev), qw.zeros.to(dev), qw.g_idx.to(dev), qw.bits)
-    return replace(qw, codes=codes.to(qw.codes.device))
+    return qw.with_codes(codes.to(qw.codes.device))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from oftsurgery.merge.report import LayerReport
@@ -39,19 +38,28 @@ def _chunk_rows(in_features: int, out_features: int, align: int, device) -> int:
     return min(rows, in_features)
 
 
-def _input_side_blocks(plan: "LayerPlan") -> "torch.Tensor | None":
-    """The rotation blocks when they act on the input features (the usual case), else None."""
-    rotations = plan.rotations
-    if plan.prefix in getattr(rotations, "output_side", set()):
-        return None
-    return rotations.blocks[plan.prefix]
-
-
-def rtn_merge_layer(plan: "LayerPlan", qw: "QuantizedWeight") -> tuple["QuantizedWeight", LayerReport]:
-    """Fold the layer's rotation into `qw` and round on its grid; return the new codes and its report."""
+def rotation_tensors(plan: "LayerPlan", pin_memory: bool = False) -> dict[str, "torch.Tensor"]:
+    """What the rounding reads of the layer's rotation, float32 on the host: "blocks" when they act
+    on the input features (the usual case; absent for an output-side rotation) and OFT's "scale"
+    when the adapter has one. `pin_memory` for a fast copy to a GPU (see `transfer.upload`)."""
     import torch
 
-    from oftsurgery.quant.grid import contiguous_groups
+    rotations = plan.rotations
+    found = {}
+    if plan.prefix not in getattr(rotations, "output_side", set()):
+        found["blocks"] = rotations.blocks[plan.prefix]
+    scale = getattr(rotations, "scales", {}).get(plan.prefix)
+    if scale is not None:
+        found["scale"] = scale
+    found = {k: v.to(torch.float32).contiguous() for k, v in found.items()}
+    return {k: v.pin_memory() for k, v in found.items()} if pin_memory else found
+
+
+def rtn_merge_layer(plan: "LayerPlan", qw: "QuantizedWeight",
+                    rotation: "dict[str, torch.Tensor] | None" = None) -> tuple["QuantizedWeight", LayerReport]:
+    """Fold the layer's rotation into `qw` and round on its grid; return the new codes and its report.
+    `rotation`: `rotation_tensors(plan)`, already on `qw`'s device (read ahead), or None to take it here."""
+    import torch
 
     start = time.perf_counter()
     codes_t = qw.codes.T.contiguous()  # [in, out]; a no-op for codes from the unpackers
@@ -60,21 +68,19 @@ def rtn_merge_layer(plan: "LayerPlan", qw: "QuantizedWeight") -> tuple["Quantize
     scales = qw.scales.to(device, torch.float32)
     zeros = qw.zeros.to(device, torch.float32)
     g_idx = qw.g_idx.to(device)
-    contiguous = contiguous_groups(qw.g_idx, qw.group_size)
     group_rows = qw.group_size if qw.group_size > 0 else in_f
-    grouped = contiguous and in_f % group_rows == 0  # whole groups: broadcast the grid over each group's rows
+    grouped = qw.contiguous and in_f % group_rows == 0  # whole groups: broadcast the grid over each group's rows
 
-    blocks = _input_side_blocks(plan)
-    oft_scale = getattr(plan.rotations, "scales", {}).get(plan.prefix)
+    rotation = {k: v.to(device) for k, v in (rotation_tensors(plan) if rotation is None else rotation).items()}
+    blocks, oft_scale = rotation.get("blocks"), rotation.get("scale")
     if blocks is not None:
-        blocks = blocks.to(device, torch.float32)
         b = blocks.shape[-1]
         align = math.lcm(b, group_rows) if grouped else b
         rows = _chunk_rows(in_f, out_f, align, device) if in_f % align == 0 else in_f
     else:  # output-side rotation (PEFT <= 0.13): the rotation mixes all rows, so one chunk
         rows = in_f
     if oft_scale is not None:
-        oft_scale = oft_scale.to(device, torch.float32).reshape(1, out_f)
+        oft_scale = oft_scale.reshape(1, out_f)
 
     new_codes_t = torch.empty_like(codes_t, dtype=torch.uint8)
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # kept error, rtn error, ‖target‖², codes changed
@@ -127,7 +133,7 @@ def rtn_merge_layer(plan: "LayerPlan", qw: "QuantizedWeight") -> tuple["Quantize
         chosen, mode, err, changed = qw, "kept", kept_err, 0.0
         fallback = "kept: round-to-nearest came out further from W·Rᵀ than the source codes, so the adapter is left out here"
     else:
-        chosen = replace(qw, codes=new_codes_t.T)
+        chosen = qw.with_codes(new_codes_t.T)
         mode, err = "rtn", rtn_err
     report = LayerReport(
         name=plan.prefix,

@@ -12,7 +12,9 @@ which the GPU reads and writes directly, and the upload runs on a stream of its 
 - `adopt` (the thread that computes): tells torch's caching allocator that the tensors are now used
   on the consumer's stream, so their memory is not handed back to the copy stream while kernels
   queued there may still read it.
-- `to_host` (the writer thread): one copy into pinned memory, waiting for it alone.
+- `to_host` (the writer thread): copies into pinned memory, waiting once for a linear's copies.
+- `continue_elsewhere`: the writer thread packs on a stream of its own, after the main thread's
+  kernels that produced the codes, so the two threads never wait for each other's kernels.
 
 Pinned blocks come from torch's caching host allocator, which reuses them once the copies that
 used them are done, so pinned memory stays at a few linears' worth. On the CPU every function here
@@ -21,6 +23,7 @@ returns its input unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -28,10 +31,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-_local = threading.local()  # one copy stream per (thread, device)
+_local = threading.local()  # one stream per (thread, device)
 
 
-def _copy_stream(device: "torch.device"):
+def _own_stream(device: "torch.device"):
     import torch
 
     streams = getattr(_local, "streams", None)
@@ -50,7 +53,7 @@ def upload(read: Callable[[bool], Mapping[str, "torch.Tensor"]], device: "str | 
     if device.type != "cuda":
         return {k: v.to(device) for k, v in read(False).items()}
     host = read(True)
-    stream = _copy_stream(device)
+    stream = _own_stream(device)
     with torch.cuda.stream(stream):
         moved = {k: v.to(device, non_blocking=True) for k, v in host.items()}
     stream.synchronize()
@@ -67,15 +70,44 @@ def adopt(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
     return dict(tensors)
 
 
-def to_host(tensor: "torch.Tensor") -> "torch.Tensor":
-    """A contiguous host copy of `tensor` (pinned when it comes from a GPU)."""
+def continue_elsewhere(device: "str | torch.device") -> Callable[[], contextlib.AbstractContextManager]:
+    """Hand the work queued so far on this thread's stream to another thread: call this where the
+    work was queued, and enter what it returns on the thread that goes on. There the kernels run
+    on that thread's own stream, after the handed-over work, and neither thread waits for the
+    other's kernels when it synchronises. The receiving thread must keep the tensors it was given
+    until its own kernels are done (`to_host` waits for them), so their memory is not reused early."""
     import torch
 
-    if not tensor.is_cuda:
-        return tensor.detach().contiguous()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor.detach(), non_blocking=True)
-    done = torch.cuda.Event()
-    done.record(torch.cuda.current_stream(tensor.device))
-    done.synchronize()
-    return host
+    device = torch.device(device)
+    if device.type != "cuda":
+        return contextlib.nullcontext
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(device))
+
+    @contextlib.contextmanager
+    def on_own_stream():
+        stream = _own_stream(device)
+        stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            yield
+
+    return on_own_stream
+
+
+def to_host(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """Contiguous host copies of `tensors` (pinned for those on a GPU), waiting once for all the copies."""
+    import torch
+
+    hosts, last = {}, None
+    for name, tensor in tensors.items():
+        if not tensor.is_cuda:
+            hosts[name] = tensor.detach().contiguous()
+            continue
+        hosts[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        hosts[name].copy_(tensor.detach(), non_blocking=True)
+        last = tensor.device
+    if last is not None:
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(last))
+        done.synchronize()
+    return hosts

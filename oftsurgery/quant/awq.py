@@ -22,7 +22,8 @@ import torch
 
 from oftsurgery.errors import InvalidCheckpointError, MergeError, UnsupportedFormatError
 from oftsurgery.quant.bitpack import AWQ_PACK_ORDER, pack_codes, unpack_codes
-from oftsurgery.quant.grid import QuantizedWeight, default_g_idx, exact_float_weight, float_linear
+from oftsurgery.quant.grid import (QuantizedWeight, all_hold, default_g_idx, exact_float_weight, float_linear,
+                                  range_checks, same)
 
 AWQ_BITS = 4
 AWQ_BACKENDS = ("oftsurgery", "gptqmodel", "autoawq")
@@ -72,14 +73,8 @@ def _check_awq_packable(qw: QuantizedWeight) -> None:
             f"AWQ GEMM needs in_features divisible by group_size and out_features by 8 "
             f"(in={qw.in_features}, out={qw.out_features}, group_size={qw.group_size})."
         )
-    if not torch.equal(qw.g_idx.cpu(), default_g_idx(qw.in_features, qw.group_size)):
+    if not qw.contiguous:
         raise UnsupportedFormatError("AWQ GEMM has contiguous groups only; this layer has a reordered g_idx.")
-    # uint8 codes are left to the re-check after packing (see gptq._check_code_range)
-    checks = [("zero points", qw.zeros)] + ([] if qw.codes.dtype == torch.uint8 else [("codes", qw.codes)])
-    for name, values in checks:
-        low, high = torch.aminmax(values)
-        if int(low) < 0 or int(high) > qw.maxq:
-            raise ValueError(f"{name} outside [0, {qw.maxq}]")
 
 
 def _pack_with_oftsurgery(qw: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -138,6 +133,8 @@ def pack_awq(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str
     if backend not in AWQ_BACKENDS:
         raise ValueError(f"backend must be one of {AWQ_BACKENDS}")
     _check_awq_packable(qw)
+    if backend != "oftsurgery":  # the reference packers need valid codes to start with
+        all_hold(range_checks(qw))
     if bias is not None:
         bias = bias.detach().to(torch.float16)
     if backend == "oftsurgery":
@@ -151,11 +148,11 @@ def pack_awq(qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: str
     if "bias" in packed:
         packed["bias"] = packed["bias"].to(torch.float16)
     # the re-check: what a reader unpacks is exactly the codes, zero points and scales we were given
-    codes_t = qw.codes.T.to(torch.uint8)
-    if not (
-        torch.equal(_unpack_columns(packed["qweight"], qw.out_features), codes_t.to(packed["qweight"].device))
-        and torch.equal(_unpack_columns(packed["qzeros"], qw.out_features), qw.zeros.to(packed["qzeros"].device, torch.uint8))
-        and torch.equal(packed["scales"], qw.scales.to(packed["scales"].device))
-    ):
-        raise MergeError(f"The {backend} AWQ packer did not reproduce the layer's integer codes exactly.")
+    # (uint8 codes and zero points are range-checked here; see grid.range_checks)
+    mismatch = MergeError(f"The {backend} AWQ packer did not reproduce the layer's integer codes exactly.")
+    all_hold(range_checks(qw) + [
+        (same(_unpack_columns(packed["qweight"], qw.out_features), qw.codes.T), mismatch),
+        (same(_unpack_columns(packed["qzeros"], qw.out_features), qw.zeros), mismatch),
+        (same(packed["scales"], qw.scales), mismatch),
+    ])
     return packed

@@ -7,14 +7,21 @@ dimension (the last one); 2/4/8-bit codes fit whole into words, 3-bit codes stra
 fill exactly 3 words, the 11th and 22nd code crossing a word boundary). AWQ GEMM packs 4-bit codes
 along the output dimension and shuffles the 8 fields of each word (`AWQ_PACK_ORDER`).
 
-Both directions work on whole tensors with int32 shifts and masks, one pass per field of a word,
-on whatever device the input lives (no int64 copies of the codes, no Python loop over codes):
-int32 `<<` wraps modulo 2**32 and the masks discard what arithmetic `>>` smears in. Unpacked codes
-are uint8 (a quarter of int32's memory). gptqmodel's and autoawq's own packers stay the reference
-these functions are checked against, byte for byte, in the tests.
+Both directions work on whole tensors, on whatever device the input lives (no int64 copies of
+the codes, no Python loop over codes), one pass per field of a word through int32 words: int32
+`<<` wraps modulo 2**32 and the masks discard what arithmetic `>>` smears in. On a GPU every pass
+is a kernel launch paid on the host, so there 2-, 4- and 8-bit codes, which never straddle a
+byte, go through a uint8 view of the words instead (little-endian: byte k of a word holds bits
+8k..8k+7): one pass per field *of a byte* (two for 4 bits, one copy for 8 bits). On a CPU that
+byte view is read with a stride of 4 and measured twice as slow as the field passes, so the CPU
+keeps them. Unpacked codes are uint8 (a quarter of int32's memory).
+gptqmodel's and autoawq's own packers stay the reference these functions are checked against,
+byte for byte, in the tests.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -83,6 +90,38 @@ def _chunks(t4: torch.Tensor):
     return [(p0, min(p0 + step, t4.shape[1])) for p0 in range(0, t4.shape[1], step)]
 
 
+def _through_bytes(bits: int, device: torch.device) -> bool:
+    """Whether codes of `bits` bits are read and written through a byte view of the words (see the
+    module docstring: on a GPU, when no code straddles a byte)."""
+    return device.type == "cuda" and bits in (2, 4, 8) and sys.byteorder == "little"
+
+
+def _unpack_bytes(words: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Codes of contiguous int32 words [periods, 1, after] into `out` uint8 [periods, 32/bits, after]."""
+    periods, _, after = words.shape
+    # byte k of word [p, a] is [p, a, k] of the byte view; as [p, k, a] it lines up with `out`
+    data = words.reshape(-1).view(torch.uint8).view(periods, after, 4).permute(0, 2, 1)
+    per_byte = 8 // bits
+    codes = out.view(periods, 4, per_byte, after)  # code j = k·per_byte + f: field f of byte k
+    for f in range(per_byte):
+        field = codes[:, :, f]
+        if f == per_byte - 1:  # the top field: the shift leaves nothing above it
+            torch.bitwise_right_shift(data, f * bits, out=field)
+        else:
+            torch.bitwise_and(data >> (f * bits) if f else data, (1 << bits) - 1, out=field)
+
+
+def _pack_bytes(codes: torch.Tensor, bits: int, words: torch.Tensor) -> None:
+    """uint8 codes [periods, 32/bits, after] into contiguous int32 `words` [periods, 1, after]."""
+    periods, _, after = codes.shape
+    data = words.view(-1).view(torch.uint8).view(periods, after, 4).permute(0, 2, 1)
+    per_byte = 8 // bits
+    fields = codes.reshape(periods, 4, per_byte, after)
+    data.copy_(fields[:, :, 0])
+    for f in range(1, per_byte):
+        data |= fields[:, :, f] << (f * bits)
+
+
 def unpack_codes(words: torch.Tensor, bits: int, count: int, dim: int = -1, order=None) -> torch.Tensor:
     """Unpack `count` `bits`-bit codes laid along `dim` of int32 `words`; returns uint8 codes
     with `words.shape[dim]` replaced by `count`.
@@ -105,6 +144,16 @@ def unpack_codes(words: torch.Tensor, bits: int, count: int, dim: int = -1, orde
         w3 = torch.nn.functional.pad(w3, (0, 0, 0, periods * words_per_period - n_words))
     w4 = _fold(w3.reshape(w3.shape[0], periods, words_per_period, w3.shape[2]))
     out = torch.empty((w4.shape[0], w4.shape[1], per_period, w4.shape[3]), dtype=torch.uint8, device=words.device)
+    if _through_bytes(bits, words.device):
+        w4 = w4.contiguous()
+        for b in range(w4.shape[0]):  # (one b unless packing along a middle dimension)
+            for p0, p1 in _chunks(out):
+                _unpack_bytes(w4[b, p0:p1], bits, out[b, p0:p1])
+        if order is not None:  # field k holds code order[k]: put each field in its code's place
+            inverse = torch.tensor([order.index(j) for j in range(per_period)], device=out.device)
+            out = out.index_select(2, inverse)
+        codes = out.view(w3.shape[0], periods * per_period, w3.shape[2])[:, :count]
+        return codes.reshape(*words.shape[:dim], count, *words.shape[dim + 1 :])
     fields = list(_fields(bits, per_period))
     for p0, p1 in _chunks(w4):
         src, dst = w4[:, p0:p1], out[:, p0:p1]
@@ -134,6 +183,15 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1, order=None) -> tor
     if periods * per_period != count:  # a partial last period: pad with zero codes
         c3 = torch.nn.functional.pad(c3, (0, 0, 0, periods * per_period - count))
     c4 = _fold(c3.reshape(c3.shape[0], periods, per_period, c3.shape[2]))
+    if _through_bytes(bits, codes.device):
+        words = torch.empty((c4.shape[0], c4.shape[1], 1, c4.shape[3]), dtype=torch.int32, device=codes.device)
+        if order is not None:  # field k holds code order[k]
+            c4 = c4.index_select(2, torch.tensor(order, device=c4.device))
+        for b in range(c4.shape[0]):
+            for p0, p1 in _chunks(c4):
+                _pack_bytes(c4[b, p0:p1].to(torch.uint8), bits, words[b, p0:p1])
+        words = words.view(c3.shape[0], periods, c3.shape[2])[:, :n_words]
+        return words.reshape(*codes.shape[:dim], n_words, *codes.shape[dim + 1 :])
     words = torch.zeros((c4.shape[0], c4.shape[1], words_per_period, c4.shape[3]), dtype=torch.int32, device=codes.device)
     fields = list(_fields(bits, per_period))
     for p0, p1 in _chunks(words):

@@ -34,7 +34,8 @@ import torch
 
 from oftsurgery.errors import InvalidCheckpointError, MergeError, UnsupportedFormatError
 from oftsurgery.quant.bitpack import MASK32, pack_codes, pack_stream, packed_words, to_int32_words, unpack_codes, unpack_stream
-from oftsurgery.quant.grid import QuantizedWeight, default_g_idx, exact_float_weight, float_linear, num_groups_for
+from oftsurgery.quant.grid import (QuantizedWeight, all_hold, default_g_idx, exact_float_weight, float_linear,
+                                  num_groups_for, range_checks, same)
 
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
@@ -183,18 +184,6 @@ def gptq_module(qw: QuantizedWeight, bias: torch.Tensor | None = None, desc_act:
     return layer
 
 
-def _check_code_range(qw: QuantizedWeight) -> None:
-    """Codes and zero points must fit `bits`. uint8 codes are left to the re-check after packing
-    (cheaper than a pass over them): a code wider than `bits` never unpacks to itself, since its
-    high bits land in the neighbouring field or fall off the word."""
-    checks = [("zero points", qw.zeros)] + ([] if qw.codes.dtype == torch.uint8 else [("codes", qw.codes)])
-    for name, values in checks:
-        if values.numel():
-            low, high = torch.aminmax(values)
-            if int(low) < 0 or int(high) > qw.maxq:
-                raise ValueError(f"{name} outside [0, {qw.maxq}]")
-
-
 def pack_gptq(
     qw: QuantizedWeight,
     format: str = "gptq",
@@ -217,7 +206,6 @@ def pack_gptq(
             f"3-bit GPTQ layers pack only when in/out features are multiples of 32 "
             f"(got in={qw.in_features}, out={qw.out_features})."
         )
-    _check_code_range(qw)
     if format == "gptq" and v1_zero_points == "error" and bool((qw.zeros == 0).any()):
         raise MergeError(
             "The layer has zero points equal to 0, which GPTQ v1 ('gptq' format) cannot store without "
@@ -231,11 +219,11 @@ def pack_gptq(
         "g_idx": qw.g_idx.to(torch.int32).contiguous(),
     }
     # the re-check: what a reader unpacks is exactly the codes and zero points we were given
-    if not (
-        torch.equal(unpack_codes(packed["qweight"], qw.bits, qw.in_features, dim=0), codes_t.to(torch.uint8))
-        and torch.equal(unpack_codes(packed["qzeros"], qw.bits, qw.out_features, dim=-1), qw.zeros.to(torch.uint8))
-    ):
-        raise MergeError("The packed GPTQ layer does not reproduce its integer codes exactly.")
+    mismatch = MergeError("The packed GPTQ layer does not reproduce its integer codes exactly.")
+    all_hold(range_checks(qw) + [
+        (same(unpack_codes(packed["qweight"], qw.bits, qw.in_features, dim=0), codes_t), mismatch),
+        (same(unpack_codes(packed["qzeros"], qw.bits, qw.out_features, dim=-1), qw.zeros), mismatch),
+    ])
     if format == "gptq":
         packed["qzeros"] = v2_qzeros_to_v1(packed["qzeros"], qw.bits, qw.out_features)
     if bias is not None:

@@ -15,7 +15,9 @@ requantized layer sits on the same kind of grid gptqmodel would have produced fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +37,8 @@ class QuantizedWeight:
     g_idx: torch.Tensor  # int32 [in]
     bits: int
     group_size: int  # -1: one group over all inputs
+    # whether input i belongs to group i // group_size (see `contiguous_groups`), found while validating
+    contiguous: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         out_f, in_f = self.codes.shape
@@ -51,8 +55,19 @@ class QuantizedWeight:
             )
         if self.g_idx.shape != (in_f,):
             raise ValueError(f"g_idx has shape {tuple(self.g_idx.shape)}, expected ({in_f},)")
-        if in_f and (int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= self.scales.shape[0]):
+        # the range and the layout of g_idx in one look (one wait when g_idx lives on a GPU)
+        low, high, self.contiguous = _g_idx_facts(self.g_idx, self.group_size)
+        if in_f and (low < 0 or high >= self.scales.shape[0]):
             raise ValueError(f"g_idx values must lie in [0, {self.scales.shape[0]})")
+
+    def with_codes(self, codes: torch.Tensor) -> "QuantizedWeight":
+        """The same grid holding other codes of the same shape (the grid is not validated again)."""
+        if codes.shape != self.codes.shape or codes.dtype not in (torch.uint8, torch.int32):
+            raise ValueError(f"codes must be uint8 or int32 of shape {tuple(self.codes.shape)}, "
+                             f"got {codes.dtype} {tuple(codes.shape)}")
+        new = copy.copy(self)
+        new.codes = codes
+        return new
 
     @property
     def out_features(self) -> int:
@@ -73,14 +88,65 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense [out, in] weight. Computed exactly in float32 (every s*(q-z) is representable)
         and rounded once to `dtype`, which equals what float16 kernels compute. Laid out like `codes`."""
-        return dequantize_rows(self.codes.T, self.scales, self.zeros, self.g_idx, self.group_size).to(dtype).T
+        return dequantize_rows(self.codes.T, self.scales, self.zeros, self.g_idx, self.group_size,
+                               self.contiguous).to(dtype).T
 
 
 def contiguous_groups(g_idx: torch.Tensor, group_size: int) -> bool:
     """Whether input i belongs to group i // group_size (what the fast dequantization assumes)."""
+    return _g_idx_facts(g_idx, group_size)[2]
+
+
+def _g_idx_facts(g_idx: torch.Tensor, group_size: int) -> tuple[int, int, bool]:
+    """min(g_idx), max(g_idx) and whether the groups are contiguous, computed where g_idx lives and
+    brought to the host together."""
+    n = g_idx.numel()
+    if n == 0:
+        return 0, -1, group_size == -1 or group_size > 0
+    low, high = torch.aminmax(g_idx)
     if group_size == -1:
-        return not bool(g_idx.any())
-    return group_size > 0 and torch.equal(g_idx.cpu(), default_g_idx(g_idx.numel(), group_size))
+        reordered = g_idx.any()
+    elif group_size > 0:
+        reordered = (g_idx != torch.arange(n, device=g_idx.device, dtype=torch.int32) // group_size).any()
+    else:
+        reordered = torch.ones((), dtype=torch.bool, device=g_idx.device)
+    low, high, reordered = torch.stack([low.long(), high.long(), reordered.long()]).tolist()
+    return low, high, not reordered
+
+
+def range_checks(qw: QuantizedWeight) -> list[tuple[torch.Tensor, BaseException]]:
+    """Codes and zero points must fit `bits` (flags for `all_hold`). uint8 codes are left to the
+    re-check after packing (cheaper than a pass over them): a code wider than `bits` never unpacks to
+    itself, since its high bits land in the neighbouring field or fall off the word."""
+    checks = [("zero points", qw.zeros)] + ([] if qw.codes.dtype == torch.uint8 else [("codes", qw.codes)])
+    return [(within(values, qw.maxq), ValueError(f"{name} outside [0, {qw.maxq}]")) for name, values in checks]
+
+
+def all_hold(checks: Sequence[tuple[torch.Tensor, BaseException]]) -> None:
+    """Raise the error of the first check whose 0-dim boolean tensor is False. The flags are brought
+    to the host together: on a GPU, one wait for all the checks of a layer instead of one each."""
+    if not checks:
+        return
+    flags = torch.stack([flag.reshape(()).to(checks[0][0].device, torch.bool) for flag, _ in checks]).tolist()
+    for ok, (_, error) in zip(flags, checks):
+        if not ok:
+            raise error
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A 0-dim flag (not brought to the host): `a` and `b` have the same shape and values (`b` is
+    compared on `a`'s device, in `a`'s dtype)."""
+    if a.shape != b.shape:
+        return torch.zeros((), dtype=torch.bool, device=a.device)
+    return (a == b.to(a.device, a.dtype)).all()
+
+
+def within(values: torch.Tensor, maxq: int) -> torch.Tensor:
+    """A 0-dim flag (not brought to the host): every value lies in [0, maxq]."""
+    if not values.numel():
+        return torch.ones((), dtype=torch.bool, device=values.device)
+    low, high = torch.aminmax(values)
+    return (low >= 0) & (high <= maxq)
 
 
 def dequantize_rows(codes_t: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
