@@ -30,9 +30,12 @@ MOE = ("qwen3_moe", "mixtral")
 @pytest.fixture(scope="session", params=sorted(TINY_ARCHITECTURES))
 def arch_checkpoint(request):
     """(architecture, its tiny model quantized by GPTQModel: 4-bit g32 sym, cached)."""
-    from oftsurgery.models import tiny_gptq
+    from oftsurgery.models import tiny_config, tiny_gptq
 
-    return request.param, tiny_gptq(request.param)
+    # a first build quantizes in this process, and GPTQModel's loader patches transformers' MoE
+    # classes for good: undone here, or later tests would build gptqmodel's layout, not transformers'
+    with defuser_class_patches(tiny_config(request.param)["model_type"]):
+        return request.param, tiny_gptq(request.param)
 
 
 @contextlib.contextmanager
