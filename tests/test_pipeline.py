@@ -82,9 +82,11 @@ def test_a_failed_job_is_raised_at_the_next_submit_and_later_jobs_do_not_run(tmp
 
 
 def test_rtn_reads_each_linear_on_the_read_ahead_thread(monkeypatch, tiny_gptq_dir, tmp_path):
-    """In one process the data-free merge reads the next linear's packed tensors while the current one
-    is merged: every targeted linear is read on the read-ahead thread, none on the main thread."""
+    """In one process the data-free merge reads the next linear's packed tensors and rotation while
+    the current one is merged: every targeted linear is read on the read-ahead thread, none on the
+    main thread, and the rounding is handed the rotation read there."""
     import oftsurgery.merge.engine as engine
+    from oftsurgery.merge import rtn
 
     reads: list[tuple[str, str]] = []
     original = engine._layer_tensors_on
@@ -93,12 +95,21 @@ def test_rtn_reads_each_linear_on_the_read_ahead_thread(monkeypatch, tiny_gptq_d
         reads.append((prefix, threading.current_thread().name))
         return original(reader, prefix, device)
 
+    handed: dict[str, bool] = {}
+    real_rtn = rtn.rtn_merge_layer
+
+    def rtn_recording(plan, qw, rotation=None):
+        handed[plan.prefix] = rotation is not None and torch.equal(rotation["blocks"], plan.blocks)
+        return real_rtn(plan, qw, rotation)
+
     monkeypatch.setattr(engine, "_layer_tensors_on", recording)
+    monkeypatch.setattr(rtn, "rtn_merge_layer", rtn_recording)
     rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.03)
     merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", MergeOptions(method="rtn", progress=False))
     targeted = {p for p in CheckpointReader(tiny_gptq_dir).tensors if p.endswith(".qweight")}
     assert {f"{prefix}.qweight" for prefix, _ in reads} == targeted
     assert all(thread.startswith("oftsurgery-read") for _, thread in reads), reads
+    assert {f"{prefix}.qweight" for prefix in handed} == targeted and all(handed.values()), handed
 
 
 def test_close_returns_when_the_worker_thread_is_gone(monkeypatch, tmp_path):

@@ -407,8 +407,8 @@ def test_a_broken_solver_fails_the_identity_checks(broken, monkeypatch, tiny_gpt
 
         real = rtn.rtn_merge_layer
 
-        def broken_rtn(plan, qw):
-            chosen, report = real(plan, qw)
+        def broken_rtn(plan, qw, rotation=None):
+            chosen, report = real(plan, qw, rotation)
             return _perturb_one_code(chosen), report
 
         monkeypatch.setattr(rtn, "rtn_merge_layer", broken_rtn)
