@@ -138,7 +138,10 @@ def same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     compared on `a`'s device, in `a`'s dtype)."""
     if a.shape != b.shape:
         return torch.zeros((), dtype=torch.bool, device=a.device)
-    return (a == b.to(a.device, a.dtype)).all()
+    b = b.to(a.device, a.dtype)
+    if not a.is_cuda:  # no wait to save on a CPU, and torch.equal compares without a boolean copy
+        return torch.tensor(torch.equal(a, b))
+    return (a == b).all()
 
 
 def within(values: torch.Tensor, maxq: int) -> torch.Tensor:
