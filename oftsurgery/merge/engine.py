@@ -6,7 +6,9 @@ are copied with their bytes unchanged (file to file, never loaded); layers it do
 W′ = W·Rᵀ requantized on their source grid and packed back into the checkpoint's layout, byte-exact
 with gptqmodel's packers. The work runs on one device (`--device`, default auto: the GPU when
 there is one), resolved before anything else. While the main thread solves decoder layer i+1, one
-worker thread packs and writes layer i (`pipeline.BackgroundWriter`). The output directory
+worker thread packs and writes layer i (`pipeline.BackgroundWriter`); the data-free merge also
+reads the next linear's packed tensors and rotation on a reader thread, and on a GPU each thread
+queues its kernels on a stream of its own (`transfer.py`). The output directory
 appears only complete. Under torchrun the work is spread over the ranks (`distributed.py`,
 docs/distributed.md) and rank 0 writes.
 """
