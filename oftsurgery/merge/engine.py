@@ -222,7 +222,8 @@ class _Merger:
         ahead = self._reads.pop(prefix, None)
         if ahead is not None:
             packed, rotation = ahead.result()
-            self._rotations[prefix] = adopt(rotation)
+            if rotation:
+                self._rotations[prefix] = adopt(rotation)
         else:
             packed = _layer_tensors_on(self.reader, prefix, self.options.device)
         qw = unpack_layer(adopt(packed), cfg)

@@ -20,8 +20,6 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from oftsurgery.merge.transfer import to_host
-
 if TYPE_CHECKING:
     from oftsurgery.io import CheckpointWriter
 
@@ -45,7 +43,7 @@ def write_items(writer: "CheckpointWriter", items: Iterable[tuple[str, Any]]) ->
             _, dtype, shape, path, offset, nbytes = item
             writer.add_file_range(name, dtype, shape, path, offset, nbytes)
         else:
-            writer.add(name, to_host({name: item})[name])  # a no-op for host tensors (see transfer.py)
+            writer.add(name, item)  # a host tensor: jobs copy GPU results to the host themselves
 
 
 class BackgroundWriter:
