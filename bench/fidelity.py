@@ -59,7 +59,7 @@ import json, os, resource, sys, time
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 from oftsurgery.evaluate import load_dequantized_model
-from oftsurgery.merge.calibration import load_calibration_text
+from oftsurgery.merge.calibration.text import load_calibration_text
 from oftsurgery.models import quantize_gptq
 from oftsurgery.oft.adapter_io import load_rotations
 ckpt, adapter, fp_out, q_out, tokens, seq_len, calib = sys.argv[1:8]

@@ -56,9 +56,11 @@ def step_timer(owner, name, step):
         finally:
             busy[(threading.current_thread().name.split("_")[0], step)] += time.perf_counter() - start
     setattr(owner, name, wrapper)
-STEPS = [("oftsurgery.merge.engine", "_layer_tensors", "read (file -> host)"),
+STEPS = [("oftsurgery.merge.merger", "_layer_tensors", "read (file -> host)"),
+         ("oftsurgery.merge.engine", "_layer_tensors", "read (file -> host)"),  # older trees
          ("oftsurgery.quant.codec", "unpack_layer", "unpack"),
-         ("oftsurgery.merge.rtn", "rtn_merge_layer", "rotate and round"),
+         ("oftsurgery.merge.solve.rtn", "rtn_merge_layer", "rotate and round"),
+         ("oftsurgery.merge.rtn", "rtn_merge_layer", "rotate and round"),  # older trees
          ("oftsurgery.quant.codec", "pack_layer", "pack and re-check"),
          ("oftsurgery.io.writer", "CheckpointWriter.add", "write"),
          ("oftsurgery.io.writer", "CheckpointWriter.add_file_range", "copy untouched tensors")]

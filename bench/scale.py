@@ -63,10 +63,14 @@ import torch
 import oftsurgery.merge.engine as engine
 from oftsurgery.merge import MergeOptions, merge_checkpoint
 
-# time each iteration of the engine's per-decoder-layer loop (its progress-bar iterator)
+# time each iteration of the engine's per-decoder-layer loop (its progress-bar iterator; the calibrated
+# loop's own module where the tree has one)
 loops = []
-if hasattr(engine, "_progress"):
-    original = engine._progress
+try:
+    import oftsurgery.merge.calibrated_loop as calibrated_loop
+except ImportError:  # an older tree: both loops in engine.py
+    calibrated_loop = None
+def timing(original):
     def timed(iterable, *args, **kwargs):
         marks = [time.perf_counter()]
         loops.append(marks)
@@ -74,7 +78,10 @@ if hasattr(engine, "_progress"):
             marks[-1] = time.perf_counter()
             yield item
             marks.append(time.perf_counter())
-    engine._progress = timed
+    return timed
+for module in (engine, calibrated_loop):
+    if module is not None and hasattr(module, "_progress"):
+        module._progress = timing(module._progress)
 # one-time process costs stay out of the timing: gptqmodel's import (its packer packs every layer)
 # and, on a GPU, creating the CUDA context
 from oftsurgery._deps import gptqmodel
@@ -105,7 +112,7 @@ from oftsurgery._deps import gptqmodel as import_gptqmodel
 gptqmodel = import_gptqmodel()
 from gptqmodel.utils.backend import BACKEND
 from transformers import AutoTokenizer
-from oftsurgery.merge.calibration import calibration_batches, load_calibration_text
+from oftsurgery.merge.calibration.text import calibration_batches, load_calibration_text
 
 text, _ = load_calibration_text(calib)
 

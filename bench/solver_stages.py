@@ -60,8 +60,8 @@ impl, out_f, in_f, tokens, device, old_path, polish_cols = sys.argv[1:8]
 out_f, in_f, tokens, polish_cols = int(out_f), int(in_f), int(tokens), int(polish_cols)
 dev = torch.device(device)
 qw, target, rows = make_problem(out_f, in_f, tokens)
-from oftsurgery.merge import requant as new
-from oftsurgery.merge.hessian import InputHessian
+from oftsurgery.merge.solve import requant as new
+from oftsurgery.merge.solve.hessian import InputHessian
 
 def sync():
     if dev.type == "cuda":

@@ -166,7 +166,7 @@ def load_dequantized_model(path: str | Path, dtype=None, rotations=None):
 
     from oftsurgery.errors import OftSurgeryError
     from oftsurgery.io import CheckpointReader
-    from oftsurgery.merge.module_map import CheckpointTensors, hf_config_from, stock_tensor
+    from oftsurgery.merge.calibration.skeleton import CheckpointTensors, hf_config_from, stock_tensor
     from oftsurgery.quant.codec import layer_quant_config, unpack_layer
     from oftsurgery.quant.config import load_quant_config
 

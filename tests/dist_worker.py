@@ -1,6 +1,6 @@
 """Scenarios run under `torchrun` by tests/test_distributed.py: `dist_worker.py SCENARIO OUTDIR [ARGS]`.
 
-Every rank builds the same inputs from fixed seeds, runs one piece of oftsurgery.merge.distributed
+Every rank builds the same inputs from fixed seeds, runs one piece of oftsurgery.merge.runtime
 through `open_ranks` (so the process group comes from torchrun's environment), and writes what it
 got to OUTDIR for the test to compare with a single-process run and with independent references.
 """
@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from oftsurgery.errors import MergeError, OftSurgeryError
 from oftsurgery.io import atomic_output
-from oftsurgery.merge.distributed import open_ranks, row_batches
+from oftsurgery.merge.runtime.ranks import open_ranks
+from oftsurgery.merge.runtime.shards import row_batches
 
 
 def calibration_rows(num_rows: int, seq: int = 5, width: int = 24) -> torch.Tensor:
@@ -38,11 +39,11 @@ def shard_hessians(x: torch.Tensor, rows: range, batch: int) -> dict[str, torch.
 
 
 def hessian(out: Path, num_rows: int, batch: int, gather_budget: int | None = None) -> None:
-    from oftsurgery.merge import distributed
+    from oftsurgery.merge.runtime import ranks as runtime_ranks
 
     x = calibration_rows(num_rows)
     if gather_budget is not None:  # partial sums then travel in many small chunks
-        distributed.GATHER_BUDGET = gather_budget
+        runtime_ranks.GATHER_BUDGET = gather_budget
     with open_ranks("cpu") as ranks:
         mine = ranks.local_rows(num_rows)
         local = x[mine.start:mine.stop]  # each rank holds only its own rows, as in a merge

@@ -119,7 +119,7 @@ def _source_weight(path):
 
 
 def _runner(path):
-    from oftsurgery.merge.float_model import LayerwiseModel
+    from oftsurgery.merge.calibration.runner import LayerwiseModel
 
     reader, weight = _source_weight(path)
     return LayerwiseModel(reader.config, reader.get, tensor_names=reader.tensors, batch_tokens=2 * SEQ_LEN), weight
@@ -177,13 +177,13 @@ def test_self_check_refuses_wrong_layer_arguments_and_embeddings(arch, monkeypat
 
 
 def test_merge_refuses_before_writing_when_the_runner_is_wrong(tmp_path, monkeypatch):
-    from oftsurgery.merge import float_model
+    from oftsurgery.merge.calibration import runner
     from oftsurgery.models import tiny_gptq
 
     path = tiny_gptq("gemma3_text")
     rot = random_rotations(path, tmp_path / "r.safetensors", strength=0.05)
-    original = float_model.LayerwiseModel.layer_kwargs
-    monkeypatch.setattr(float_model.LayerwiseModel, "layer_kwargs", lambda self, index: original(self, 0))
+    original = runner.LayerwiseModel.layer_kwargs
+    monkeypatch.setattr(runner.LayerwiseModel, "layer_kwargs", lambda self, index: original(self, 0))
     with pytest.raises(UnsupportedFormatError, match="Gemma3ForCausalLM.*decoder layer 1.*--method rtn"):
         merge_checkpoint(path, rot, tmp_path / "out", MergeOptions(**FAST))
     assert not (tmp_path / "out").exists()
@@ -250,7 +250,7 @@ def test_moe_expert_no_token_reaches_is_reported_not_silently_rounded(tmp_path):
     # layer 0 sees the embedding of that one token: the router's own choice there is independent of the merge
     from transformers import AutoTokenizer
 
-    from oftsurgery.merge.calibration import calibration_batches, load_calibration_text
+    from oftsurgery.merge.calibration.text import calibration_batches, load_calibration_text
 
     token = calibration_batches(load_calibration_text(None)[0], AutoTokenizer.from_pretrained(path), 1, 1)
     model = load_dequantized_model(path)
@@ -366,7 +366,7 @@ def test_stock_tensor_inverts_defusers_split(arch):
     import defuser
     from transformers import AutoModelForCausalLM
 
-    from oftsurgery.merge.module_map import CheckpointTensors, hf_config_from, stock_tensor
+    from oftsurgery.merge.calibration.skeleton import CheckpointTensors, hf_config_from, stock_tensor
     from oftsurgery.models import tiny_config
 
     torch.manual_seed(0)

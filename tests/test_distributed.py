@@ -1,4 +1,4 @@
-"""oftsurgery.merge.distributed: the pieces of a multi-rank merge, in-process and under real gloo groups."""
+"""oftsurgery.merge.runtime (ranks, shards, failures): the pieces of a multi-rank merge, in-process and under real gloo groups."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from dist_helpers import TESTS, error_lines, torchrun
 from dist_worker import calibration_rows, shard_hessians, solved_layer
-from oftsurgery.merge.distributed import (
+from oftsurgery.merge.runtime.ranks import SingleProcess
+from oftsurgery.merge.runtime.shards import (
     SHARDS,
-    SingleProcess,
     assign_to_ranks,
     row_batches,
     rows_of_rank,

@@ -429,7 +429,7 @@ def test_full_disk_on_a_real_tiny_filesystem(tiny_gptq_dir, rotations, tmp_path)
 
 def _fail_on_third_layer(monkeypatch, error: BaseException) -> None:
     """Make the requantization of the third targeted layer raise `error` (a bug, or Ctrl-C)."""
-    import oftsurgery.merge.rtn as rtn
+    import oftsurgery.merge.solve.rtn as rtn
 
     real = rtn.rtn_merge_layer
     calls = []
@@ -635,7 +635,7 @@ def test_a_failed_overwrite_leaves_the_old_output_as_it_was(monkeypatch, merged_
 
 def _create_at_out_during_the_merge(monkeypatch, out: Path, with_file: bool) -> None:
     """Someone (a user, another run) creates `out` while the merge works on its layers."""
-    import oftsurgery.merge.rtn as rtn
+    import oftsurgery.merge.solve.rtn as rtn
 
     real = rtn.rtn_merge_layer
 
@@ -1006,12 +1006,12 @@ def test_merge_options_are_checked_before_the_merge_starts(extra, code, words, n
 
 @pytest.fixture
 def no_layer_merged(monkeypatch):
-    import oftsurgery.merge.engine as engine
+    import oftsurgery.merge.merger as merger
 
     def requantize_layer(*args, **kwargs):
         raise AssertionError("a layer was merged before the calibration source was checked")
 
-    monkeypatch.setattr(engine, "requantize_layer", requantize_layer)
+    monkeypatch.setattr(merger, "requantize_layer", requantize_layer)
 
 
 # -- 9. calibration errors say what is wrong, with exit code 11 ------------------------------------------

@@ -105,15 +105,15 @@ def test_python_api_in_a_process_group_the_caller_initialised(tiny_awq_dir, tiny
 FAILING_HOOK = '''
 import os
 if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("TEST_FAIL_RANK"):
-    import oftsurgery.merge.engine as engine
-    real = engine.requantize_layer
+    import oftsurgery.merge.merger as merger
+    real = merger.requantize_layer
 
     def requantize_layer(plan, *args, **kwargs):
         if plan.prefix.startswith(os.environ["TEST_FAIL_UNDER"]):
             raise RuntimeError("injected failure")
         return real(plan, *args, **kwargs)
 
-    engine.requantize_layer = requantize_layer
+    merger.requantize_layer = requantize_layer
 '''
 
 

@@ -10,7 +10,7 @@ import torch
 from merge_helpers import random_rotations
 from oftsurgery.io import CheckpointReader, CheckpointWriter
 from oftsurgery.merge import MergeOptions, merge_checkpoint
-from oftsurgery.merge.pipeline import BackgroundWriter, WorkerFailed
+from oftsurgery.merge.runtime.writer import BackgroundWriter, WorkerFailed
 
 
 @pytest.mark.parametrize("method", ["rtn", "calibrated"])
@@ -85,11 +85,11 @@ def test_rtn_reads_each_linear_on_the_read_ahead_thread(monkeypatch, tiny_gptq_d
     """In one process the data-free merge reads the next linear's packed tensors and rotation while
     the current one is merged: every targeted linear is read on the read-ahead thread, none on the
     main thread, and the rounding is handed the rotation read there."""
-    import oftsurgery.merge.engine as engine
-    from oftsurgery.merge import rtn
+    import oftsurgery.merge.merger as merger
+    from oftsurgery.merge.solve import rtn
 
     reads: list[tuple[str, str]] = []
-    original = engine._layer_tensors_on
+    original = merger._layer_tensors_on
 
     def recording(reader, prefix, device):
         reads.append((prefix, threading.current_thread().name))
@@ -102,7 +102,7 @@ def test_rtn_reads_each_linear_on_the_read_ahead_thread(monkeypatch, tiny_gptq_d
         handed[plan.prefix] = rotation is not None and torch.equal(rotation["blocks"], plan.blocks)
         return real_rtn(plan, qw, rotation)
 
-    monkeypatch.setattr(engine, "_layer_tensors_on", recording)
+    monkeypatch.setattr(merger, "_layer_tensors_on", recording)
     monkeypatch.setattr(rtn, "rtn_merge_layer", rtn_recording)
     rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.03)
     merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", MergeOptions(method="rtn", progress=False))

@@ -1,4 +1,4 @@
-"""The vectorised data-free merge of one layer (`merge.rtn`) against a float64 brute-force reference.
+"""The vectorised data-free merge of one layer (`merge.solve.rtn`) against a float64 brute-force reference.
 
 The reference builds the dense block-diagonal R in float64, forms W·Rᵀ as a plain matrix product,
 rounds every weight to its nearest code on the source grid one element at a time, and measures the
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from oftsurgery.merge.plan import LayerPlan
-from oftsurgery.merge.rtn import rtn_merge_layer
+from oftsurgery.merge.solve.rtn import rtn_merge_layer
 from oftsurgery.oft.adapter_io import RotationSet
 from oftsurgery.oft.rotation import cayley_exact, skew_from_params
 from oftsurgery.quant.grid import QuantizedWeight, default_g_idx, quantize_weight
@@ -100,7 +100,7 @@ def test_identity_rotation_returns_the_source_codes_exactly():
 
 def test_chunking_does_not_change_the_result(monkeypatch):
     """Tiny chunks (many of them, a partial last one) give the same codes and figures as one chunk."""
-    import oftsurgery.merge.rtn as rtn
+    import oftsurgery.merge.solve.rtn as rtn
 
     qw = _source(64, 512, 4, 64, False, False, seed=3)
     plan = _plan(qw, _blocks(16, 32, 0.05, seed=3))

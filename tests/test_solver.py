@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from merge_helpers import all_tensors, assert_identity_merge, identity_rotations, random_rotations
 from oftsurgery.cli import cli
 from oftsurgery.errors import MergeError
-from oftsurgery.merge import MergeOptions, merge_checkpoint, requant
-from oftsurgery.merge.hessian import CalibrationInputs, InputHessian, holdout_rows
+from oftsurgery.merge import MergeOptions, merge_checkpoint
+from oftsurgery.merge.solve import requant
+from oftsurgery.merge.solve.hessian import CalibrationInputs, InputHessian, holdout_rows
 from oftsurgery.quant.grid import QuantizedWeight, default_g_idx, quantize_weight
 
 FAST = dict(calib_tokens=512, seq_len=64, progress=False)
@@ -240,7 +241,7 @@ def test_scale_refit_keeps_scales_it_cannot_determine():
 
 _REFIT_MEMORY_CHILD = """
 import resource, torch
-from oftsurgery.merge import requant
+from oftsurgery.merge.solve import requant
 from oftsurgery.quant.grid import quantize_weight
 g = torch.Generator().manual_seed(0)
 qw = quantize_weight(torch.randn(512, 2048, generator=g), 4, 32, True)
@@ -329,11 +330,11 @@ def test_error_from_rows_and_from_the_hessian_agree():
 @pytest.mark.parametrize("batch_tokens", [4096, 48])  # all 9 rows in one forward pass; 3 rows per pass
 def test_hessians_are_collected_once_per_input_with_held_out_rows(batch_tokens, monkeypatch, tiny_gptq_dir):
     from oftsurgery.io import CheckpointReader
-    from oftsurgery.merge import sharded_inputs
-    from oftsurgery.merge.engine import _collect_hessians
+    from oftsurgery.merge.calibrated_loop import _collect_hessians
+    from oftsurgery.merge.calibration import statistics
 
-    monkeypatch.setattr(sharded_inputs, "BATCH_TOKENS", batch_tokens)
-    from oftsurgery.merge.float_model import LayerwiseModel
+    monkeypatch.setattr(statistics, "BATCH_TOKENS", batch_tokens)
+    from oftsurgery.merge.calibration.runner import LayerwiseModel
 
     reader = CheckpointReader(tiny_gptq_dir)
     runner = LayerwiseModel(reader.config, reader.get)
@@ -403,7 +404,7 @@ def test_a_broken_solver_fails_the_identity_checks(broken, monkeypatch, tiny_gpt
 
         monkeypatch.setattr(requant, "requantize_calibrated", solver)
     else:  # a round-to-nearest that gets one code wrong and does not notice
-        from oftsurgery.merge import rtn
+        from oftsurgery.merge.solve import rtn
 
         real = rtn.rtn_merge_layer
 
@@ -463,7 +464,7 @@ def test_strict_accepts_a_clean_merge(tiny_gptq_dir, tmp_path):
 
 
 def test_a_module_the_calibration_never_reached_is_a_fallback(tiny_gptq_dir, tmp_path):
-    from oftsurgery.merge.engine import requantize_layer
+    from oftsurgery.merge.candidates import requantize_layer
     from oftsurgery.merge.plan import plan_merge
     from oftsurgery.io import CheckpointReader
     from oftsurgery.oft.adapter_io import load_rotations
@@ -486,7 +487,7 @@ def test_a_module_the_calibration_never_reached_is_a_fallback(tiny_gptq_dir, tmp
 
 
 def test_rtn_does_no_hessian_work_and_reports_weight_space_residuals(monkeypatch, tiny_gptq_dir, tmp_path):
-    from oftsurgery.merge import hessian
+    from oftsurgery.merge.solve import hessian
     from oftsurgery.oft.adapter_io import load_rotations
 
     def forbidden(*args, **kwargs):
@@ -519,7 +520,7 @@ def test_a_solve_worse_than_leaving_the_adapter_out_on_held_out_rows_is_not_take
     that leave the subspace see it further from the fine-tuned layer than the unmerged one. The merge
     then takes the best of round-to-nearest and the source codes on those rows and says so; judged
     on the fitted rows it would have taken the solve."""
-    from oftsurgery.merge.engine import requantize_layer
+    from oftsurgery.merge.candidates import requantize_layer
     from oftsurgery.merge.plan import LayerPlan
     from oftsurgery.merge.report import MergeReport
     from oftsurgery.oft.adapter_io import RotationSet
@@ -575,7 +576,7 @@ import os, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from test_solver import _problem
-from oftsurgery.merge import requant
+from oftsurgery.merge.solve import requant
 device = "cuda" if torch.cuda.is_available() else "cpu"
 mismatch = total = 0
 for dtype in (torch.float64, torch.float32):

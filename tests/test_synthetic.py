@@ -79,7 +79,7 @@ def test_reloads_in_gptqmodel_and_its_dequantized_weights_equal_the_fp16_twin(ti
 def test_fp16_twin_loads_in_transformers_and_the_tokenizer_covers_the_default_calibration(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oftsurgery.merge.calibration import calibration_batches, load_calibration_text
+    from oftsurgery.merge.calibration.text import calibration_batches, load_calibration_text
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny.fp16), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny.gptq))

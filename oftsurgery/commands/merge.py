@@ -83,7 +83,7 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
         command="oftsurgery " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:])),
     )
     report = merge_checkpoint(checkpoint, adapter, out, options)
-    from oftsurgery.merge.distributed import primary_process
+    from oftsurgery.merge.runtime.ranks import primary_process
 
     if not primary_process():  # under torchrun: rank 0 wrote the output, and reports (and pushes) it
         return

@@ -1,4 +1,5 @@
-"""The merge report: per-layer figures, a summary line, and the warnings a user must not miss."""
+"""The merge report: per-layer figures, a summary line, and the warnings a user must not miss; and the
+progress bar shown while the layers are merged."""
 
 from __future__ import annotations
 
@@ -135,3 +136,9 @@ class MergeReport:
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="layer", disable=not enabled, leave=False)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from oftsurgery.merge.hessian import InputHessian
+    from oftsurgery.merge.solve.hessian import InputHessian
     from oftsurgery.quant.grid import QuantizedWeight
 
 DAMP = 0.01  # Tikhonov damping of H: DAMP · mean(diag H), as in GPTQ
@@ -60,7 +60,7 @@ class SolverError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 def _as_hessian(hessian) -> "InputHessian":
-    from oftsurgery.merge.hessian import InputHessian
+    from oftsurgery.merge.solve.hessian import InputHessian
 
     return hessian if isinstance(hessian, InputHessian) else InputHessian.from_matrix(hessian)
 
@@ -169,7 +169,7 @@ def _gptq_pass(layer: _Layer, perm: "torch.Tensor", U: "torch.Tensor", block_siz
     """Codes [in, out] (in the layer's dtype) from GPTQ's lazy-batch pass in the order `perm`."""
     import torch
 
-    from oftsurgery.merge import kernels
+    from oftsurgery.merge.solve import kernels
 
     w = layer.target_t[perm]  # a copy, rows in visiting order; updated with the compensations
     s = layer.scales_t(layer.source_scales)[perm]
@@ -234,7 +234,7 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
     """Blocked coordinate descent on the codes [in, out] for tr(E (H + λI) Eᵀ); returns new codes."""
     import torch
 
-    from oftsurgery.merge import kernels
+    from oftsurgery.merge.solve import kernels
 
     dt = layer.dtype
     H = layer.hessian.matrix_as(dt)

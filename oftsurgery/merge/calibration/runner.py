@@ -2,7 +2,7 @@
 
 Calibrated requantization needs the activations every targeted linear really sees. Loading the
 whole model in float would cost 4 bytes per weight; instead the model is built on the meta device
-(`module_map.build_skeleton`: no memory, buffers such as rotary tables and Gemma's embedding scale
+(`skeleton.build_skeleton`: no memory, buffers such as rotary tables and Gemma's embedding scale
 real) and only what is needed is materialised:
 
 - **what layer 0 receives** comes from the model's own forward: its own embedding module (scaling
@@ -28,7 +28,7 @@ import math
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from oftsurgery.errors import OftSurgeryError, UnsupportedFormatError
-from oftsurgery.merge.module_map import (
+from oftsurgery.merge.calibration.skeleton import (
     CheckpointTensors,
     build_skeleton,
     decoder_layers,

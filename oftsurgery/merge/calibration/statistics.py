@@ -3,7 +3,7 @@
 What the solver needs about the input X of a group of linears (hessian.py): H = Σ xxᵀ over the
 fitted rows, X itself while it has at most `in_features` rows, and the same for the held-out rows
 (every 8th calibration row, by its global number). Here the calibration rows are always cut into
-the same 8 shards (distributed.py); each shard's H is accumulated alone, in batches that never cross a shard, and the
+the same 8 shards (runtime/shards.py); each shard's H is accumulated alone, in batches that never cross a shard, and the
 shards are added in one fixed tree, so a single process and 2, 4 or 8 ranks — each carrying only
 its own rows — build bitwise the same statistics. Token counts are added the same way (exactly:
 integers), and X, when small enough to keep, is gathered in row order.
@@ -18,8 +18,8 @@ BATCH_TOKENS = 4096  # calibration tokens per forward pass: few launches, small 
 if TYPE_CHECKING:
     import torch
 
-    from oftsurgery.merge.distributed import SingleProcess
-    from oftsurgery.merge.hessian import CalibrationInputs
+    from oftsurgery.merge.runtime.ranks import SingleProcess
+    from oftsurgery.merge.solve.hessian import CalibrationInputs
 
 
 def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str], hidden: "torch.Tensor",
@@ -31,7 +31,7 @@ def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str],
     """
     import torch
 
-    from oftsurgery.merge.hessian import CalibrationInputs, InputHessian, holdout_rows
+    from oftsurgery.merge.solve.hessian import CalibrationInputs, InputHessian, holdout_rows
 
     in_features = layer_module.get_submodule(names[0]).in_features
     first_row = ranks.local_rows(num_rows).start

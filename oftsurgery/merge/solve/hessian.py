@@ -57,7 +57,7 @@ class InputHessian:
     @classmethod
     def assembled(cls, in_features: int, device: "torch.device | str", *, tokens: int,
                   matrix: "torch.Tensor | None" = None, rows: "torch.Tensor | None" = None) -> "InputHessian":
-        """Statistics summed elsewhere (shard by shard, on one or several ranks: sharded_inputs.py):
+        """Statistics summed elsewhere (shard by shard, on one or several ranks: calibration/statistics.py):
         H when given, X [tokens, in] when given (H is then made from X if not given)."""
         stats = cls(in_features, device, need_matrix=matrix is not None)
         stats._matrix = matrix

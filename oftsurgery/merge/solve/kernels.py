@@ -60,7 +60,7 @@ def _magic(dtype) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    from oftsurgery.merge import triton_blocks  # imports Triton
+    from oftsurgery.merge.solve import triton_blocks  # imports Triton
 
     return triton_blocks.gptq_block, triton_blocks.refine_block
 

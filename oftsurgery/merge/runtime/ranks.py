@@ -1,37 +1,16 @@
-"""One merge spread over several processes with torch.distributed (`torchrun … -m oftsurgery merge`).
+"""The ranks of one merge: `SingleProcess` outside torchrun, `DistributedRanks` inside it.
 
-The output must have the same bytes whatever the number of ranks, so nothing here depends on it:
-
-- **Calibration rows** are always cut into `SHARDS` (8) contiguous shards. Each shard's sums
-  (Hessians Σ xxᵀ) are accumulated alone, in batches that never span shards, and the shards are
-  added in one fixed binary tree, ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)). Floating-point addition is
-  not associative, but every addition of that tree is the same in every run: ranks own contiguous
-  runs of shards, each adds up the whole subtrees it owns, the ranks all-gather those partial sums
-  and every rank finishes the same tree. A single process walks the very same tree, so 1, 2, 4 or
-  8 ranks (any number, in fact) give bitwise the same Hessian.
-- **Hidden states**: each rank carries only its own rows through the model; a row's path does not
-  depend on the other rows.
-- **Solving**: the targeted linears of an input group (q/k/v, gate/up, the experts of an MoE
-  layer) are dealt out to ranks; each rank solves its own and the owner broadcasts the codes,
-  scales and zeros, so every rank continues from the same requantized weights.
-- **Writing**: rank 0 alone writes; progress bars show on rank 0 only.
-
-**Failures.** An error on any rank ends every rank with one message and nothing at `--out`. The
-failing rank posts its message to the process group's key-value store before it exits; a rank
-waiting in a collective polls that store (and sees the failed peer's closed connection), and a
-rank busy computing is stopped by torchrun's SIGTERM. Whoever posts first reports; the others end
-quietly (`PeerFailedError`) with the same exit code, after rank 0 has removed its temporary output.
-
-`open_ranks` gives a `SingleProcess` outside torchrun and a `DistributedRanks` inside it (or
-inside a process group the caller initialised); both have the same interface.
+`open_ranks` gives a `SingleProcess` outside torchrun and a `DistributedRanks` inside it (or inside a
+process group the caller initialised); both have the same interface: which rows and shards this
+process carries, shard sums added in the fixed tree (`shards.py`), results shared by their owner, a
+barrier, and `guard` around the merge (`failures.py`). Rank 0 writes. Why the bytes do not depend on
+the number of ranks: docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,111 +18,29 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oftsurgery.errors import InterruptedError_, MergeError, OftSurgeryError, PeerFailedError
+from oftsurgery.errors import MergeError, OftSurgeryError, PeerFailedError
+from oftsurgery.merge.runtime.failures import CollectiveError, RankFailures, _group_state
+from oftsurgery.merge.runtime.shards import (
+    SHARDS,
+    Node,
+    Sums,
+    _no_leaf,
+    assign_to_ranks,
+    rows_of_rank,
+    shard_rows,
+    shards_of_rank,
+    subtrees,
+    tree_sum,
+)
 
 if TYPE_CHECKING:
     import torch
 
-SHARDS = 8  # calibration rows are always cut into this many shards (a power of two: a binary tree)
 # How long a rank may wait in one collective: another rank may be solving a large layer or rank 0
 # writing a decoder layer meanwhile. A peer that died is noticed long before (store poll, torchrun).
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 GATHER_BUDGET = 1 << 26  # elements received per all-gather of partial sums (bounds transient memory)
 _POLL_STORE_EVERY = 0.2  # seconds between looks at the store for a failed peer while waiting
-
-Node = tuple[int, int]  # a whole subtree of the shard tree: shards [lo, hi)
-Sums = dict[str, "torch.Tensor"]
-
-
-# ------------------------------------------------------------------------------------------------
-# which rows and shards belong to whom (pure functions of row count, rank and world size)
-# ------------------------------------------------------------------------------------------------
-
-def _split_evenly(total: int, parts: int) -> list[range]:
-    """`total` items cut into `parts` contiguous runs, the first `total % parts` one longer."""
-    base, extra = divmod(total, parts)
-    runs, start = [], 0
-    for k in range(parts):
-        stop = start + base + (1 if k < extra else 0)
-        runs.append(range(start, stop))
-        start = stop
-    return runs
-
-
-def shard_rows(num_rows: int) -> list[range]:
-    """The calibration rows of each of the `SHARDS` shards. Non-empty shards come first, so shard
-    0 holds a row whenever there is one."""
-    return _split_evenly(num_rows, SHARDS)
-
-
-def shards_of_rank(rank: int, world_size: int) -> range:
-    """The shards rank `rank` owns: a contiguous run; rank 0 always owns shard 0. With more ranks
-    than shards the extra ranks own none (they still solve layers)."""
-    return _split_evenly(SHARDS, world_size)[rank]
-
-
-def rows_of_rank(num_rows: int, rank: int, world_size: int) -> range:
-    """The calibration rows rank `rank` carries through the model: those of its shards."""
-    shards = shards_of_rank(rank, world_size)
-    if not shards:
-        return range(0, 0)
-    rows = shard_rows(num_rows)
-    return range(rows[shards.start].start, rows[shards.stop - 1].stop)
-
-
-def row_batches(rows: range, batch_size: int) -> list[range]:
-    """`rows` cut into batches of `batch_size` counted from its start (pass one shard: a batch must
-    never span two shards, or the batch shapes, and with them the float results, would depend on
-    the number of ranks)."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    return [range(s, min(s + batch_size, rows.stop)) for s in range(rows.start, rows.stop, batch_size)]
-
-
-def subtrees(shards: range, node: Node = (0, SHARDS)) -> list[Node]:
-    """The largest whole subtrees of the shard tree made only of `shards`, left to right."""
-    lo, hi = node
-    if not shards or hi <= shards.start or shards.stop <= lo:
-        return []
-    if shards.start <= lo and hi <= shards.stop:
-        return [node]
-    mid = (lo + hi) // 2
-    return subtrees(shards, (lo, mid)) + subtrees(shards, (mid, hi))
-
-
-def _add(left: Sums | None, right: Sums | None) -> Sums | None:
-    """One node of the tree: left + right, key by key (None: a subtree without rows)."""
-    if left is None:
-        return right
-    if right is None:
-        return left
-    if left.keys() != right.keys():
-        raise ValueError(f"shards summed different quantities: {sorted(left)} vs {sorted(right)}")
-    return {k: left[k] + right[k] for k in left}
-
-
-def tree_sum(node: Node, known: dict[Node, Sums | None], leaf: Callable[[int], Sums | None]) -> Sums | None:
-    """The value of `node`: taken from `known` if there, else the sum of its two halves (left +
-    right), down to `leaf(shard)`. The one order of additions every rank and run uses."""
-    if node in known:
-        return known[node]
-    lo, hi = node
-    if hi - lo == 1:
-        return leaf(lo)
-    mid = (lo + hi) // 2
-    return _add(tree_sum((lo, mid), known, leaf), tree_sum((mid, hi), known, leaf))
-
-
-def assign_to_ranks(names: Sequence[str], costs: Sequence[float], world_size: int) -> dict[str, int]:
-    """Deal named jobs out to ranks, the longest first to the least loaded rank (ties: the highest
-    rank, since rank 0 also packs and writes). Deterministic: every rank computes the same table."""
-    load = [0.0] * world_size
-    owner: dict[str, int] = {}
-    for i in sorted(range(len(names)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (load[r], -r))
-        owner[names[i]] = rank
-        load[rank] += costs[i]
-    return owner
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +137,7 @@ class SingleProcess:
         yield
 
 
-class DistributedRanks(SingleProcess):
+class DistributedRanks(RankFailures, SingleProcess):
     """This process as one rank of a torch.distributed process group (gloo or NCCL)."""
 
     distributed = True
@@ -403,146 +300,6 @@ class DistributedRanks(SingleProcess):
                 out[key] = buffer.T if transposed else buffer
         return (tensors, info) if mine else (out, header["info"])
 
-    # ---- failures ------------------------------------------------------------------------------
-
-    def track_temporary(self, path: Path) -> None:
-        self._temporary = Path(path)
-
-    def _store(self):
-        import torch.distributed as dist
-        from torch.distributed import distributed_c10d
-
-        return dist.PrefixStore(self._key_prefix, distributed_c10d._get_default_store())
-
-    def _posted(self) -> dict[str, Any] | None:
-        """The failure a rank posted for this merge, or None. An unreachable store (its host, rank 0
-        outside torchrun, is gone) counts as a failed peer that already reported."""
-        try:
-            store = self._store()
-            if not store.check(["error"]):
-                return None
-            return json.loads(store.get("error").decode())
-        except Exception:  # noqa: BLE001
-            return {"rank": -1, "message": "another rank ended the merge", "exit_code": 1}
-
-    def _post(self, failure: dict[str, Any]) -> bool:
-        """Post this rank's failure unless one is there already; True if this rank's was first."""
-        payload = json.dumps(failure)
-        try:
-            won = self._store().compare_set("error", "", payload)
-        except Exception:  # noqa: BLE001  (no store: say it here rather than nowhere)
-            return True
-        return bytes(won).decode() == payload
-
-    def _stop_signals(self) -> None:
-        """This rank is ending: torchrun's SIGTERM (sent once a peer exits) must not interrupt the
-        cleanup, nor add a second message after the first."""
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                signal.signal(signum, signal.SIG_IGN)
-            except ValueError:  # not the main thread
-                pass
-
-    def _remove_temporary(self) -> None:
-        """atomic_output removes it too, but a signal may have cut that short."""
-        if self._temporary is not None:
-            shutil.rmtree(self._temporary, ignore_errors=True)
-
-    @contextmanager
-    def guard(self, out: str | Path) -> Iterator[None]:
-        """Around one merge on every rank: turn any failure into one report across the ranks.
-
-        The first rank to post its failure raises it (prefixed with its rank unless it is rank 0);
-        every other rank raises `PeerFailedError`, which the CLI does not print. Signals stay
-        ignored afterwards under torchrun (the worker is ending); elsewhere they are restored.
-        """
-        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        except BaseException as exc:
-            _group_state["failed"] = True
-            self._stop_signals()
-            self._remove_temporary()
-            error = self._settle(exc, _shown_path(out))
-            if "TORCHELASTIC_RUN_ID" not in os.environ:
-                for signum, handler in saved.items():
-                    try:
-                        signal.signal(signum, handler)
-                    except (ValueError, TypeError):
-                        pass
-            if error is exc:
-                raise
-            raise error from exc
-
-    def _settle(self, exc: BaseException, out: Path) -> BaseException:
-        lost = _caused_by(exc, CollectiveError)
-        if lost is not None:
-            exc = lost
-        peer = self._posted()
-        if peer is None and isinstance(exc, CollectiveError):
-            # a failing rank posts before its connections close; give the store a moment anyway
-            deadline = time.monotonic() + 3.0
-            while peer is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-                peer = self._posted()
-        if peer is not None and peer["rank"] != self.rank:
-            return PeerFailedError(peer["rank"], peer["message"], peer["exit_code"])
-        if isinstance(exc, PeerFailedError):
-            return exc
-        if isinstance(exc, CollectiveError):
-            error: BaseException = MergeError(
-                f"Rank {self.rank} of {self.world_size} lost contact with another rank ({exc}), which ended without "
-                f"a message (killed or crashed? see torchrun's report); nothing was written to {out}.")
-            message, code = str(error), MergeError.exit_code
-        elif isinstance(exc, (KeyboardInterrupt, InterruptedError_)):
-            error = InterruptedError_(f"Interrupted; nothing was written to {out}.")
-            message, code = str(error), InterruptedError_.exit_code
-        elif isinstance(exc, OftSurgeryError):
-            error = exc
-            if self.rank != 0:
-                error = type(exc).__new__(type(exc))
-                error.__dict__.update(exc.__dict__)
-                error.args = (f"Rank {self.rank} of {self.world_size}: {exc}",)
-            message, code = str(error), getattr(error, "exit_code", 1)
-        else:  # a bug: the CLI shows it as "Unexpected ...", the other ranks say nothing
-            error = exc
-            detail = " ".join(str(exc).split()) or "no message"
-            message, code = f"Rank {self.rank}: unexpected {type(exc).__name__}: {detail}", 1
-        if self.rank != 0 and not isinstance(exc, CollectiveError):
-            # the same bad input fails every rank at once: give rank 0, whose message has no rank
-            # prefix, a moment to say it first
-            time.sleep(0.5)
-        if self._post({"rank": self.rank, "message": message, "exit_code": code}):
-            return error
-        peer = self._posted() or {"rank": -1, "message": "another rank ended the merge", "exit_code": 1}
-        return PeerFailedError(peer["rank"], peer["message"], peer["exit_code"])
-
-
-class CollectiveError(RuntimeError):
-    """A collective failed in transport: a peer closed its connections or died."""
-
-
-def _caused_by(exc: BaseException, kind: type) -> BaseException | None:
-    """`exc` or the first exception of that kind in its chain of causes (the engine wraps errors)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, kind):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _shown_path(out: str | Path) -> Path:
-    try:
-        return Path(out).expanduser().resolve()
-    except (OSError, RuntimeError):
-        return Path(out).expanduser().absolute()
-
-
-def _no_leaf(shard: int) -> Sums | None:
-    raise AssertionError(f"shard {shard} was not gathered")
-
 
 # ------------------------------------------------------------------------------------------------
 # setting up
@@ -615,9 +372,6 @@ def open_ranks(device: str) -> Iterator[SingleProcess]:
     if not dist.is_initialized():
         _join_group(device, resolved)
     yield DistributedRanks(resolved, error)
-
-
-_group_state = {"ours": False, "failed": False}
 
 
 def _join_group(requested: str, device: str) -> None:

@@ -1,0 +1,248 @@
+"""The calibrated merge's decoder-layer loop: what each layer's linears see, and the solve in that order.
+
+Layer by layer: group the targeted linears by the input they share (q/k/v, o, gate/up, down, MoE
+experts), gather each group's calibration statistics on the merged model's own activations, solve
+the group (spread over the ranks), then run the layer forward to feed the next one. The rtn merge
+has no such loop: `engine` writes its layers directly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from oftsurgery.errors import MergeError, UnsupportedFormatError
+from oftsurgery.merge.candidates import NOT_REACHED
+from oftsurgery.merge.merger import Merger
+from oftsurgery.merge.report import MergeReport, _progress
+from oftsurgery.merge.runtime.ranks import SingleProcess
+from oftsurgery.merge.runtime.shards import row_batches
+
+if TYPE_CHECKING:
+    import torch
+
+    from oftsurgery.merge.solve.hessian import CalibrationInputs
+    from oftsurgery.quant.grid import QuantizedWeight
+
+SELF_CHECK_ROWS = 2  # calibration rows the layer runner is checked on against the model's own forward
+
+
+def _linears_by_input(layer_module, names: list[str], hidden, kwargs) -> list[list[str]]:
+    """Run `hidden` through the layer once and group the named linears by the input tensor they read,
+    in execution order (q/k/v share one, gate/up another). Linears no token reached are left out."""
+    import torch
+
+    seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
+    hooks = [layer_module.get_submodule(name).register_forward_hook(
+        lambda mod, inputs, output, name=name: seen.append((name, inputs[0]))) for name in names]
+    try:
+        with torch.no_grad():
+            layer_module(hidden, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in seen:
+        group = next((g for t, g in groups if t is x), None)
+        if group is None:
+            groups.append((x, [name]))
+        elif name not in group:
+            group.append(name)
+    return [group for _, group in groups]
+
+
+def _input_groups(runner, layer_module, index: int, names: list[str], hidden, batches: list[range] | None = None,
+                  ranks: SingleProcess | None = None) -> tuple[list[list[str]], list[str]]:
+    """Targeted linears of a decoder layer grouped by the input they share, in execution order, and the
+    targeted linears no calibration row reaches.
+
+    For a Llama block the groups are [q, k, v], [o], [gate, up], [down]: each group's input depends
+    only on the groups before it, so requantizing group by group lets every group see (and
+    compensate) what the earlier groups of the same layer will really feed it. MoE experts run only
+    on the tokens routed to them, so batches of rows are run until every linear has been seen; an
+    expert no calibration token is routed to is returned as unreached.
+
+    `batches`: the row ranges of `hidden` to run, in order (default: runner.batch_rows rows at a
+    time). With several ranks each scans its own rows and their findings are joined in rank order,
+    which is row order: the groups come out as if one process had scanned every batch.
+    """
+    import torch
+
+    kwargs = runner.layer_kwargs(index)
+    rows = runner.batch_rows(hidden.shape[1])
+    if batches is None:
+        batches = row_batches(range(hidden.shape[0]), rows)
+    groups: list[list[str]] = []
+    seen_names: set[str] = set()
+    for batch in batches:
+        start, stop = batch.start, batch.stop
+        batch_groups = _linears_by_input(layer_module, names, hidden[start:stop], kwargs)
+        for group in batch_groups:
+            new = [n for n in group if n not in seen_names]
+            if new:
+                groups.append(new)
+                seen_names.update(new)
+        if len(seen_names) == len(names):
+            break
+    if ranks is not None and ranks.distributed:
+        found, groups, seen_names = ranks.gather_json(groups), [], set()
+        for group in (g for rank_groups in found for g in rank_groups):
+            new = [n for n in group if n not in seen_names]
+            if new:
+                groups.append(new)
+                seen_names.update(new)
+    return groups, [n for n in names if n not in seen_names]
+
+
+NO_CALIBRATION_TOKENS = ("not calibrated: no calibration token was routed to this MoE expert, "
+                         "so it was rounded to nearest")
+
+
+def _requantize_unreached(merger: "Merger", name: str) -> "QuantizedWeight":
+    """Requantize a linear no calibration token reached, without data, and say so in its report line."""
+    merger.current = name
+    weight = merger.requantize(name, None)
+    report = merger.reports[-1]
+    # the solver's generic reason, made specific: a router chose no calibration token for this expert
+    report.fallback = (report.fallback or NOT_REACHED).replace(NOT_REACHED, NO_CALIBRATION_TOKENS)
+    return weight
+
+
+def _collect_hessians(layer_module, names: list[str], hidden, kwargs,
+                      ranks: SingleProcess | None = None, num_rows: int | None = None) -> dict[str, "CalibrationInputs"]:
+    """H = Σ x xᵀ at the inputs of the named linears, one `CalibrationInputs` per distinct input.
+
+    Linears that read the same tensor (q/k/v; gate/up) share one, so H and what the solver derives
+    from it are built once. H accumulates in float32 on the run device, shard by shard in a fixed
+    order (`calibration/statistics.py`: the same bits on any number of ranks). Every 8th calibration row
+    (`hessian.holdout_rows`) goes to the held-out statistics the report uses. `hidden` holds this
+    rank's rows of `num_rows` (default: all of them, in one process).
+    """
+    import torch
+
+    from oftsurgery.merge.calibration.statistics import collect_group_inputs
+
+    ranks = ranks or SingleProcess(str(hidden.device))
+    num_rows = hidden.shape[0] if num_rows is None else num_rows
+    # which of the linears read the same tensor: one row shows it (zeros on a rank without rows)
+    sample = hidden[:1] if hidden.shape[0] else torch.zeros((1, *hidden.shape[1:]), dtype=hidden.dtype,
+                                                              device=hidden.device)
+    shared: dict[str, "CalibrationInputs"] = {}
+    for group in _linears_by_input(layer_module, names, sample, kwargs):
+        shared.update(collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs))
+    return shared
+
+
+def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwargs, num_rows: int) -> None:
+    """Requantize the targeted linears of decoder layer `index` group by group on real activations.
+
+    `hidden` is the merged model's stream (what the already-requantized earlier layers produce), so
+    each layer compensates what earlier layers lost. Within the layer, linears not yet requantized
+    hold their full-precision merged weight W·Rᵀ; those already done hold their requantized weight.
+    A targeted linear no calibration row reached is requantized without inputs, which the report
+    records as a fallback. In a distributed merge `hidden` holds this rank's rows of the `num_rows`
+    calibration rows, and the linears of a group are solved on different ranks.
+    """
+    from oftsurgery.merge.calibration.statistics import collect_group_inputs
+
+    plan = merger.plan
+    ranks = merger.ranks
+    prefix = runner.layer_prefix(index) + "."
+    # the layer is rebuilt once per input group: dequantize and rotate each weight once, not each time
+    unmerged: dict[str, "torch.Tensor"] = {}
+
+    def current_weight(name: str):
+        if name in merger.merged:
+            return merger.merged[name].dequantize()
+        if name not in unmerged:
+            weight = merger.source_weight(name).dequantize()
+            unmerged[name] = plan.layers[name].target_weight(weight) if name in plan.layers else weight
+        return unmerged[name]
+
+    layer_module = runner.build_layer(index, current_weight)
+    local = [n for n in runner.linear_names(layer_module)
+             if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
+    groups, unreached = _input_groups(runner, layer_module, index, local, hidden,
+                                      _local_batches(runner, ranks, hidden, num_rows), ranks)
+    merger.solve([prefix + name for name in unreached], lambda p: _requantize_unreached(merger, p))
+    for group in groups:
+        layer_module = runner.build_layer(index, current_weight)
+        inputs = collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs)
+
+        def solve_here(name: str) -> "QuantizedWeight":
+            stats = inputs[name[len(prefix):]]
+            if stats.fit.tokens == 0 and (stats.holdout is None or stats.holdout.tokens == 0):
+                return _requantize_unreached(merger, name)  # routing can shift once earlier groups are requantized
+            return merger.requantize(name, stats, target=unmerged.pop(name, None))
+
+        merger.solve([prefix + name for name in group], solve_here)
+        del inputs  # frees the group's Hessian and the solver's factors before the next group
+
+
+def _local_batches(runner, ranks: SingleProcess, hidden, num_rows: int) -> list[range]:
+    """This rank's rows of `hidden` in batches of runner.batch_rows, each inside one calibration shard:
+    batch shapes (and with them the float results) then do not depend on the number of ranks."""
+    first = ranks.local_rows(num_rows).start
+    size = runner.batch_rows(hidden.shape[1])
+    return [b for shard in ranks.local_shards(num_rows)
+            for b in row_batches(range(shard.start - first, shard.stop - first), size)]
+
+
+def _forward_local(runner, ranks: SingleProcess, layer_module, index: int, hidden, num_rows: int):
+    """Decoder layer `index` applied to this rank's rows, one calibration shard at a time."""
+    import torch
+
+    if not hidden.shape[0]:
+        return hidden
+    first = ranks.local_rows(num_rows).start
+    return torch.cat([runner.forward_layer(layer_module, index, hidden[s.start - first : s.stop - first])
+                      for s in ranks.local_shards(num_rows)])
+
+
+def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeReport, progress: bool) -> None:
+    import torch
+
+    from oftsurgery.merge.calibration.runner import LayerwiseModel
+    from oftsurgery.merge.calibration.text import calibration_batches, load_calibration_text
+    from transformers import AutoTokenizer
+
+    options = merger.options
+    text, desc = load_calibration_text(options.calib)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(reader.path))
+    except Exception as exc:
+        raise MergeError(f"Calibrated merge needs the checkpoint's tokenizer, which could not be loaded ({type(exc).__name__}); "
+                         "use --method rtn or add the tokenizer files.") from None
+    ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
+    report.calibration, report.calib_tokens = desc, int(ids.numel())
+    runner = LayerwiseModel(reader.config, reader.get, device=options.device, tensor_names=reader.tensors)
+    unknown = [p.prefix for p in merger.plan.targeted if p.prefix not in runner.module_linears()]
+    if unknown:
+        raise UnsupportedFormatError(
+            f"{unknown[0]} is a targeted quantized layer of the checkpoint but {runner.architecture} has no such "
+            "decoder-layer module, so calibration could not reach it; use --method rtn."
+        )
+    # refuse before any merge work if the runner does not reproduce the model's own forward
+    report.runner_check = max(runner.verify(ids[:SELF_CHECK_ROWS], merger.source_weight_float), default=0.0)
+    # each rank carries its own rows (all of them in one process), shard by shard; one without rows
+    # still runs row 0 once, for the layers' keyword arguments
+    ranks, num_rows = merger.ranks, ids.shape[0]
+    shards = ranks.local_shards(num_rows)
+    hidden = (torch.cat([runner.first_layer_inputs(ids[s.start : s.stop])[0] for s in shards]) if shards
+              else runner.first_layer_inputs(ids[:1])[0][:0])
+
+    def merged_weight(name: str) -> torch.Tensor:
+        """Float weight of a linear as the merged model will hold it."""
+        if name in merger.merged:
+            return merger.merged[name].dequantize()
+        return merger.source_weight(name).dequantize()
+
+    for index in _progress(by_layer, len(by_layer), "merging (calibrated)", progress):
+        names = by_layer[index]
+        merger.new_decoder_layer()
+        prefix = runner.layer_prefix(index) + "."
+        if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
+            _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index), num_rows)
+        merger.write_group(writer, names)
+        layer_module = runner.build_layer(index, merged_weight)
+        hidden = _forward_local(runner, ranks, layer_module, index, hidden, num_rows)
+

@@ -1,0 +1,123 @@
+"""One targeted linear: its candidates (compensated solve, round-to-nearest, the source codes kept),
+the choice between them on held-out calibration rows, and the `LayerReport` line that records it.
+
+`requantize_layer` is the calibrated merge's per-linear step (and the data-free one when a linear
+has no calibration inputs); the math of each candidate is in `solve/`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from oftsurgery.merge.plan import LayerPlan
+from oftsurgery.merge.report import LayerReport
+from oftsurgery.quant.config import QuantConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from oftsurgery.merge.solve.hessian import CalibrationInputs
+    from oftsurgery.quant.grid import QuantizedWeight
+
+NOT_REACHED = "not calibrated: the calibration never reached this module, so it was rounded to nearest"
+
+
+def _to_target_grid(qw: "QuantizedWeight", source: QuantConfig, target: QuantConfig) -> "QuantizedWeight":
+    """The same weights on the output format's grid (exact when the grids are compatible)."""
+    import torch
+
+    from oftsurgery.quant.grid import default_g_idx
+
+    if source.method == target.method:
+        return qw
+    # GPTQ <-> AWQ with equal bits and contiguous groups: the codes/scales/zeros carry over exactly.
+    return replace(qw, g_idx=default_g_idx(qw.in_features, target.group_size).to(torch.int32))
+
+
+def _relative(err: float, ref: float) -> float:
+    return math.sqrt(err / ref) if ref > 0 else 0.0
+
+
+def requantize_layer(
+    plan: LayerPlan, qw: "QuantizedWeight", method: str, inputs: "CalibrationInputs | None" = None,
+    *, device: str = "cpu", target: "torch.Tensor | None" = None,
+) -> tuple["QuantizedWeight", LayerReport]:
+    """Fold the rotation into one layer and requantize it; return the new codes and its report line.
+
+    Calibrated (with `inputs`): the solver runs on the inputs' device; its result, round-to-nearest
+    and the source codes are compared on the held-out calibration rows (the fitted ones when there
+    are too few rows to hold any out), and the reported residuals are those errors. rtn: rounding
+    and weight-space residuals ‖E‖_F on `device`, no Hessian at all. Choosing anything but the
+    requested mode is recorded as a `fallback`.
+    `target` is W·Rᵀ when the caller has it already.
+    """
+    import torch
+
+    from oftsurgery.merge.solve import requant
+
+    start = time.perf_counter()
+    if target is None:
+        target = plan.target_weight(qw.dequantize())
+    calibrated = method == "calibrated" and inputs is not None and inputs.fit.reached
+    if calibrated:
+        dev = inputs.fit.device
+    else:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    source = replace(qw, codes=qw.codes.to(dev), scales=qw.scales.to(dev), zeros=qw.zeros.to(dev), g_idx=qw.g_idx.to(dev))
+    weight, target = source.dequantize(), target.to(dev, torch.float32)
+    fallbacks: list[str] = []
+    heldout_tokens = 0
+    if calibrated:
+        fit, measured = inputs.fit, inputs.measured
+
+        def residual(w, stats=measured) -> float:  # tr(E H Eᵀ), E = w − target
+            return float(stats.error((w - target).T))
+
+        solved = requant.requantize_calibrated(source, target, fit)
+        fallbacks += solved.fallbacks
+        candidates = {"compensated": solved.weight, "rtn": requant.requantize_rtn(source, target)}
+        # each candidate's error once, on the held-out rows: on the rows it fitted the solve always looks
+        # best, also where it has only fitted their noise (few tokens for many inputs); held out, it can
+        # lose to rounding or even to the source codes, and then the winner takes its place
+        errors = {"compensated": residual(solved.weight.dequantize()) if measured is not fit else solved.error,
+                  "rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
+        preferred = "compensated"
+        heldout_tokens = measured.tokens if measured is not fit else 0
+    else:
+        if method == "calibrated":
+            fallbacks.append(NOT_REACHED)
+
+        def residual(w) -> float:  # ‖E‖²_F in weight space: no data, H = I
+            return float(torch.linalg.vector_norm(w - target, dtype=torch.float64) ** 2)
+
+        candidates = {"rtn": requant.requantize_rtn(source, target)}
+        errors = {"rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
+        preferred = "rtn"
+    candidates["kept"] = source
+    best = min(errors, key=errors.get)
+    mode = preferred if errors[preferred] <= errors[best] * (1 + 1e-9) else best
+    if mode == "kept":
+        fallbacks.append("kept: no requantized candidate beat the source codes, so the adapter is left out here")
+    elif mode != preferred:
+        fallbacks.append(f"{mode}: round-to-nearest beat the calibrated solve")
+    chosen = candidates[mode]
+    ref, before, after = residual(torch.zeros_like(target)), errors["kept"], errors[mode]
+    report = LayerReport(
+        name=plan.prefix,
+        mode=mode,
+        codes_changed=float((chosen.codes != source.codes).float().mean()),
+        scales_changed=float((chosen.scales != source.scales).float().mean()),
+        residual_before=_relative(before, ref),
+        residual_after=_relative(after, ref),
+        rotation_strength=plan.rotations.strength(plan.prefix, plan.in_features),
+        seconds=time.perf_counter() - start,
+        fallback="; ".join(fallbacks) or None,
+        heldout_tokens=heldout_tokens,
+    )
+    host = qw if mode == "kept" else replace(chosen, codes=chosen.codes.to(qw.codes.device),
+                                               scales=chosen.scales.to(qw.scales.device), zeros=qw.zeros, g_idx=qw.g_idx)
+    return host, report
+

@@ -1,0 +1,54 @@
+"""What a merge can be asked for: `MergeOptions` (the library's form of `oftsurgery merge`'s options),
+the methods, their defaults, and `parse_size` for `--max-shard-size`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from oftsurgery.device import AUTO
+
+METHODS = ("calibrated", "rtn")
+DEFAULT_CALIB_TOKENS = 8192
+DEFAULT_SEQ_LEN = 256
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    requant: str | None = None
+    method: str = "calibrated"
+    calib: str | None = None
+    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    seq_len: int = DEFAULT_SEQ_LEN
+    device: str = AUTO  # auto | cpu | cuda | cuda:N
+    overwrite: bool = False
+    max_shard_size: int = 5 * 1024**3
+    command: str | None = None
+    progress: bool = True
+    allow_pickle: bool = False  # read a pickle-only checkpoint with torch's weights-only loader
+    strict: bool = False  # any per-layer fallback (see LayerReport.fallback) is a MergeError
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '1024' -> bytes."""
+    import math
+
+    from oftsurgery.errors import OftSurgeryError
+
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "B": 1}
+    value = text.strip().upper()
+    for unit, factor in units.items():
+        if value.endswith(unit):
+            number = value[: -len(unit)].strip()
+            break
+    else:
+        number, factor = value, 1
+    try:
+        amount = float(number) * factor
+    except ValueError:
+        amount = math.nan
+    if not math.isfinite(amount):  # "inf" and "nan" parse as floats
+        raise OftSurgeryError(f"Cannot read the size {text!r}; write it like 5GB or 500MB.")
+    size = int(amount)
+    if size <= 0:
+        raise OftSurgeryError(f"The size {text!r} must be positive.")
+    return size

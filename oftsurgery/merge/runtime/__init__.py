@@ -1,0 +1,1 @@
+"""How the merge's work runs: the writer thread, host/GPU transfers, ranks, shards and failures."""
