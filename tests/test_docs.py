@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-REGENERATE = "python -m oftsurgery.docs_cli > docs/cli.md"
+REGENERATE = "python -m oftsurgery.cli.docs > docs/cli.md"
 
 
 def test_cli_reference_matches_help():
-    from oftsurgery.docs_cli import render_cli_reference
+    from oftsurgery.cli.docs import render_cli_reference
 
     committed = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     assert committed == render_cli_reference(), f"docs/cli.md is out of date; regenerate it: {REGENERATE}"
@@ -20,8 +20,8 @@ def test_cli_reference_matches_help():
 
 def test_cli_reference_check_fails_when_a_help_text_changes(monkeypatch):
     """The check above can fail: change one option's help and the rendering differs."""
-    from oftsurgery.commands.merge import command as merge_command
-    from oftsurgery.docs_cli import render_cli_reference
+    from oftsurgery.cli.commands.merge import command as merge_command
+    from oftsurgery.cli.docs import render_cli_reference
 
     committed = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     option = next(p for p in merge_command.params if p.name == "calib_tokens")
@@ -32,7 +32,7 @@ def test_cli_reference_check_fails_when_a_help_text_changes(monkeypatch):
 
 
 def test_cli_reference_covers_every_command():
-    from oftsurgery.cli import COMMANDS
+    from oftsurgery.cli.app import COMMANDS
 
     text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     for name in COMMANDS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from oftsurgery.cli_options import hub_limits
+from oftsurgery.cli.options import hub_limits
 from oftsurgery.console import echo
 
 

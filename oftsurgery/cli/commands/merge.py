@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from oftsurgery.cli_options import SIZE, hub_limits
+from oftsurgery.cli.options import SIZE, hub_limits
 from oftsurgery.console import echo
 
 

@@ -1,6 +1,6 @@
 """The `oftsurgery` command line: a thin layer over the library.
 
-Each command lives in `oftsurgery/commands/<name>.py` and is imported only when it runs (or when
+Each command lives in `oftsurgery/cli/commands/<name>.py` and is imported only when it runs (or when
 `--help` lists it), so `oftsurgery --help` never imports torch or gptqmodel. Library errors
 (`OftSurgeryError`) become one line on stderr and the error's exit code; anything else (a bug) becomes
 one line and exit code 1; a traceback is shown only when OFTSURGERY_DEBUG=1. Exit codes: docs/errors.md.
@@ -17,7 +17,7 @@ import click
 
 from oftsurgery.errors import OftSurgeryError, exit_code
 
-# command name -> module under oftsurgery.commands that defines a click command called `command`
+# command name -> module under oftsurgery.cli.commands that defines a click command called `command`
 COMMANDS = {
     "inspect": "inspect",
     "attach": "attach",
@@ -37,12 +37,12 @@ class LazyGroup(click.Group):
 
     @staticmethod
     def _module_exists(name: str) -> bool:
-        return importlib.util.find_spec(f"oftsurgery.commands.{COMMANDS[name]}") is not None
+        return importlib.util.find_spec(f"oftsurgery.cli.commands.{COMMANDS[name]}") is not None
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS or not self._module_exists(name):
             return None
-        return _in_console_session(importlib.import_module(f"oftsurgery.commands.{COMMANDS[name]}").command)
+        return _in_console_session(importlib.import_module(f"oftsurgery.cli.commands.{COMMANDS[name]}").command)
 
     def invoke(self, ctx: click.Context):
         # Library errors become click errors here, so `main()` and click.testing.CliRunner both show

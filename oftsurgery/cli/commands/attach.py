@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from oftsurgery.cli_options import REGEX, FiniteFloat
+from oftsurgery.cli.options import REGEX, FiniteFloat
 from oftsurgery.console import echo
 
 
