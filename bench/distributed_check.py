@@ -35,7 +35,7 @@ def _inputs(workdir: Path) -> tuple[Path, Path]:
     import torch
 
     from oftsurgery.io import CheckpointReader
-    from oftsurgery.models import build_tiny_llama, make_awq_checkpoint
+    from oftsurgery.testing.models import build_tiny_llama, make_awq_checkpoint
     from oftsurgery.oft.adapter_io import RotationSet, save_rotations
     from oftsurgery.oft.rotation import cayley_exact, skew_from_params
     from oftsurgery.quant.codec import find_quantized_layers

@@ -58,9 +58,9 @@ REQUANT_CHILD = """
 import json, os, resource, sys, time
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
-from oftsurgery.evaluate import load_dequantized_model
+from oftsurgery.evaluation.evaluate import load_dequantized_model
 from oftsurgery.merge.calibration.text import load_calibration_text
-from oftsurgery.models import quantize_gptq
+from oftsurgery.testing.models import quantize_gptq
 from oftsurgery.oft.adapter_io import load_rotations
 ckpt, adapter, fp_out, q_out, tokens, seq_len, calib = sys.argv[1:8]
 model = load_dequantized_model(ckpt)
@@ -84,8 +84,8 @@ print(json.dumps({"seconds": time.perf_counter() - t,
 def build_inputs(work: Path, args) -> dict[str, Path]:
     """Quantized checkpoints and the trained adapter, built once and reused."""
     from oftsurgery.attach import attach_adapter
-    from oftsurgery.models import is_complete, make_awq_checkpoint, mark_complete, smollm2_fp16, smollm2_gptq
-    from oftsurgery.train import train_oft_adapter
+    from oftsurgery.testing.models import is_complete, make_awq_checkpoint, mark_complete, smollm2_fp16, smollm2_gptq
+    from oftsurgery.demo.train import train_oft_adapter
 
     paths = {"gptq": Path(args.gptq_checkpoint) if args.gptq_checkpoint else smollm2_gptq(group_size=128)}
     if "awq" in args.formats:
@@ -110,13 +110,13 @@ def build_inputs(work: Path, args) -> dict[str, Path]:
 
 
 def evaluate(checkpoint: Path, windows, adapter: Path | None = None, device: str = "cpu") -> float:
-    from oftsurgery.evaluate import load_quantized_model, mean_nll
+    from oftsurgery.evaluation.evaluate import load_quantized_model, mean_nll
     from oftsurgery.verify import attach_for_evaluation
 
     # gptqmodel's torch kernel on either device: no JIT-compiled kernels, same math everywhere
     model = load_quantized_model(checkpoint, device=device, backend="torch")
     if device == "cpu":  # same dequantized weights, float32 arithmetic: fp16 matmuls crawl on most CPUs
-        from oftsurgery.cpu_float import compute_in_float32
+        from oftsurgery.evaluation.cpu_float import compute_in_float32
 
         compute_in_float32(getattr(model, "model", model))
     if adapter is not None:
@@ -146,8 +146,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from oftsurgery.evaluate import retention, token_windows
-    from oftsurgery.models import builtin_text
+    from oftsurgery.evaluation.evaluate import retention, token_windows
+    from oftsurgery.texts import builtin_text
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -412,7 +412,7 @@ def warm_packer() -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from oftsurgery.models import default_cache_dir
+    from oftsurgery.testing.models import default_cache_dir
     from oftsurgery.testing.synthetic import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -43,7 +43,7 @@ class CheckpointSummary:
     num_tensors: int
     files: list[str]
     layers: list[QuantLayerInfo] = field(default_factory=list)
-    serving: dict[str, Any] = field(default_factory=dict)  # engine -> KernelChoice (see oftsurgery.serving)
+    serving: dict[str, Any] = field(default_factory=dict)  # engine -> KernelChoice (see oftsurgery.reporting.serving)
     tensor_parallel: int = 1
 
     def to_dict(self, with_layers: bool = False) -> dict[str, Any]:
@@ -57,7 +57,7 @@ class CheckpointSummary:
 def summarize_checkpoint(path: str | Path, tensor_parallel: int = 1) -> CheckpointSummary:
     """Read a checkpoint's metadata and describe its quantization, quantized layers and the kernels
     vLLM and transformers will serve it with (shapes checked per shard at `tensor_parallel`)."""
-    from oftsurgery.serving import serving_contract
+    from oftsurgery.reporting.serving import serving_contract
 
     reader = CheckpointReader(path)
     qcfg = load_quant_config(path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from oftsurgery.errors import InvalidAdapterError, InvalidCheckpointError
-from oftsurgery.evaluate import FidelityFigures, eval_text, load_quantized_model, logits_of, mean_nll, token_windows
+from oftsurgery.evaluation.evaluate import FidelityFigures, eval_text, load_quantized_model, logits_of, mean_nll, token_windows
 
 DEFAULT_EVAL_TOKENS = 4096
 DEFAULT_SEQ_LEN = 256
@@ -69,11 +69,11 @@ def attach_for_evaluation(model, adapter: str | Path) -> int:
 def check_verify_inputs(merged: str | Path, base: str | Path, adapter: str | Path) -> None:
     """Refuse broken, unsupported or mismatched inputs before three models are loaded: headers,
     the adapter against BASE, and MERGED's provenance (its merge_report.json and shapes) against
-    BASE and the adapter (`oftsurgery.provenance`)."""
+    BASE and the adapter (`oftsurgery.reporting.provenance`)."""
     from oftsurgery.io import CheckpointReader
     from oftsurgery.merge.plan import plan_merge
     from oftsurgery.oft.adapter_io import load_rotations
-    from oftsurgery.provenance import check_provenance
+    from oftsurgery.reporting.provenance import check_provenance
     from oftsurgery.quant.config import load_quant_config
 
     merged_reader = CheckpointReader(merged)
@@ -111,7 +111,7 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: str | Path, *, t
     def load(path):
         loaded = load_quantized_model(path, device=device)
         if float32:
-            from oftsurgery.cpu_float import compute_in_float32
+            from oftsurgery.evaluation.cpu_float import compute_in_float32
 
             compute_in_float32(getattr(loaded, "model", loaded))
         return loaded

@@ -47,7 +47,7 @@ def pytest_make_collect_report(collector):
 @pytest.fixture(scope="session")
 def tiny_fp_dir(tmp_path_factory):
     """A random fp16 LlamaForCausalLM (hidden 128, 2 layers, GQA 4/2 heads) with a byte-level BPE tokenizer."""
-    from oftsurgery.models import build_tiny_llama
+    from oftsurgery.testing.models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_fp"))
 
@@ -55,7 +55,7 @@ def tiny_fp_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gptq_dir(tiny_fp_dir, tmp_path_factory):
     """tiny_fp_dir quantized by gptqmodel: 4-bit, group size 32, symmetric, no act-order, format gptq."""
-    from oftsurgery.models import quantize_gptq
+    from oftsurgery.testing.models import quantize_gptq
 
     return quantize_gptq(tiny_fp_dir, tmp_path_factory.mktemp("tiny_gptq"), bits=4, group_size=32, sym=True)
 
@@ -63,7 +63,7 @@ def tiny_gptq_dir(tiny_fp_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gptq_asym_descact_dir(tiny_fp_dir, tmp_path_factory):
     """tiny_fp_dir quantized 4-bit g32, asymmetric, desc_act=True (permuted g_idx)."""
-    from oftsurgery.models import quantize_gptq
+    from oftsurgery.testing.models import quantize_gptq
 
     return quantize_gptq(
         tiny_fp_dir, tmp_path_factory.mktemp("tiny_gptq_asym_descact"), bits=4, group_size=32, sym=False, desc_act=True
@@ -73,7 +73,7 @@ def tiny_gptq_asym_descact_dir(tiny_fp_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gptq_v2_dir(tiny_fp_dir, tmp_path_factory):
     """tiny_fp_dir quantized 4-bit g32 sym, written in gptqmodel's gptq_v2 format (zeros without the -1 offset)."""
-    from oftsurgery.models import quantize_gptq
+    from oftsurgery.testing.models import quantize_gptq
 
     return quantize_gptq(tiny_fp_dir, tmp_path_factory.mktemp("tiny_gptq_v2"), bits=4, group_size=32, format="gptq_v2")
 
@@ -82,7 +82,7 @@ def tiny_gptq_v2_dir(tiny_fp_dir, tmp_path_factory):
 def smollm2_gptq_dir():
     """SmolLM2-135M, GPTQ 4-bit g128 sym, cached under ~/.cache/oftsurgery (first run: ~1 min download+convert
     and ~2-3 min quantization on 2 cores). Use only in tests marked `slow`."""
-    from oftsurgery.models import smollm2_gptq
+    from oftsurgery.testing.models import smollm2_gptq
 
     return smollm2_gptq(group_size=128)
 
@@ -90,6 +90,6 @@ def smollm2_gptq_dir():
 @pytest.fixture(scope="session")
 def tiny_awq_dir(tiny_fp_dir, tmp_path_factory):
     """tiny_fp_dir packed as AWQ GEMM 4-bit g32 (min/max grids fitted by us, packed by gptqmodel's AWQ packer)."""
-    from oftsurgery.models import make_awq_checkpoint
+    from oftsurgery.testing.models import make_awq_checkpoint
 
     return make_awq_checkpoint(tiny_fp_dir, tmp_path_factory.mktemp("tiny_awq"), group_size=32)

@@ -17,9 +17,9 @@ import torch
 
 from merge_helpers import random_rotations
 from oftsurgery.errors import UnsupportedFormatError
-from oftsurgery.evaluate import load_dequantized_model
+from oftsurgery.evaluation.evaluate import load_dequantized_model
 from oftsurgery.merge import MergeOptions, merge_checkpoint
-from oftsurgery.models import TINY_ARCHITECTURES, TINY_SLIDING_WINDOW
+from oftsurgery.testing.models import TINY_ARCHITECTURES, TINY_SLIDING_WINDOW
 
 SEQ_LEN = 64  # calibration rows longer than the tiny models' 16-token sliding windows
 assert SEQ_LEN > TINY_SLIDING_WINDOW
@@ -30,7 +30,7 @@ MOE = ("qwen3_moe", "mixtral")
 @pytest.fixture(scope="session", params=sorted(TINY_ARCHITECTURES))
 def arch_checkpoint(request):
     """(architecture, its tiny model quantized by GPTQModel: 4-bit g32 sym, cached)."""
-    from oftsurgery.models import tiny_config, tiny_gptq
+    from oftsurgery.testing.models import tiny_config, tiny_gptq
 
     # a first build quantizes in this process, and GPTQModel's loader patches transformers' MoE
     # classes for good: undone here, or later tests would build gptqmodel's layout, not transformers'
@@ -74,7 +74,7 @@ def _model_type(path) -> str:
 def _tokens(path, rows: int = 2, seq_len: int = 48) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from oftsurgery.models import builtin_text
+    from oftsurgery.texts import builtin_text
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer(builtin_text("english", "heldout", max_chars=20_000), return_tensors="pt")["input_ids"][0]
@@ -82,7 +82,7 @@ def _tokens(path, rows: int = 2, seq_len: int = 48) -> torch.Tensor:
 
 
 def _gptqmodel_logits(path, ids) -> torch.Tensor:
-    from oftsurgery.evaluate import load_quantized_model
+    from oftsurgery.evaluation.evaluate import load_quantized_model
 
     with defuser_class_patches(_model_type(path)):
         model = load_quantized_model(path)
@@ -160,7 +160,7 @@ def test_runner_layer_outputs_equal_the_models_own_forward(arch_checkpoint):
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
 def test_self_check_refuses_wrong_layer_arguments_and_embeddings(arch, monkeypatch):
     """The two ways Gemma used to be calibrated on wrong activations are caught and refused."""
-    from oftsurgery.models import tiny_gptq
+    from oftsurgery.testing.models import tiny_gptq
 
     path = tiny_gptq(arch)
     ids = _tokens(path, rows=2, seq_len=SEQ_LEN)
@@ -178,7 +178,7 @@ def test_self_check_refuses_wrong_layer_arguments_and_embeddings(arch, monkeypat
 
 def test_merge_refuses_before_writing_when_the_runner_is_wrong(tmp_path, monkeypatch):
     from oftsurgery.merge.calibration import runner
-    from oftsurgery.models import tiny_gptq
+    from oftsurgery.testing.models import tiny_gptq
 
     path = tiny_gptq("gemma3_text")
     rot = random_rotations(path, tmp_path / "r.safetensors", strength=0.05)
@@ -236,7 +236,7 @@ def test_merges_load_and_track_the_adapted_model(arch_checkpoint, tmp_path):
 def test_moe_expert_no_token_reaches_is_reported_not_silently_rounded(tmp_path):
     """One calibration token is routed to top_k=2 of the 4 experts of each layer: the other two
     experts' linears are requantized without data, and the report says so for each of them."""
-    from oftsurgery.models import tiny_gptq
+    from oftsurgery.testing.models import tiny_gptq
 
     path = tiny_gptq("qwen3_moe")
     rot = random_rotations(path, tmp_path / "r.safetensors", strength=0.05)
@@ -309,7 +309,7 @@ def test_output_side_rotation_straddling_split_layers_is_refused():
 def test_phi3_adapter_on_fused_gate_up_merges_into_gptqmodels_split_layers(tmp_path):
     """An adapter trained on the float Phi-3 (targets mlp.gate_up_proj) merged into GPTQModel's Phi-3,
     against the stock float model with that fused weight rotated directly."""
-    from oftsurgery.models import tiny_gptq
+    from oftsurgery.testing.models import tiny_gptq
     from oftsurgery.oft.adapter_io import RotationSet, save_rotations
     from oftsurgery.oft.rotation import cayley_exact, skew_from_params
 
@@ -340,7 +340,7 @@ def test_a_targeted_layer_the_model_has_no_module_for_is_refused_not_rounded(tmp
 
     from safetensors.torch import load_file, save_file
 
-    from oftsurgery.models import tiny_gptq
+    from oftsurgery.testing.models import tiny_gptq
 
     source = tiny_gptq("llama")
     path = tmp_path / "renamed"
@@ -367,7 +367,7 @@ def test_stock_tensor_inverts_defusers_split(arch):
     from transformers import AutoModelForCausalLM
 
     from oftsurgery.merge.calibration.skeleton import CheckpointTensors, hf_config_from, stock_tensor
-    from oftsurgery.models import tiny_config
+    from oftsurgery.testing.models import tiny_config
 
     torch.manual_seed(0)
     stock = AutoModelForCausalLM.from_config(hf_config_from(tiny_config(arch) | {"vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}), dtype=torch.float32)

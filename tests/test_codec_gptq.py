@@ -368,7 +368,7 @@ def test_deepcopy_of_reference_layer_is_independent():
 @pytest.fixture(scope="module")
 def tiny_gptq_3bit_dir(tiny_fp_dir, tmp_path_factory):
     """tiny_fp_dir quantized 3-bit g32, asymmetric, act-order, v1 format (codes straddle int32 words)."""
-    from oftsurgery.models import quantize_gptq
+    from oftsurgery.testing.models import quantize_gptq
 
     return quantize_gptq(tiny_fp_dir, tmp_path_factory.mktemp("tiny_gptq_3bit"), bits=3, group_size=32,
                          sym=False, desc_act=True, format="gptq")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from oftsurgery.cpu_float import compute_in_float32
-from oftsurgery.evaluate import load_quantized_model
+from oftsurgery.evaluation.cpu_float import compute_in_float32
+from oftsurgery.evaluation.evaluate import load_quantized_model
 
 
 def _logits(model, ids):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from oftsurgery.demo import PRESETS, STATE_FILE, SUMMARY_FILE, _State, run_demo
+from oftsurgery.demo.run import PRESETS, STATE_FILE, SUMMARY_FILE, _State, run_demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,7 +41,7 @@ def test_every_step_runs_once_and_leaves_its_artifact(demo_run):
 
 def test_training_changed_the_model_and_the_merge_kept_some_of_it(demo_run):
     workdir, result = demo_run
-    from oftsurgery.rotation_summary import summarize_rotations
+    from oftsurgery.reporting.rotation_summary import summarize_rotations
 
     strengths = [m.strength for m in summarize_rotations(workdir / "rotations.safetensors").modules]
     assert len(strengths) == 14 and min(strengths) > 0  # every targeted module moved off the identity
@@ -92,7 +92,7 @@ def test_a_missing_artifact_redoes_that_step_and_every_later_one(demo_run, tiny_
 
 def test_state_of_another_config_is_not_reused(tmp_path):
     state = _State(tmp_path, PRESETS["tiny"])
-    from oftsurgery.demo import StepRecord
+    from oftsurgery.demo.run import StepRecord
 
     state.record(StepRecord("quantize", "q", str(tmp_path), 1.0))
     assert _State(tmp_path, PRESETS["tiny"]).done("quantize") is not None

@@ -33,7 +33,7 @@ def test_codec_round_trips_real_smollm2_layers(smollm2_gptq_dir):
 
 
 def test_merge_on_smollm2_loads_and_matches_our_forward(smollm2_gptq_dir, tmp_path):
-    from oftsurgery.evaluate import load_dequantized_model, load_quantized_model
+    from oftsurgery.evaluation.evaluate import load_dequantized_model, load_quantized_model
     from oftsurgery.merge import MergeOptions, merge_checkpoint
 
     rot = random_rotations(smollm2_gptq_dir, tmp_path / "r.safetensors", strength=0.02,
@@ -49,7 +49,7 @@ def test_merge_on_smollm2_loads_and_matches_our_forward(smollm2_gptq_dir, tmp_pa
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(str(smollm2_gptq_dir))("def fibonacci(n):\n    return", return_tensors="pt")["input_ids"]
-    from oftsurgery.cpu_float import compute_in_float32
+    from oftsurgery.evaluation.cpu_float import compute_in_float32
 
     def discrepancy(path):
         """max |gptqmodel − our reference| on the same tokens, and both argmax sequences."""

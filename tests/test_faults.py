@@ -727,7 +727,7 @@ def test_push_retries_a_transient_failure_then_succeeds(tiny_gptq_dir, tmp_path)
 def test_push_restores_huggingface_hubs_client_factory(tiny_gptq_dir, tmp_path):
     from huggingface_hub.utils import _http
 
-    from oftsurgery.hub import push_checkpoint
+    from oftsurgery.push import push_checkpoint
 
     before = _http._GLOBAL_CLIENT_FACTORY
     with silent_server() as url, pytest.raises(HubError, match="did not answer"):
@@ -764,7 +764,7 @@ def _requantized_copy(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory) -> tuple[Path, Path, Path]:
     """Another model (MLP 192 wide, AWQ) merged with rotations of q_proj only, and those rotations."""
-    from oftsurgery.models import build_tiny_llama, make_awq_checkpoint
+    from oftsurgery.testing.models import build_tiny_llama, make_awq_checkpoint
 
     root = tmp_path_factory.mktemp("other_model")
     checkpoint = make_awq_checkpoint(build_tiny_llama(root / "fp", intermediate_size=192), root / "awq", group_size=32)

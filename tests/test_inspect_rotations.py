@@ -96,7 +96,7 @@ def test_plot_on_a_checkpoint_is_a_usage_error(tiny_gptq_dir, tmp_path):
 
 def test_merge_report_plot(tmp_path):
     from oftsurgery.errors import OftSurgeryError
-    from oftsurgery.plots import plot_merge_report
+    from oftsurgery.reporting.plots import plot_merge_report
 
     layers = [{"name": f"model.layers.{i}.self_attn.{k}", "residual_before": 0.1 * (i + 1),
                "residual_after": 0.02 * (i + 1)} for i in range(4) for k in ("q_proj", "o_proj")]

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from merge_helpers import all_tensors, assert_bytes_equal, assert_identity_merge, identity_rotations, random_rotations
 from oftsurgery.cli import cli
 from oftsurgery.errors import InvalidAdapterError, OutputPathError, UnsupportedFormatError
-from oftsurgery.evaluate import load_dequantized_model, load_quantized_model
+from oftsurgery.evaluation.evaluate import load_dequantized_model, load_quantized_model
 from oftsurgery.merge import MergeOptions, merge_checkpoint
 
 FAST = dict(calib_tokens=512, seq_len=64, progress=False)

@@ -79,7 +79,7 @@ def test_python_api_in_a_process_group_the_caller_initialised(tiny_awq_dir, tiny
     merge on 5 calibration rows (rank 2 carries none: 8 shards over 3 ranks), a calibrated MoE merge
     (Qwen3-MoE: each rank finds the experts its own rows are routed to, and the experts are dealt
     out) and an rtn GPTQ merge."""
-    from oftsurgery.models import tiny_gptq
+    from oftsurgery.testing.models import tiny_gptq
 
     jobs = []
     for name, ckpt, method, tokens in (("awq", tiny_awq_dir, "calibrated", 160),

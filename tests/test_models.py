@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from oftsurgery.models import SPLITS, builtin_documents, builtin_text
+from oftsurgery.texts import SPLITS, builtin_documents, builtin_text
 
 
 def _gptqmodel_logits(model_dir, input_ids):

@@ -23,10 +23,10 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from oftsurgery.card import render_model_card
+from oftsurgery.reporting.card import render_model_card
 from oftsurgery.cli import cli
 from oftsurgery.errors import HubError, InvalidCheckpointError, UnsupportedFormatError
-from oftsurgery.hub import push_checkpoint, validate_checkpoint_for_push
+from oftsurgery.push import push_checkpoint, validate_checkpoint_for_push
 from oftsurgery.io import CheckpointWriter
 from oftsurgery.testing.hub_server import LocalHub, UploadModeRule, validate_card_metadata
 

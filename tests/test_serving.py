@@ -11,7 +11,7 @@ from merge_helpers import identity_rotations
 from oftsurgery.cli import cli
 from oftsurgery.merge import MergeOptions, merge_checkpoint
 from oftsurgery.quant.config import parse_quant_config
-from oftsurgery.serving import marlin_lost_warnings, serving_contract, transformers_kernel, vllm_kernel
+from oftsurgery.reporting.serving import marlin_lost_warnings, serving_contract, transformers_kernel, vllm_kernel
 
 # a 7B-shaped Llama decoder layer: in/out features as (in, out)
 LLAMA_7B = {
@@ -80,7 +80,7 @@ def test_our_gptqmodel_marlin_constants_match_the_installed_gptqmodel():
     from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
     from gptqmodel.nn_modules.qlinear.marlin_awq import AwqMarlinLinear
 
-    from oftsurgery import serving
+    from oftsurgery.reporting import serving
 
     assert sorted(MarlinLinear.SUPPORTS_BITS) == sorted(serving.GPTQMODEL_MARLIN_BITS)
     assert sorted(AwqMarlinLinear.SUPPORTS_BITS) == sorted(serving.GPTQMODEL_MARLIN_BITS)
@@ -128,8 +128,8 @@ def test_awq_with_midpoint_zero_points_converts_to_symmetric_gptq_that_keeps_mar
     """When every AWQ zero point is 8 the same weights are symmetric GPTQ: that variant is written."""
     import torch
 
-    from oftsurgery.evaluate import load_dequantized_model
-    from oftsurgery.models import make_awq_checkpoint
+    from oftsurgery.evaluation.evaluate import load_dequantized_model
+    from oftsurgery.testing.models import make_awq_checkpoint
 
     awq_dir = make_awq_checkpoint(tiny_fp_dir, tmp_path / "awq", group_size=32, symmetric_grid=True)
     rot = identity_rotations(awq_dir, tmp_path / "id.safetensors")
@@ -140,7 +140,7 @@ def test_awq_with_midpoint_zero_points_converts_to_symmetric_gptq_that_keeps_mar
     source, converted = load_dequantized_model(awq_dir), load_dequantized_model(tmp_path / "gptq")
     for (name, a), b in zip(source.state_dict().items(), converted.state_dict().values()):
         assert torch.equal(a, b), name
-    from oftsurgery.evaluate import load_quantized_model
+    from oftsurgery.evaluation.evaluate import load_quantized_model
 
     ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # gptqmodel reads the symmetric v1 zero points as we meant them

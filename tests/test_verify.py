@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from merge_helpers import random_rotations
 from oftsurgery.cli import cli
-from oftsurgery.evaluate import load_quantized_model, retention
+from oftsurgery.evaluation.evaluate import load_quantized_model, retention
 from oftsurgery.merge import MergeOptions, merge_checkpoint
 from oftsurgery.oft.adapter_io import load_rotations, save_rotations, write_peft_adapter
 from oftsurgery.oft.config import OFTOptions

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, AutoConfig
 
-from oftsurgery.models import builtin_text
+from oftsurgery.texts import builtin_text
 from oftsurgery.quant.config import load_quant_config
 from oftsurgery.quant.codec import find_quantized_layers, layer_tensors, unpack_layer
 from oftsurgery.oft.rotation import rotation_blocks, rotate_weight

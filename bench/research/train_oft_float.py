@@ -8,7 +8,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 from peft import OFTConfig, get_peft_model
 from transformers import AutoTokenizer
-from oftsurgery.models import builtin_text
+from oftsurgery.texts import builtin_text
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fidelity_lab import load_all, set_weights, DEV
 

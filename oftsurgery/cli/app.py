@@ -77,7 +77,7 @@ def _in_console_session(command: click.Command) -> click.Command:
     """Give a command the -v option and run its body in `console.session`: stdout only for results."""
     if getattr(command, "_oftsurgery_session", False):
         return command
-    from oftsurgery import console
+    from oftsurgery.reporting import console
 
     body = command.callback
 

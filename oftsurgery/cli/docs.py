@@ -25,12 +25,12 @@ Library errors are printed as one line `Error: …` with a non-zero exit code; s
 
 # command -> the library function it calls (for the reader, and checked by the tests)
 LIBRARY_FUNCTION = {
-    "inspect": "oftsurgery.inspect.summarize_checkpoint / oftsurgery.rotation_summary.summarize_rotations",
+    "inspect": "oftsurgery.inspect.summarize_checkpoint / oftsurgery.reporting.rotation_summary.summarize_rotations",
     "attach": "oftsurgery.attach.attach_adapter",
     "extract": "oftsurgery.extract.extract_rotations",
     "merge": "oftsurgery.merge.merge_checkpoint",
     "verify": "oftsurgery.verify.verify_merge",
-    "push": "oftsurgery.hub.push_checkpoint",
+    "push": "oftsurgery.push.push_checkpoint",
     "demo": "oftsurgery.demo.run_demo",
 }
 

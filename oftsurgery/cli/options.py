@@ -70,7 +70,7 @@ REGEX = RegexType()
 
 def hub_limits(command):
     """--timeout / --retries / --retry-wait: how long a push waits for the Hub, and how often it retries."""
-    from oftsurgery.hub import DEFAULT_RETRIES, DEFAULT_RETRY_WAIT, DEFAULT_TIMEOUT
+    from oftsurgery.push import DEFAULT_RETRIES, DEFAULT_RETRY_WAIT, DEFAULT_TIMEOUT
 
     options = [
         click.option("--timeout", type=FiniteFloat(0, minimum_open=True), default=DEFAULT_TIMEOUT, show_default=True,

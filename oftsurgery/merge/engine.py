@@ -76,7 +76,7 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
         import warnings
 
         warnings.warn(f"The rtn method reads no calibration text; calib={options.calib!r} is ignored.", stacklevel=2)
-    from oftsurgery.provenance import checkpoint_fingerprint
+    from oftsurgery.reporting.provenance import checkpoint_fingerprint
 
     fingerprint = checkpoint_fingerprint(reader, source)  # lets `verify` check what this was merged from
     ranks.sync()  # every rank has checked its inputs: one that refused them stops the others here
@@ -139,7 +139,7 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
 
 def _describe_serving(plan: MergePlan, report: MergeReport) -> None:
     """Which vLLM/transformers kernels the input and the output load with; warn if the merge loses Marlin."""
-    from oftsurgery.serving import marlin_lost_warnings, serving_contract
+    from oftsurgery.reporting.serving import marlin_lost_warnings, serving_contract
 
     shapes = {p: (l.in_features, l.out_features) for p, l in plan.layers.items()}
     source, output = serving_contract(plan.source, shapes), serving_contract(plan.target, shapes)
@@ -159,7 +159,7 @@ def _write_configs(reader: CheckpointReader, plan: MergePlan, out_dir: Path) -> 
 
 def _write_card(out_dir: Path, report: MergeReport, plan: MergePlan) -> None:
     try:
-        from oftsurgery.card import render_merge_card
+        from oftsurgery.reporting.card import render_merge_card
     except ImportError:  # card module not available yet: a minimal card
         (out_dir / "README.md").write_text(f"# Merged with oftsurgery\n\n```\n{report.summary()}\n```\n", encoding="utf-8")
         return

@@ -46,7 +46,7 @@ class MergeReport:
     seconds: float = 0.0
     command: str | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)
-    checkpoint_fingerprint: str | None = None  # of the source checkpoint; `verify` checks it (oftsurgery.provenance)
+    checkpoint_fingerprint: str | None = None  # of the source checkpoint; `verify` checks it (oftsurgery.reporting.provenance)
     runner_check: float | None = None  # calibrated: largest relative error of the layer runner vs the model's own forward
     serving: dict[str, dict[str, str]] = field(default_factory=dict)  # engine -> {"input": ..., "output": ...} kernels
     serving_warnings: list[str] = field(default_factory=list)  # the output serves on slower kernels than the input

@@ -275,7 +275,7 @@ def build_synthetic_checkpoint(out_dir, preset: str = "tiny", *, num_layers: int
     import torch
 
     from oftsurgery.io import CheckpointWriter, atomic_output
-    from oftsurgery.models import build_tiny_tokenizer
+    from oftsurgery.testing.models import build_tiny_tokenizer
     from oftsurgery.quant.gptq import pack_gptq
     from oftsurgery.quant.grid import quantize_weight
 
@@ -355,7 +355,7 @@ def synthetic_checkpoint(preset: str = "tiny", *, num_layers: int = 2, vocab_siz
     Builds are atomic, so a directory or file that exists is complete.
     """
     from oftsurgery.io import atomic_output
-    from oftsurgery.models import default_cache_dir
+    from oftsurgery.testing.models import default_cache_dir
 
     spec = synthetic_spec(preset, num_layers=num_layers, vocab_size=vocab_size, seed=seed, bits=bits,
                           group_size=group_size)

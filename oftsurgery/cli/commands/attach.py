@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from oftsurgery.cli.options import REGEX, FiniteFloat
-from oftsurgery.console import echo
+from oftsurgery.reporting.console import echo
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from oftsurgery.console import echo
+from oftsurgery.reporting.console import echo
 
 
 @click.command("extract")

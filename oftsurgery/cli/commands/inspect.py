@@ -6,7 +6,7 @@ import json
 
 import click
 
-from oftsurgery.console import echo
+from oftsurgery.reporting.console import echo
 
 
 @click.command("inspect")
@@ -39,7 +39,7 @@ def command(path: str, as_json: bool, layers: bool, plot: str | None, tensor_par
       oftsurgery inspect ./my-oft-adapter
       oftsurgery inspect rotations.safetensors --plot rotations.png
     """
-    from oftsurgery.rotation_summary import is_adapter_or_rotations
+    from oftsurgery.reporting.rotation_summary import is_adapter_or_rotations
 
     if is_adapter_or_rotations(path):
         _inspect_rotations(path, as_json, plot, show_all)
@@ -56,7 +56,7 @@ def command(path: str, as_json: bool, layers: bool, plot: str | None, tensor_par
 
 
 def _inspect_rotations(path: str, as_json: bool, plot: str | None, show_all: bool) -> None:
-    from oftsurgery.rotation_summary import summarize_rotations
+    from oftsurgery.reporting.rotation_summary import summarize_rotations
 
     summary = summarize_rotations(path)
     if as_json:
@@ -64,7 +64,7 @@ def _inspect_rotations(path: str, as_json: bool, plot: str | None, show_all: boo
     else:
         echo(summary.render(top=None if show_all else 20))
     if plot:
-        from oftsurgery.plots import plot_rotation_strength
+        from oftsurgery.reporting.plots import plot_rotation_strength
 
         out = plot_rotation_strength(summary, plot)
         click.echo(f"wrote {out}", err=as_json)

@@ -8,7 +8,7 @@ import sys
 import click
 
 from oftsurgery.cli.options import SIZE, hub_limits
-from oftsurgery.console import echo
+from oftsurgery.reporting.console import echo
 
 
 @click.command("merge")
@@ -73,7 +73,7 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
     hub_options = {"token": token, "endpoint": endpoint, "timeout": timeout, "retries": retries,
                    "retry_wait": retry_wait}
     if push_to_hub:  # a bad push target is refused now, not after a long merge
-        from oftsurgery.hub import check_push_target
+        from oftsurgery.push import check_push_target
 
         check_push_target(push_to_hub, **hub_options)
     options = MergeOptions(
@@ -90,7 +90,7 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
     echo(report.summary())
     echo(f"wrote {report.output}")
     if push_to_hub:
-        from oftsurgery.hub import push_checkpoint
+        from oftsurgery.push import push_checkpoint
 
         result = push_checkpoint(report.output, push_to_hub, private=private, **hub_options)
         echo(f"pushed: {result.commit_url}")

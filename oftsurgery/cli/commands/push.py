@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from oftsurgery.cli.options import hub_limits
-from oftsurgery.console import echo
+from oftsurgery.reporting.console import echo
 
 
 @click.command("push")
@@ -43,7 +43,7 @@ def command(folder: str, repo_id: str, private: bool, revision: str | None, comm
       oftsurgery push ./merged --repo-id my-org/model --private --create-pr
       oftsurgery push ./merged --repo-id team/model --endpoint https://hub.example.internal
     """
-    from oftsurgery.hub import push_checkpoint
+    from oftsurgery.push import push_checkpoint
 
     result = push_checkpoint(
         folder, repo_id, private=private, revision=revision, commit_message=commit_message,

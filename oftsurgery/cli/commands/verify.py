@@ -6,7 +6,7 @@ import json
 
 import click
 
-from oftsurgery.console import echo
+from oftsurgery.reporting.console import echo
 
 
 @click.command("verify")

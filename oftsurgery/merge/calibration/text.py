@@ -59,7 +59,7 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _load(source: str | None) -> tuple[str, str]:
-    from oftsurgery.models import builtin_text
+    from oftsurgery.texts import builtin_text
 
     if source is None or source.startswith("builtin:"):
         kind = (source or BUILTIN_CALIB).split(":", 1)[1]

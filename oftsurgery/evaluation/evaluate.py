@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from oftsurgery.console import third_party_output
+from oftsurgery.reporting.console import third_party_output
 from oftsurgery.errors import CalibrationError, InvalidCheckpointError
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def load_quantized_model(path: str | Path, device: str = "cpu", backend: str | N
 
 def eval_text(source: str | None, max_chars: int | None = None) -> tuple[str, str]:
     """(text, description) for evaluation: a file, or built-in held-out text (never calibration/training)."""
-    from oftsurgery.models import builtin_text
+    from oftsurgery.texts import builtin_text
 
     source = source or DEFAULT_EVAL_TEXT
     if source.startswith("builtin:"):

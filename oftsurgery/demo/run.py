@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from oftsurgery.console import third_party_output
+from oftsurgery.reporting.console import third_party_output
 from oftsurgery.errors import OftSurgeryError
 
 DEFAULT_WORKDIR = "oftsurgery-demo"
@@ -207,7 +207,7 @@ def _say(message: str, quiet: bool) -> None:
 
 
 def _make_fp16(config: DemoConfig, paths: _Paths, given: str | Path | None) -> tuple[str, dict]:
-    from oftsurgery.models import build_tiny_llama, is_complete, mark_complete, smollm2_fp16
+    from oftsurgery.testing.models import build_tiny_llama, is_complete, mark_complete, smollm2_fp16
 
     if given is not None:
         return str(given), {}
@@ -222,7 +222,8 @@ def _make_fp16(config: DemoConfig, paths: _Paths, given: str | Path | None) -> t
 
 
 def _quantize(config: DemoConfig, paths: _Paths, fp16: str) -> tuple[str, dict]:
-    from oftsurgery.models import builtin_text, mark_complete, quantize_gptq
+    from oftsurgery.testing.models import mark_complete, quantize_gptq
+    from oftsurgery.texts import builtin_text
 
     shutil.rmtree(paths.base, ignore_errors=True)
     calib = [builtin_text(config.text, "calib")]
@@ -243,7 +244,7 @@ def _attach(config: DemoConfig, paths: _Paths) -> tuple[str, dict]:
 
 def _train(config: DemoConfig, paths: _Paths, quiet: bool) -> tuple[str, dict]:
     from oftsurgery.oft.adapter_io import read_peft_adapter
-    from oftsurgery.train import train_oft_adapter
+    from oftsurgery.demo.train import train_oft_adapter
 
     options = read_peft_adapter(paths.adapter_identity).options
     result = train_oft_adapter(
@@ -292,7 +293,7 @@ def _verify(config: DemoConfig, paths: _Paths) -> tuple[str, dict]:
 
 
 def _push(config: DemoConfig, paths: _Paths) -> tuple[str, dict]:
-    from oftsurgery.hub import push_checkpoint
+    from oftsurgery.push import push_checkpoint
     from oftsurgery.testing.hub_server import LocalHub
 
     # the server's storage is a fresh folder each run: it lives as long as this process
@@ -308,7 +309,7 @@ def _push(config: DemoConfig, paths: _Paths) -> tuple[str, dict]:
 
 
 def _plots(paths: _Paths) -> tuple[str, dict]:
-    from oftsurgery.plots import plot_merge_report, plot_rotation_strength
+    from oftsurgery.reporting.plots import plot_merge_report, plot_rotation_strength
 
     paths.plots.mkdir(parents=True, exist_ok=True)
     plot_rotation_strength(paths.rotations, paths.rotation_plot, title="Rotation strength of the demo adapter")

@@ -200,7 +200,7 @@ def _push(checkpoint: CheckpointForPush, target: PushTarget, *, private: bool, r
 
     card = None
     if checkpoint.needs_card:
-        from oftsurgery.card import ensure_model_card
+        from oftsurgery.reporting.card import ensure_model_card
 
         try:
             card = ensure_model_card(checkpoint.folder, repo_id=repo_id)

@@ -40,7 +40,7 @@ def plot_rotation_strength(source, png: str | Path, *, title: str | None = None)
     """
     import numpy as np
 
-    from oftsurgery.rotation_summary import RotationSummary, summarize_rotations
+    from oftsurgery.reporting.rotation_summary import RotationSummary, summarize_rotations
 
     summary = source if isinstance(source, RotationSummary) else summarize_rotations(source)
     if not summary.layers:
@@ -98,7 +98,7 @@ def plot_merge_report(report_json, png: str | Path, *, title: str | None = None)
     """
     import numpy as np
 
-    from oftsurgery.rotation_summary import layer_index_of, order_kinds
+    from oftsurgery.reporting.rotation_summary import layer_index_of, order_kinds
 
     report = _load_report(report_json)
     layers = report.get("layers") or []

@@ -6,7 +6,7 @@ parameters train (AdamW, linear warm-up), and the adapter is saved in PEFT's for
 demo uses to make an adapter that measurably changes the model; real fine-tunes will want their own
 trainer, and can use `attach_oft` / `save_oft_adapter` the same way.
 
-On CPU the model computes in float32 (`float32_on_cpu`, see `oftsurgery.cpu_float`): the same
+On CPU the model computes in float32 (`float32_on_cpu`, see `oftsurgery.evaluation.cpu_float`): the same
 quantized weights, multiplied in a dtype CPUs are fast at.
 """
 
@@ -66,9 +66,9 @@ def train_oft_adapter(
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from oftsurgery.cpu_float import compute_in_float32
-    from oftsurgery.evaluate import load_quantized_model
-    from oftsurgery.models import builtin_text
+    from oftsurgery.evaluation.cpu_float import compute_in_float32
+    from oftsurgery.evaluation.evaluate import load_quantized_model
+    from oftsurgery.texts import builtin_text
     from oftsurgery.oft.adapter_io import read_peft_adapter
     from oftsurgery.oft.model import load_oft_adapter, save_oft_adapter
 
