@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -54,7 +53,6 @@ def vmhwm():
     except (OSError, StopIteration):
         return None
 """
-LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 MERGE_CHILD = r"""
 import json, os, sys, time
@@ -235,17 +233,14 @@ def _threads() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def decoder_layer_of(name: str) -> int | None:
-    match = LAYER_RE.search(name)
-    return int(match.group(1)) if match else None
-
-
 def linear_kind(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
 def merge_figures(result: dict, report: dict | None, layers: int, layer_bytes: int) -> dict:
     """Per-decoder-layer figures of one merge run (result of MERGE_CHILD + its merge_report.json)."""
+    from oftsurgery.quant.layout import decoder_layer_index
+
     if "error" in result:
         return result
     loop = result.get("layer_seconds")
@@ -256,7 +251,7 @@ def merge_figures(result: dict, report: dict | None, layers: int, layer_bytes: i
     solve_by_layer: dict[int, float] = {}
     solve_by_kind: dict[str, list[float]] = {}
     for entry in (report or {}).get("layers", []):
-        index = decoder_layer_of(entry["name"])
+        index = decoder_layer_index(entry["name"])
         if index is None:
             continue
         solve_by_layer[index] = solve_by_layer.get(index, 0.0) + float(entry.get("seconds", 0.0))

@@ -28,13 +28,14 @@ from typing import Any, Callable
 
 from oftsurgery.reporting.console import third_party_output
 from oftsurgery.errors import OftSurgeryError
+from oftsurgery.io import MERGE_REPORT
+from oftsurgery.testing.models import COMPLETE_MARKER
 
 DEFAULT_WORKDIR = "oftsurgery-demo"
 STATE_FILE = "demo_state.json"
 SUMMARY_FILE = "demo_summary.json"
 HUB_TOKEN = "hf_local_demo"
 HUB_USER = "demo"
-_COMPLETE = ".oftsurgery-complete"
 
 ALL_LINEAR_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -313,7 +314,7 @@ def _plots(paths: _Paths) -> tuple[str, dict]:
 
     paths.plots.mkdir(parents=True, exist_ok=True)
     plot_rotation_strength(paths.rotations, paths.rotation_plot, title="Rotation strength of the demo adapter")
-    plot_merge_report(paths.merged / "merge_report.json", paths.residual_plot)
+    plot_merge_report(paths.merged / MERGE_REPORT, paths.residual_plot)
     return str(paths.plots), {"rotation_strength": str(paths.rotation_plot), "merge_residual": str(paths.residual_plot)}
 
 
@@ -374,7 +375,7 @@ def run_demo(workdir: str | Path = DEFAULT_WORKDIR, *, preset: str = "smollm2", 
         ("train", f"train adapter ({config.train_steps} steps)", lambda: paths.adapter_trained.is_dir(),
          lambda: _train(config, paths, quiet)),
         ("extract", "extract rotations", lambda: paths.rotations.is_file(), lambda: _extract(paths)),
-        ("merge", "merge --requant gptq (calibrated)", lambda: (paths.merged / "merge_report.json").is_file(),
+        ("merge", "merge --requant gptq (calibrated)", lambda: (paths.merged / MERGE_REPORT).is_file(),
          lambda: _merge(config, paths, quiet)),
         ("verify", "verify on held-out text", lambda: (root / "verify.json").is_file(), lambda: _verify(config, paths)),
         ("plots", "plots", lambda: paths.rotation_plot.is_file() and paths.residual_plot.is_file(),
@@ -420,7 +421,7 @@ def _fp16_still_there(artifact: str, given: str | Path | None) -> bool:
 
 
 def _is_complete_dir(path: Path) -> bool:
-    return (path / _COMPLETE).is_file()
+    return (path / COMPLETE_MARKER).is_file()
 
 
 # ------------------------------------------------------------------------------------------------

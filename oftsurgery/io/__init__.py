@@ -6,7 +6,8 @@ makes sure an output directory only ever appears complete.
 """
 
 from oftsurgery.io.atomic import atomic_output, check_output_path
+from oftsurgery.io.ownership import MERGE_REPORT
 from oftsurgery.io.reader import CheckpointReader
 from oftsurgery.io.writer import CheckpointWriter, copy_side_files
 
-__all__ = ["CheckpointReader", "CheckpointWriter", "atomic_output", "check_output_path", "copy_side_files"]
+__all__ = ["MERGE_REPORT", "CheckpointReader", "CheckpointWriter", "atomic_output", "check_output_path", "copy_side_files"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from oftsurgery.errors import OutputPathError
 
-MERGE_REPORT = "merge_report.json"
+MERGE_REPORT = "merge_report.json"  # the merge report's file name, for every module that writes or reads it
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT_KEY = "oftsurgery_format"
 ADAPTER_FORMAT = "peft-adapter"

@@ -15,17 +15,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from oftsurgery.errors import MergeError, OftSurgeryError
-from oftsurgery.io import CheckpointReader, CheckpointWriter, atomic_output, check_output_path, copy_side_files
+from oftsurgery.io import (MERGE_REPORT, CheckpointReader, CheckpointWriter, atomic_output, check_output_path,
+                           copy_side_files)
 from oftsurgery.merge.calibrated_loop import _merge_calibrated
 from oftsurgery.merge.merger import Merger
 from oftsurgery.merge.options import METHODS, MergeOptions
-from oftsurgery.merge.plan import MergePlan, decoder_layer_index, plan_merge
+from oftsurgery.merge.plan import MergePlan, plan_merge
 from oftsurgery.merge.report import MergeReport, _progress
 from oftsurgery.merge.runtime.ranks import SingleProcess, open_ranks
 from oftsurgery.merge.runtime.writer import BackgroundWriter, InlineWriter, WorkerFailed
 from oftsurgery.quant.config import load_quant_config
+from oftsurgery.quant.layout import decoder_layer_index
 
-REPORT_FILE = "merge_report.json"
 # decoder layers queued between the solve (main thread) and pack+write (worker); 0: no worker thread
 PIPELINE_DEPTH = 1
 
@@ -123,7 +124,7 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
             if tmp is not None:
                 _write_configs(reader, plan, tmp)
                 copy_side_files(reader.side_files(), tmp)
-                report.write(tmp / REPORT_FILE)
+                report.write(tmp / MERGE_REPORT)
                 _write_card(tmp, report, plan)
     except OftSurgeryError:
         raise

@@ -7,7 +7,6 @@ error here, before a single byte is written.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,15 +18,6 @@ if TYPE_CHECKING:
     import torch
 
     from oftsurgery.io.reader import CheckpointReader
-
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
-
-
-def decoder_layer_index(name: str) -> int | None:
-    """Index of the decoder layer a tensor or module belongs to (None outside the layer stack)."""
-    match = _LAYER_INDEX.search(f".{name}.")
-    return int(match.group(1)) if match else None
-
 
 @dataclass
 class LayerPlan:

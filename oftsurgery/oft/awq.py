@@ -67,37 +67,10 @@ def dequantize_awq_gemm(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 class AwqOFTLinear(OFTQuantLinear):
     """OFT wrapper for an AWQ quantized linear (defaults as PEFT's: r=0, oft_block_size=32)."""
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        r: int = 0,
-        oft_block_size: int = 32,
-        module_dropout: float = 0.0,
-        coft: bool = False,
-        eps: float = 6e-5,
-        block_share: bool = False,
-        fan_in_fan_out: bool = False,
-        init_weights: bool = True,
-        use_cayley_neumann: bool = False,
-        num_cayley_neumann_terms: int = 5,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            base_layer,
-            adapter_name,
-            r=r,
-            oft_block_size=oft_block_size,
-            module_dropout=module_dropout,
-            coft=coft,
-            eps=eps,
-            block_share=block_share,
-            use_cayley_neumann=use_cayley_neumann,
-            num_cayley_neumann_terms=num_cayley_neumann_terms,
-            fan_in_fan_out=fan_in_fan_out,
-            init_weights=init_weights,
-            **kwargs,
-        )
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, oft_block_size: int = 32,
+                 **kwargs: Any) -> None:
+        """`OFTQuantLinear`'s arguments; only the defaults of `r` and `oft_block_size` differ (PEFT's for AWQ)."""
+        super().__init__(base_layer, adapter_name, r=r, oft_block_size=oft_block_size, **kwargs)
         self._computes_base_itself = _is_autoawq_gemm(self.base_layer)
 
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -10,42 +10,11 @@ from oftsurgery.oft.layer import OFTQuantLinear
 
 
 class GPTQOFTLinear(OFTQuantLinear):
-    """OFT wrapper for a gptqmodel GPTQ quantized linear (defaults as PEFT's: r=8, oft_block_size=0).
+    """OFT wrapper for a gptqmodel GPTQ quantized linear (defaults as PEFT's: r=8, oft_block_size=0,
+    which are the base class's; its constructor is `OFTQuantLinear`'s).
 
     Unlike the PEFT seed, the quantized layer runs once per forward (on the rotated input).
     """
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        r: int = 8,
-        oft_block_size: int = 0,
-        module_dropout: float = 0.0,
-        coft: bool = False,
-        eps: float = 6e-5,
-        block_share: bool = False,
-        use_cayley_neumann: bool = False,
-        num_cayley_neumann_terms: int = 5,
-        fan_in_fan_out: bool = False,
-        init_weights: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            base_layer,
-            adapter_name,
-            r=r,
-            oft_block_size=oft_block_size,
-            module_dropout=module_dropout,
-            coft=coft,
-            eps=eps,
-            block_share=block_share,
-            use_cayley_neumann=use_cayley_neumann,
-            num_cayley_neumann_terms=num_cayley_neumann_terms,
-            fan_in_fan_out=fan_in_fan_out,
-            init_weights=init_weights,
-            **kwargs,
-        )
 
 
 def is_gptq_layer(module: nn.Module) -> bool:

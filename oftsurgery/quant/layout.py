@@ -5,12 +5,20 @@ Kept free of torch so `inspect`, `attach` and the merge planner can answer from 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from oftsurgery.quant.config import QuantConfig
 
 LAYER_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 REQUIRED_SUFFIXES = ("qweight", "qzeros", "scales")
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def decoder_layer_index(name: str) -> int | None:
+    """Index of the decoder layer a tensor or module belongs to (None outside the layer stack)."""
+    match = _LAYER_INDEX.search(f".{name}.")
+    return int(match.group(1)) if match else None
 
 
 def find_quantized_layers(tensor_names: Iterable[str]) -> list[str]:

@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from oftsurgery.io import MERGE_REPORT
+
 CARD_FILE = "README.md"
-MERGE_REPORT_FILE = "merge_report.json"  # written by the merge engine (oftsurgery.merge.engine.REPORT_FILE)
 QUANT_METHODS = ("gptq", "awq")
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -207,7 +208,7 @@ def ensure_model_card(folder: str | Path, *, repo_id: str | None = None, base_mo
         return None
     quant = load_quant_config(root)
     fields: dict[str, Any] = {"quant_description": quant.describe()}
-    report_path = root / MERGE_REPORT_FILE
+    report_path = root / MERGE_REPORT
     if report_path.is_file():
         try:
             fields.update(card_fields_from_merge_report(json.loads(report_path.read_text(encoding="utf-8"))))

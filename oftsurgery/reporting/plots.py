@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from oftsurgery.errors import InvalidAdapterError, OftSurgeryError
+from oftsurgery.io import MERGE_REPORT
 
 
 def _pyplot():
@@ -82,7 +83,7 @@ def _load_report(report_json) -> dict[str, Any]:
         return report_json
     path = Path(report_json)
     if path.is_dir():
-        path = path / "merge_report.json"
+        path = path / MERGE_REPORT
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -98,7 +99,8 @@ def plot_merge_report(report_json, png: str | Path, *, title: str | None = None)
     """
     import numpy as np
 
-    from oftsurgery.reporting.rotation_summary import layer_index_of, order_kinds
+    from oftsurgery.quant.layout import decoder_layer_index
+    from oftsurgery.reporting.rotation_summary import order_kinds
 
     report = _load_report(report_json)
     layers = report.get("layers") or []
@@ -106,7 +108,7 @@ def plot_merge_report(report_json, png: str | Path, *, title: str | None = None)
         raise OftSurgeryError("The merge report lists no merged layers; nothing to plot.")
     rows = []
     for entry in layers:
-        layer = layer_index_of(entry["name"])
+        layer = decoder_layer_index(entry["name"])
         rows.append((layer if layer is not None else -1, entry["name"].rsplit(".", 1)[-1],
                      float(entry["residual_before"]), float(entry["residual_after"])))
     layer_ids = sorted({r[0] for r in rows})

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oftsurgery.errors import InvalidAdapterError, InvalidCheckpointError
+from oftsurgery.io import MERGE_REPORT
 
 if TYPE_CHECKING:
     from oftsurgery.io.reader import CheckpointReader
     from oftsurgery.oft.adapter_io import RotationSet
     from oftsurgery.quant.config import QuantConfig
 
-MERGE_REPORT = "merge_report.json"
 FINGERPRINT_BYTES = 64 * 1024
 STRENGTH_RTOL = 1e-3  # rotation strengths agree to this whatever torch build materialized the blocks
 STRENGTH_ATOL = 1e-6

@@ -12,15 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+from oftsurgery.quant.layout import decoder_layer_index
+
 # the order a decoder layer computes them in; other kinds follow alphabetically
 KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
-
-
-def layer_index_of(module: str) -> int | None:
-    """The decoder layer a module path belongs to (the first numeric component), or None."""
-    match = _LAYER_INDEX.search(f".{module}.")
-    return int(match.group(1)) if match else None
 
 
 def order_kinds(kinds) -> list[str]:
@@ -101,7 +96,7 @@ def summarize_rotations(path: str | Path) -> RotationSummary:
     for name in sorted(rotations.blocks, key=_module_sort_key):
         blocks = rotations.blocks[name]
         summary.modules.append(ModuleRotation(
-            name=name, layer=layer_index_of(name), kind=name.rsplit(".", 1)[-1],
+            name=name, layer=decoder_layer_index(name), kind=name.rsplit(".", 1)[-1],
             blocks=int(blocks.shape[0]), block_size=int(blocks.shape[-1]), strength=rotations.strength(name),
             output_side=name in rotations.output_side,
         ))

