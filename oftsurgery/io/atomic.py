@@ -1,16 +1,10 @@
 """Write a directory (or one file) so that it appears complete or not at all, and never clobbers.
 
-Work happens in a hidden temporary sibling of the destination, `.NAME.tmp-HOST-PID-XXXX` (same file
-system, so the final rename is atomic). When the work is done the files get the user's umask
-permissions (writers such as safetensors create private 0600 files) and the temporary folder is
-renamed onto the destination:
-- without `overwrite`, by a rename that fails if anything appeared there meanwhile (another run,
-  a user): the loser of such a race fails with one sentence and the winner's output stays;
-- with `overwrite`, by an atomic swap with the old output, which is then removed: it exists until
-  the new one is in place, and is re-checked (`ownership.check_replaceable`) right before the swap.
-On any exception or interruption the temporary folder is removed, and so are the parent folders this
-run created. Temporary folders of runs that died (`kill -9`, a crash) carry their host and pid in
-their name and are removed by the next run writing the same output once that pid is gone.
+`atomic_output` works in a hidden temporary sibling (`.NAME.tmp-HOST-PID-XXXX`) and renames it onto the
+destination when done: without `overwrite` by a rename that fails if anything appeared there, with it
+by an atomic swap with the old output, re-checked right before (`ownership.check_replaceable`). On any
+failure the temporary folder goes, and those of dead runs are removed by the next run.
+`check_output_path` validates an output before any work starts. The guarantees: docs/errors.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """What `--overwrite` may replace: only what oftsurgery wrote, or an empty folder.
 
-oftsurgery's outputs are recognisable from their own contents:
-- a merged checkpoint folder holds `merge_report.json` (a JSON object naming its checkpoint,
-  adapter and method);
-- an adapter folder written by `attach` (or `save_oft_adapter`) holds `adapter_model.safetensors`
-  whose header metadata says `oftsurgery_format: peft-adapter`;
-- a rotations file written by `extract` has `oftsurgery_format: oftsurgery-rotations` in its
-  header metadata.
-oftsurgery never writes subfolders, so a folder holding one is never ours to replace. The working
-directory, the home directory and any folder above them are refused whatever they hold.
+oftsurgery's outputs are recognised by their contents: a merged checkpoint holds `MERGE_REPORT`, an
+adapter folder and a rotations file carry oftsurgery's format key in their safetensors metadata.
+A folder holding a subfolder is never ours; the working directory, the home directory and any folder
+above them are refused whatever they hold (docs/errors.md).
 """
 
 from __future__ import annotations

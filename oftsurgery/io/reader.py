@@ -1,16 +1,9 @@
 """Stream tensors by name out of a Hugging Face checkpoint directory.
 
-A checkpoint is `config.json` plus either one `model.safetensors` or shards listed in
-`model.safetensors.index.json`. Shard headers are parsed up front, so a truncated or corrupt file,
-or an index naming a missing shard, is reported before any work; tensors are then read one at a
-time straight from their byte range (one copy, thread-safe: `pread` at an offset), so memory is
-bounded by the largest tensor, and `locate` gives that byte range to a writer that copies a tensor
-unchanged without ever loading it.
-
-Pickle checkpoints (`pytorch_model.bin`, sharded or not) are refused by default: unpickling can run
-code hidden in the file. With `allow_pickle=True` (the CLI's `--allow-pickle`) they are read with
-`torch.load(weights_only=True, mmap=True)`, torch's restricted unpickler that accepts only tensors
-and plain containers, and served by name like safetensors shards. Outputs are always safetensors.
+`CheckpointReader` reads `config.json` and one `model.safetensors` or the shards of its index. Shard
+headers are checked up front; tensors are then read one at a time from their byte range (thread-safe
+`pread`), and `locate` hands that range to a writer that copies a tensor unread. Pickle checkpoints are
+refused unless `allow_pickle=True` (torch's weights-only loader). Why: docs/architecture.md ("io/").
 """
 
 from __future__ import annotations

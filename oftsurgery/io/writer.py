@@ -1,23 +1,9 @@
 """Write tensors into a Hugging Face checkpoint: shards up to a size, an index, `{"format": "pt"}`.
 
-The writer streams: each tensor's bytes go to its shard file as soon as it is added (a tensor that
-lives on a GPU is copied to the host first), so memory holds no more than the tensor being written,
-never a shard. A safetensors file is
-
-    8 bytes: N, the header length (little-endian u64) | N bytes: JSON header | the data
-
-where the header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets
-into the data, which must be covered without holes) plus `"__metadata__": {"format": "pt"}`, and
-may end in spaces. Since the header is only known when the shard is complete, each shard starts
-with room reserved for it; at the shard's end the header is written into that room, padded with
-spaces. When it does not fit, or the shard is small enough that moving it is cheaper than carrying
-the room, the data is moved once behind a header of the exact size. The data section starts on an
-8-byte boundary and every tensor whose size is a multiple of 8 bytes is written in arrival order, so
-each stays aligned; the rare others are kept aside (in memory, or as a byte range of a source file)
-and written at the shard's end, largest element size first, which keeps them aligned too.
-
-Shards are written as `part-N.safetensors` and renamed to `model-0000k-of-0000N.safetensors` at
-`close()`, once N is known. Use it inside `atomic_output` so the directory appears only complete.
+`CheckpointWriter` streams: each tensor's bytes go to its shard as soon as it is added, into room
+reserved for the header, which is written when the shard is complete; tensors stay 8-byte aligned.
+Shards are renamed to `model-0000k-of-0000N.safetensors` at `close()`. Use it inside `atomic_output`.
+The byte layout and its rules: docs/formats.md ("How the shards are written").
 """
 
 from __future__ import annotations

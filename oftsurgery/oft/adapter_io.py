@@ -1,17 +1,10 @@
 """OFT adapters on disk: PEFT's adapter folders (every generation) and oftsurgery's rotations file.
 
-Whatever its origin, a loaded adapter becomes a `RotationSet`: materialized float32 blocks per
-module path, plus what a merge needs to reproduce the adapter exactly:
-
-- current PEFT (≥ 0.16; `oft_R.weight` of shape `(r, b(b-1)/2)`): input-side blocks, W' = W·Rᵀ;
-- PEFT 0.14-0.15 (`oft_r` `(r, b, b)` + `oft_s` `(out, 1)`): input-side blocks and a per-output
-  scale, W' = s ⊙ (W·Rᵀ). The scale multiplies outputs, so input-rotating wrappers cannot apply it;
-  it is honoured only at merge time (a warning says so);
-- PEFT ≤ 0.13 (`oft_r` `(r, b, b)` with b = ceil(out/r)): the rotation acted on the *output*:
-  y = (x·Wᵀ)·R[:out, :out] + bias, i.e. W' = R[:out, :out]ᵀ·W. Such modules are listed in
-  `output_side`; `RotationSet.merged_weight` applies each kind correctly.
-
-The rotations file (written by `extract`, read back here) is documented in docs/rotations-format.md.
+Whatever its origin, a loaded adapter (`load_rotations`) becomes a `RotationSet`: materialized float32
+blocks per module path plus what a merge needs to reproduce it exactly (PEFT 0.14–0.15's per-output
+scales, PEFT ≤ 0.13's output-side modules), and `RotationSet.merged_weight` applies each kind.
+`read_peft_adapter` / `write_peft_adapter` and `save_rotations` / `read_rotations_file` are the two
+formats. Generations: docs/formats.md ("OFT adapters"); the rotations file: docs/rotations-format.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """The shared base of the OFT wrappers around quantized linear layers.
 
-A wrapper owns the quantized layer (`base_layer`, also reachable as `quant_linear_module`) and one
-`OFTRotation` per named adapter under `oft_R[<name>]`, so state-dict keys read
-`<module>.oft_R.<name>.weight`, the same as PEFT's (PEFT drops the adapter name when saving).
-
-Forward: the input is rotated by each active adapter and the quantized base layer runs once on the
-rotated input. In eval mode the materialized blocks are cached and rebuilt only when the parameters
-change (their version counter, storage or dtype) — PEFT rebuilds them on every forward.
+A wrapper owns the quantized layer (`base_layer`, also `quant_linear_module`) and one `OFTRotation` per
+named adapter under `oft_R[<name>]`: state-dict keys read `<module>.oft_R.<name>.weight`, the same as
+PEFT's (PEFT drops the adapter name when saving).
+Forward: the input is rotated by each active adapter and the quantized layer runs once on the rotated
+input; in eval mode the materialized blocks are cached until the parameters change (their version
+counter, storage or dtype), where PEFT rebuilds them on every forward.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """The OFT rotation math, in one place.
 
-Everything that turns stored OFT parameters into rotation blocks, or applies blocks to an input or a
-weight, lives here; wrappers, adapter files, extraction and merging all call these functions so the
-semantics cannot drift apart. The semantics are PEFT's (see docs/rotations-format.md and
-../shared/docs/formats.md), including its dtype behaviour, so that adapters trained with PEFT give the
-same numbers here:
-
-- parameters `(r, n)`, `n = b(b-1)/2`, fill the strict upper triangle of `S` in
-  `torch.triu_indices(b, b, 1)` order; the skew-symmetric generator is `Q = S - Sᵀ`;
-- exact Cayley: `R = (I - Q)(I + Q)⁻¹` (solved in at least float32, result in the parameters' dtype);
-- Cayley-Neumann with `k` terms approximates `(I + Q)(I - Q)⁻¹ = R(Q)ᵀ`; PEFT ≥ 0.18 gives the last
-  term coefficient 1, PEFT 0.16-0.17 gave every term coefficient 2 (`peft_version` picks the series);
-- COFT projects each block's `Q` onto the Frobenius ball of radius `eps / sqrt(stored blocks)`;
-- blocks act on the input: `x` is split in chunks of `b` and each chunk is multiplied on the right by
-  its block, so the equivalent dense weight is `W · Rᵀ`.
+Everything that turns stored OFT parameters into rotation blocks (`rotation_blocks`: exact Cayley or
+PEFT's Cayley–Neumann series of each release, COFT, block sharing), or applies blocks to an input or
+a weight (`apply_rotation_to_input`, `rotate_weight`), lives here, so wrappers, adapter files,
+extraction and merging cannot drift apart. The semantics, including the dtypes, are PEFT's:
+docs/rotations-format.md ("From parameters to blocks").
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """AWQ (GEMM layout) layers: unpack into a `QuantizedWeight`, pack back through gptqmodel or autoawq.
 
-Layout: `qweight` int32 [in, out/8] packs 4-bit codes along the *output* dim, `qzeros` int32
-[G, out/8] likewise, `scales` fp16 [G, out]; true zero points (no offset), contiguous groups, no
-g_idx. Inside each word nibble k holds output column AWQ_PACK_ORDER[k] of its group of 8.
-
-Packing: by default our vectorised bit packer writes the codes straight into words
-(`bitpack.pack_codes` with the AWQ field order; int32 shifts on whole tensors, on the codes'
-device). The real packers stay available as `backend="gptqmodel"` (`AwqTorchLinear.pack`) and
-`backend="autoawq"` (`WQLinear_GEMM.from_linear`, optional dependency), fed with the exact float
-weight s*(q - z) (see `grid.exact_float_weight`); they are the references the tests hold ours to,
-byte for byte (tests/test_codec_awq.py). They are not the hot path because they re-derive every
-code from a float weight on the CPU (0.8-2.5 s per 7B linear) while the merge already holds the
-codes, possibly on a GPU. Every backend's result is re-checked by unpacking it.
+`unpack_awq` / `pack_awq` handle 4-bit GEMM `qweight` / `qzeros` / `scales` (codes packed along the
+output dimension, true zero points, contiguous groups). By default our bit packer writes the codes;
+`backend="gptqmodel"` and `backend="autoawq"` use the real packers, the references the tests hold ours
+to. Every result is re-checked by unpacking it. Layout: docs/formats.md ("Packed layouts").
 """
 
 from __future__ import annotations

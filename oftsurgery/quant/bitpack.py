@@ -1,22 +1,10 @@
 """Integer codes <-> int32 words: the bit-level half of the codec, vectorised and device-agnostic.
 
-Every layout we read or write is a little-endian bit stream laid into 32-bit words along one
-dimension: code j occupies bits [j*bits, (j+1)*bits) of the stream formed by the words in order.
-GPTQ packs `qweight` along the input dimension (dim 0 of [in, out]) and `qzeros` along the output
-dimension (the last one); 2/4/8-bit codes fit whole into words, 3-bit codes straddle them (32 codes
-fill exactly 3 words, the 11th and 22nd code crossing a word boundary). AWQ GEMM packs 4-bit codes
-along the output dimension and shuffles the 8 fields of each word (`AWQ_PACK_ORDER`).
-
-Both directions work on whole tensors, on whatever device the input lives (no int64 copies of
-the codes, no Python loop over codes), one pass per field of a word through int32 words: int32
-`<<` wraps modulo 2**32 and the masks discard what arithmetic `>>` smears in. On a GPU every pass
-is a kernel launch paid on the host, so there 2-, 4- and 8-bit codes, which never straddle a
-byte, go through a uint8 view of the words instead (little-endian: byte k of a word holds bits
-8k..8k+7): one pass per field *of a byte* (two for 4 bits, one copy for 8 bits). On a CPU that
-byte view is read with a stride of 4 and measured slower than the field passes (4-bit codes of a
-7B down_proj, 2 cores: 39–47 ms against 32–38 ms each way), so the CPU keeps them. Unpacked codes are uint8 (a quarter of int32's memory).
-gptqmodel's and autoawq's own packers stay the reference these functions are checked against,
-byte for byte, in the tests.
+Every layout we read or write is a little-endian bit stream of `bits`-wide codes laid into int32 words
+along one dimension (`unpack_codes` / `pack_codes`, `unpack_stream` / `pack_stream`); AWQ GEMM also
+shuffles the fields of each word (`AWQ_PACK_ORDER`). Both directions work on whole tensors on the
+codes' device; unpacked codes are uint8. gptqmodel's and autoawq's packers are the references the
+tests hold these to, byte for byte. Layouts: docs/formats.md; CPU vs GPU passes: docs/performance.md.
 """
 
 from __future__ import annotations

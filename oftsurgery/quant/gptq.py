@@ -1,29 +1,10 @@
 """GPTQ layers: unpack checkpoint tensors into a `QuantizedWeight`, and pack one back, byte for byte.
 
-Layout (gptqmodel / transformers): `qweight` int32 [in*bits/32, out] packs codes along the input
-dim, `qzeros` int32 [G, out*bits/32] packs zero points along the output dim, `scales` fp16 [G, out],
-`g_idx` int32 [in]. Both are little-endian bit streams (3-bit codes straddle words; see bitpack).
-
-Zero-point conventions. "gptq_v2" stores the true zero point z. "gptq" (v1) stores z - 1, and
-gptqmodel converts between the two *on packed words*: for 2/4/8 bits it adds/subtracts the
-constant 0x…0101 (one 1 per field) to each int32 word, for 3 bits it shifts each field modulo 8.
-A v1 asymmetric layer cannot store z = 0 as a field value: gptqmodel's export then borrows from
-the next field of the word (2/4/8 bits) or wraps the field to 7 (3 bits). Its own loader undoes
-exactly that, so gptqmodel reads such layers back correctly, and so do we: `unpack_gptq` and
-`pack_gptq` use the same word arithmetic, which makes unpack -> pack byte-exact for every v1
-checkpoint gptqmodel writes. Loaders that add 1 field by field (e.g. ExLlama-style v1 kernels)
-read those zero points differently. Pass `v1_zero_points="error"` to `pack_gptq` to refuse them.
-
-Packing. `pack_gptq` writes the integer codes straight into words with our vectorised bit packer
-(`bitpack.pack_codes`: int32 shifts on whole tensors, on the codes' device). gptqmodel's own packer
-(`PackableQuantLinear.pack` -> `pack_block`, reached through `gptq_module`) is the reference it is
-tested against byte for byte (tests/test_codec_gptq.py), but it is not the merge's hot path: it
-takes a float weight and re-derives every code as round((W + z*s) / s), on the CPU, at 1.2 s per
-7B linear, while the merge already holds the codes and may hold them on a GPU. Feeding it the
-exact float weight s*(q - z) is still how `gptq_module` builds real gptqmodel layers (benches,
-tests); a float16 scale of 0 packs exactly only through gptqmodel's compiled CPU packer (2/4/8
-bits), while our packer never looks at the scales. `pack_gptq` re-checks every result by
-unpacking it (vectorised, on the device) and comparing codes and zero points.
+`unpack_gptq` / `pack_gptq` handle `qweight`, `qzeros`, `scales` and `g_idx` of every bit width and
+both zero-point conventions (v1 stores z − 1 with gptqmodel's word arithmetic, v2 stores z), so
+unpack → pack is byte-exact for every checkpoint gptqmodel writes; every packed result is re-checked
+by unpacking it. `gptq_module` builds a real gptqmodel layer (the reference packer, for tests and
+benches). Layout and zero points: docs/formats.md ("Packed layouts"); speed: docs/performance.md.
 """
 
 from __future__ import annotations

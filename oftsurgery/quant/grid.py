@@ -1,16 +1,10 @@
 """Format-independent quantized weights: integer codes on a per-group affine grid.
 
-A `QuantizedWeight` is what every checkpoint layout (GPTQ v1/v2, AWQ GEMM) unpacks into and packs
-from. It holds the *true* zero points (no GPTQ v1 "-1" storage offset) and codes in [out, in]
-orientation, so the math reads like the formula: W[o, i] = s[g, o] * (q[o, i] - z[g, o]), g = g_idx[i].
-
-Codes are uint8 (what the unpackers return: a quarter of int32's memory, so a decoder layer's codes
-stay small) or int32; both unpackers store them input-major, i.e. `codes` is the transposed view
-`codes_t.T` of a contiguous [in, out] tensor, the order both checkpoint layouts and the block
-rotations work in. Use `.contiguous()` where an [out, in]-contiguous tensor is needed.
-
-`fit_grid` reproduces gptqmodel's min/max quantizer (the default, no MSE search) so that a
-requantized layer sits on the same kind of grid gptqmodel would have produced for those weights.
+`QuantizedWeight` is what every checkpoint layout (GPTQ v1/v2, AWQ GEMM) unpacks into and packs from:
+true zero points and codes in [out, in] orientation, W[o, i] = s[g, o] · (q[o, i] − z[g, o]) with
+g = g_idx[i]; codes are uint8 or int32, stored input-major (see docs/formats.md, "Packed layouts").
+`fit_grid` reproduces gptqmodel's min/max quantizer, so a requantized layer sits on the kind of grid
+gptqmodel would have produced.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which tensors form a quantized linear, and its shape — from tensor names and header shapes only.
+"""Which tensors form a quantized linear, its shape and its decoder layer: from names and header shapes only.
 
 Kept free of torch so `inspect`, `attach` and the merge planner can answer from safetensors headers.
 """

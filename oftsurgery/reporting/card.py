@@ -1,17 +1,10 @@
 """The model card (`README.md`) that travels with a checkpoint oftsurgery writes or publishes.
 
-The Hub reads the YAML front matter: `base_model` links the model page to its parent,
-`base_model_relation` says how they relate, `library_name: transformers` gives the right loading
-snippet, and `tags` make it findable. The body says what was done and how faithfully: the merge's
-fidelity figures and the exact command, so anyone can reproduce it.
-
-Two ways in:
-- `render_model_card(quant_method=…, base_model=…, adapter=…, command=…, fidelity={…})` for code that
-  has the facts at hand (the merge engine; `render_merge_card(report, plan)` wraps it for a
-  `MergeReport`);
-- `ensure_model_card(folder)` for `push`: writes README.md only when it is missing, using the
-  folder's quantization config and, when present, the merge report (`merge_report.json`) the merge
-  wrote next to the weights. An existing README.md is never touched.
+The YAML front matter is what the Hub reads (`base_model`, `base_model_relation`, `library_name`,
+`tags`); the body says what was done and how faithfully. `render_model_card(...)` renders one from
+facts at hand (`render_merge_card(report, plan)` for a `MergeReport`); `ensure_model_card(folder)`, for
+`push`, writes README.md only when it is missing, from the folder's quantization config and its
+merge report if there is one. docs/push.md ("The model card").
 """
 
 from __future__ import annotations

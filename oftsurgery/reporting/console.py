@@ -1,12 +1,9 @@
 """Where the CLI's output goes: results on stdout, nothing else there; third parties quiet unless -v.
 
-While a command runs (`session`), stdout belongs to oftsurgery's results alone (`echo`): the
-Python-level `sys.stdout` and, in a real process, file descriptor 1 point elsewhere, so a library
-that prints a banner or INFO lines (gptqmodel prints both to stdout when imported), or a compiler
-writing to fd 1, can never mix into `--json` output or into the one-line error. Elsewhere means
-nowhere by default, and stderr with `-v`. Third-party loggers are raised to ERROR (or INFO / DEBUG
-with `-v` / `-vv`) and write to stderr; Python warnings raised by oftsurgery itself are shown as one
-`Warning: ...` line, those of other libraries only with `-v`.
+While a command runs (`session`), stdout (Python's `sys.stdout` and, in a real process, file
+descriptor 1) belongs to oftsurgery's results alone (`echo`); what libraries print goes nowhere, or to
+stderr with `-v`. Third-party loggers are raised to ERROR (INFO / DEBUG with `-v` / `-vv`); oftsurgery's
+own warnings are one `Warning: ...` line. docs/errors.md ("Output").
 """
 
 from __future__ import annotations

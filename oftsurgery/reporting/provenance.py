@@ -1,16 +1,9 @@
 """Where a merged checkpoint came from: recorded by `merge`, checked by `verify` before it loads models.
 
-`merge` records in merge_report.json the source checkpoint's quantization (`source_format`), a
-fingerprint of its quantized weights (`checkpoint_fingerprint`) and, per merged layer, the rotation
-strength ‖R − I‖_F of the adapter (`layers[].rotation_strength`). `verify MERGED --base B --adapter
-A` compares those with B and A, and the layer shapes of MERGED with those of B, so a merged
-checkpoint made from another quantization, another model or another adapter is refused with one
-sentence saying what does not match, instead of a meaningless retention figure or a crash after
-three models were loaded.
-
-The fingerprint is a sha256 over the quantization config and, for every quantized layer, its name,
-the shapes and dtypes of its tensors and the first 64 KiB of its scales and zeros: it tells two
-quantizations of one model apart (their scales differ) while reading a small part of the weights.
+The merge report records the source's quantization, a fingerprint of its quantized weights
+(`checkpoint_fingerprint`) and each layer's rotation strength; `check_provenance` compares them (and
+the layer shapes) with the base checkpoint and adapter `verify` is given, and refuses a mismatch with
+one sentence. What the fingerprint covers: docs/architecture.md ("reporting/").
 """
 
 from __future__ import annotations

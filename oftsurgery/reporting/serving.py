@@ -1,27 +1,9 @@
 """Which kernels will serve a checkpoint, and why: vLLM, and transformers (through gptqmodel).
 
-Decided from the quantization config and the quantized layers' shapes alone (no torch, no vLLM),
-so `inspect` answers from headers and the merge can compare its input with its output. The rules
-restate what the engines' own source decides; docs/formats.md ("Serving contract") cites where:
-
-vLLM
-- GPTQ runs on the Marlin kernel (`gptq_marlin`) when bits and symmetry are (4, sym) or (8, sym)
-  and the group size is one of −1/32/64/128; otherwise on the `gptq` kernel (exllama-style), which
-  also takes asymmetric and 2/3-bit weights but is slower.
-- AWQ runs on `awq_marlin` for 4-bit zero-point AWQ with those group sizes; otherwise on `awq`.
-- Per layer and tensor-parallel shard, Marlin needs output features % 64 == 0 and input features %
-  128 == 0 (and % group size); a layer that misses falls back to a slower kernel on its own. MoE
-  experts use the fused-MoE Marlin kernel when hidden % 128 == 0 and the expert intermediate size
-  per shard % max(64, group size) == 0, else a generic WNA16 MoE kernel.
-- `checkpoint_format: gptq_v2` (zero points stored without GPTQ's historical −1) is read correctly
-  only by vLLM versions whose `gptq` kernel knows the v2 format (vLLM PR #26092); older ones read
-  the zero points as v1 and produce garbage. Marlin ignores GPTQ zero points (symmetric only), so a
-  symmetric v2 checkpoint is safe on Marlin.
-
-transformers
-- GPTQ and AWQ checkpoints load through gptqmodel's kernels. On CUDA gptqmodel prefers its Marlin
-  kernels (GPTQ: symmetric 4/8-bit; AWQ: 4/8-bit; group −1/32/64/128; in/out features divisible
-  by 32/bits), else its Exllama/Triton/torch kernels; on CPU its torch kernels.
+Decided from the quantization config and the quantized layers' shapes alone (no torch, no vLLM), so
+`inspect` answers from headers and the merge can compare its input with its output
+(`serving_contract`, `marlin_lost_warnings`). The rules restate what the engines' own source decides;
+docs/formats.md ("Serving contract") gives them and cites where.
 """
 
 from __future__ import annotations

@@ -1,36 +1,10 @@
 """A local stand-in for the Hugging Face Hub's *write* API, on 127.0.0.1, for tests and the demo.
 
-The Hub cannot be reached from CI machines and no installable server implements its write protocol,
-so this module answers exactly what huggingface_hub 2.x sends for `create_repo` + `upload_folder`
-(with Xet disabled, i.e. the plain LFS path):
-
-    POST /api/repos/create                            create a repo (409 if it exists)
-    POST /api/validate-yaml                           check a README's front matter
-    POST /api/models/{ns}/{name}/preupload/{rev}      decide "regular" or "lfs" per file
-    POST /{ns}/{name}.git/info/lfs/objects/batch      hand out upload URLs for LFS objects
-    PUT  /lfs-upload/{oid}?ticket=…                   receive LFS bytes (sha256 must equal oid)
-    POST /api/models/{ns}/{name}/commit/{rev}         NDJSON commit (base64 files + lfsFile pointers)
-
-plus what the client calls around them: `GET /api/models/{ns}/{name}[/revision/{rev}]` (repo info,
-used when a commit turns out to change nothing), `POST /api/models/{ns}/{name}/branch/{branch}`
-(create a branch) and `GET /api/whoami-v2`.
-
-What it checks, so that a test passing here means something:
-- every API call carries a known bearer token; a user may write only to their own namespace (or
-  ones granted with `grant`); private repos of others look missing (404), like on the Hub;
-- the regular/LFS decision follows one stated rule (`UploadModeRule`): a path matching an LFS
-  pattern of the repo's `.gitattributes`, a file above `max_regular_size`, or binary content (a NUL
-  byte in the sample) must go through LFS; the commit is refused if a file that must be LFS is sent
-  inline, or if an `lfsFile` names an object that was never uploaded;
-- LFS uploads are refused unless their sha256 and size match the announced oid and size.
-
-Files are stored per repo and revision under a directory (`LocalHub.root`), as plain files, so
-tests can compare them byte for byte; `files()` / `read()` / `commits()` / `upload_modes()` expose
-what arrived and how. `fail()` makes chosen endpoints answer an HTTP error, to test error handling.
-
-Run it standalone (for the demo or manual `oftsurgery push --endpoint …` trials):
-
-    python -m oftsurgery.testing.hub_server --token hf_local_demo --user demo
+`LocalHub` answers what huggingface_hub sends for `create_repo` + `upload_folder` over the plain LFS
+path, checks tokens, namespaces, which files must go through LFS (`UploadModeRule`) and every LFS
+object's sha256, and stores what arrives as plain files; `fail()` / `stall()` make endpoints misbehave.
+Run it standalone: `python -m oftsurgery.testing.hub_server --token hf_local_demo --user demo`.
+The endpoints and the checks: docs/push.md ("Trying it without the Hub").
 """
 
 from __future__ import annotations

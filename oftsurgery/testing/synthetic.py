@@ -1,22 +1,9 @@
 """Synthetic GPTQ checkpoints of real model shapes, made offline in seconds to minutes.
 
-The scale bench (`bench/scale.py`) and tests need checkpoints with the layer shapes people actually
-merge into (Llama-2-7B, a 70B) without downloading one. `synthetic_checkpoint` builds, and caches
-under a directory named by its parameters, three things that belong together:
-
-- `gptq/`: a Llama checkpoint whose 7 linears per decoder layer are random weights drawn like a real
-  layer (normal, std 0.02, a few outlier input channels and single outliers), rounded onto a
-  gptqmodel-style grid (4-bit, g128, symmetric, desc_act off, format "gptq") by our codec and packed
-  by our codec (`pack_gptq`, byte-identical to gptqmodel's packer); the config and `quantize_config.json` have the shape
-  gptqmodel 7 writes; a byte-level BPE tokenizer trained locally, so a calibrated merge can tokenise;
-- `fp16/`: the same model in float16 with every linear equal to the GPTQ layer's dequantized weight
-  (what a GPTQ tool would be handed to quantize: the bench's peer);
-- `rotations-b32-s0.002-seed0.safetensors`: random exact-Cayley OFT rotations (block 32) on every
-  quantized linear (other strengths and block sizes are added next to the weights on demand).
-
-Everything is deterministic in `seed`. The vocabulary can be shrunk to keep the embeddings cheap;
-the tokenizer's own vocabulary is at most `TOKENIZER_VOCAB`, below any embedding size used here.
-Heavy imports stay inside the functions.
+`synthetic_checkpoint` builds, and caches under a directory named by its parameters, a Llama GPTQ
+checkpoint of real layer shapes (Llama-2-7B, a 70B) with random, realistically drawn weights packed by
+our codec, the same model in float16, and random exact-Cayley OFT rotations, all deterministic in
+`seed`. For the scale bench and the tests; what it builds: docs/performance.md ("What it builds").
 """
 
 from __future__ import annotations

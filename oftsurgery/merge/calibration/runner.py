@@ -1,23 +1,10 @@
 """The layer runner: a quantized model's own forward, one decoder layer at a time, in float.
 
-Calibrated requantization needs the activations every targeted linear really sees. Loading the
-whole model in float would cost 4 bytes per weight; instead the model is built on the meta device
-(`skeleton.build_skeleton`: no memory, buffers such as rotary tables and Gemma's embedding scale
-real) and only what is needed is materialised:
-
-- **what layer 0 receives** comes from the model's own forward: its own embedding module (scaling
-  included), run up to the decoder stack, read by a forward pre-hook on the real first layer;
-- **what every layer is called with** (attention mask of its layer type — sliding or full —,
-  rotary tables of its type, positions) is read the same way, by pre-hooks on every real layer while
-  the layers pass the hidden states through untouched. It is captured on one calibration row, so
-  every tensor argument has batch size 1 and broadcasts over any number of rows;
-- **each decoder layer** is materialised on demand from the checkpoint (`build_layer`), in the
-  layout gptqmodel quantized (split projections, one linear per MoE expert), and run on batches of
-  rows (`forward_layer`).
-
-`verify` is the guard: before any merge work it runs the stock transformers model (fused modules,
-its own forward, each layer materialised in turn) on a few calibration rows and checks that every
-decoder layer's output from the runner matches; otherwise the architecture is refused.
+`LayerwiseModel` builds the model on the meta device (`skeleton.py`), reads what layer 0 receives and
+what every layer is called with (masks, rotary tables, positions) from the model's own forward
+through hooks, and materialises each decoder layer from the checkpoint only when it runs
+(`build_layer`, `forward_layer`). `verify` checks it against the stock transformers model before any
+merge work, else the architecture is refused. How: docs/architecture.md ("The layer runner").
 """
 
 from __future__ import annotations

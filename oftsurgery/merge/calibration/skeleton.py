@@ -1,20 +1,10 @@
 """Checkpoint tensor names ↔ the modules of a transformers model, on an empty (meta) skeleton.
 
-GPTQModel quantizes a model after `defuser` has split what transformers fuses: Phi-3's
-`mlp.gate_up_proj` becomes `mlp.gate_proj` + `mlp.up_proj`, and transformers 5's fused MoE expert
-tensors (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) become one
-`nn.Linear` per expert (`mlp.experts.3.up_proj`). Its checkpoints store those split names. So we
-build two skeletons from a config, neither holding any weight memory:
-
-- the **checkpoint layout** (`checkpoint_layout=True`): transformers' model converted by defuser, the
-  very conversion gptqmodel applies before quantizing and when loading; its `nn.Linear` names are
-  the checkpoint's quantized-layer names, which is what calibration hooks and requantizes;
-- the **stock layout**: transformers' own classes, untouched — the model's own forward, used as the
-  reference the layer runner must reproduce. Its fused parameters are assembled from the split
-  checkpoint tensors by `stock_tensor` (the inverse of defuser's split, checked by tests).
-
-Parameters live on the meta device; buffers (rotary tables, Gemma's embedding scale) are real,
-because they are computed from the config and are not in checkpoints.
+Two skeletons from one config, neither holding weight memory: the checkpoint layout (transformers'
+model converted by `defuser`, as gptqmodel quantizes it), whose `nn.Linear` names are the checkpoint's
+quantized layers, and the stock layout (transformers' own classes), the reference the layer runner
+must reproduce, whose fused parameters `stock_tensor` assembles from the split checkpoint tensors.
+Details: docs/architecture.md ("The layer runner").
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
-"""The calibration statistics of one input, gathered shard by shard: the same bits on any number of ranks.
+"""The calibration statistics of one input group, gathered shard by shard: the same bits on any number of ranks.
 
-What the solver needs about the input X of a group of linears (hessian.py): H = Σ xxᵀ over the
-fitted rows, X itself while it has at most `in_features` rows, and the same for the held-out rows
-(every 8th calibration row, by its global number). Here the calibration rows are always cut into
-the same 8 shards (runtime/shards.py); each shard's H is accumulated alone, in batches that never cross a shard, and the
-shards are added in one fixed tree, so a single process and 2, 4 or 8 ranks — each carrying only
-its own rows — build bitwise the same statistics. Token counts are added the same way (exactly:
-integers), and X, when small enough to keep, is gathered in row order.
+`collect_group_inputs` builds what the solver needs about the input X of a group of linears
+(`solve/hessian.py`): H over the fitted rows, X itself while it has at most `in_features` rows, and
+the same for the held-out rows. Each shard is accumulated alone and the shards are added in the fixed
+tree of `runtime/shards.py`, so one process and any number of ranks agree bit for bit
+(docs/distributed.md).
 """
 
 from __future__ import annotations

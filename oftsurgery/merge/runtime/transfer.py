@@ -1,24 +1,10 @@
 """Moving packed tensors between the host and a GPU without stalling the merge.
 
-On a GPU the data-free merge of a 7B decoder layer is a few milliseconds of kernels next to ~100 MB
-read from disk, copied to the GPU, copied back and written. Copies from ordinary (pageable) host
-memory go through a driver staging buffer at a few GB/s and, on the default stream, queue behind
-and in front of every kernel. So the two transfers here use page-locked (pinned) host memory,
-which the GPU reads and writes directly, and the upload runs on a stream of its own:
-
-- `upload` (the read-ahead thread): the tensors are read from the file straight into pinned
-  memory (`CheckpointReader.get(pin_memory=True)`), copied on this thread's copy stream, and the
-  thread waits for that copy only. The consumer calls `adopt` before using them.
-- `adopt` (the thread that computes): tells torch's caching allocator that the tensors are now used
-  on the consumer's stream, so their memory is not handed back to the copy stream while kernels
-  queued there may still read it.
-- `to_host` (the writer thread): copies into pinned memory, waiting once for a linear's copies.
-- `continue_elsewhere`: the writer thread packs on a stream of its own, after the main thread's
-  kernels that produced the codes, so the two threads never wait for each other's kernels.
-
-Pinned blocks come from torch's caching host allocator, which reuses them once the copies that
-used them are done, so pinned memory stays at a few linears' worth. On the CPU every function here
-returns its input unchanged.
+`upload` (the read-ahead thread: file → pinned memory → the GPU, on the thread's own copy stream),
+`adopt` (the computing thread takes them over on its stream), `to_host` (the writer thread: into
+pinned memory, one wait per linear) and `continue_elsewhere` (the writer packs on a stream of its
+own, after the kernels that made the codes). On the CPU every function returns its input unchanged.
+Why: docs/performance.md ("Host and GPU transfers").
 """
 
 from __future__ import annotations

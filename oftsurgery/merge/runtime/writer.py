@@ -1,16 +1,10 @@
 """Packing and writing a decoder layer on one background thread while the next layer is solved.
 
-The merge's main thread solves layer i+1 (rtn rounding, or the calibrated solve) while a single
-worker thread packs layer i's codes into words, re-checks them, copies them to the host and hands
-them to the `CheckpointWriter`. The queue between them holds one layer, so at most three layers'
-state exist at once (the one being solved, the one queued, the one being written): memory stays
-bounded whatever the model's depth. Jobs run in submission order, so the output is the same as a
-sequential run, byte for byte. torch releases the GIL inside its kernels and file writes release
-it too, so the two threads really overlap.
-
-A job that fails stops the worker; the failure is raised in the main thread at its next `submit`
-or at `close`, naming the layer. `abort` (on any error or interruption in the main thread) stops
-the worker and waits for it, so nothing writes into a directory that is being removed.
+`BackgroundWriter` runs the jobs the merge submits (pack, re-check, copy to the host, write) on one
+worker thread, in submission order, with a bounded queue, so the output is byte for byte that of a
+sequential run (`InlineWriter`) and memory stays bounded. A failed job is raised in the main thread
+at its next `submit` or at `close`, naming the layer; `abort` stops the worker and waits for it.
+Memory and overlap: docs/performance.md ("The data-free merge").
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """What the calibrated solver knows about a linear layer's inputs: H = Σ x xᵀ, and X itself while small.
 
-One `InputHessian` serves every linear that reads the same input (q/k/v share one, gate/up share one),
-so the statistics, its float64 copy and GPTQ's inverse factor are built once per input, not once
-per linear. H is accumulated in float32 on the run device, as GPTQ implementations do: on the
-bench's 4096-input data (8192 tokens) it differs from a float64 sum by a relative 1e-7, far below
-what the solver's damping of 1% of the mean diagonal changes. Where float64 is kept, and why, is
-said in requant.py's docstring.
-
-The calibration rows are split: every `HOLDOUT_EVERY`-th row is held out of the solve and goes to a
-second `InputHessian`, on which the merge chooses between its candidates (the solve, round-to-nearest,
-the source codes) and measures the residuals it reports. On the rows it fitted, the solve always
-looks best, also where it has fitted little more than their noise (fewer rows than inputs); held-out
-rows show when rounding or the source codes are closer to the fine-tuned layer, and then they take
-its place and the report says so (an "rtn" or "kept" fallback).
+One `InputHessian` serves every linear that reads the same input (q/k/v, gate/up), so H and what the
+solver derives from it are built once per input. `CalibrationInputs` pairs the fitted rows'
+statistics with those of the held-out rows (every `HOLDOUT_EVERY`-th row, `holdout_rows`), on which the
+merge chooses between its candidates and measures what it reports (docs/merge-methods.md).
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Triton kernels for the serial part of the solver's column blocks (GPU only; optional).
 
-Inside a block of (at most 128) columns the GPTQ pass and the code polish must go column by
-column. Written with torch operations that is ~10 tiny kernels per column, and on a GPU their
-launches, not the arithmetic, set the time: a 7B decoder layer has 35 584 input columns, visited
-five times. Each kernel here does a whole block in one launch: one program per tile of output rows
-keeps the block's [columns × rows] tile in registers and walks the columns itself (output rows are
-independent, so the tiles never talk to each other). The math is the torch loop's in requant.py,
-operation for operation; tests/test_solver.py checks both give the same codes, running these
-kernels in Triton's interpreter on the CPU.
-
-`OFTSURGERY_SOLVER_KERNELS` picks the implementation: `auto` (default: these kernels for CUDA
-tensors when Triton is installed, else the torch loop), `torch`, or `triton` (an error if Triton is
-missing).
+Each kernel does a whole block of (at most 128) columns in one launch, operation for operation the
+torch loop of requant.py (tests/test_solver.py compares them in Triton's interpreter on the CPU).
+`OFTSURGERY_SOLVER_KERNELS` picks the implementation: `auto` (default: these kernels for CUDA tensors
+when Triton is installed, else the torch loop), `torch`, or `triton` (an error if Triton is missing).
+Why launches matter here: docs/merge-methods.md ("How the solver runs").
 """
 
 from __future__ import annotations

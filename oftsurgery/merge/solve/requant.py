@@ -1,37 +1,10 @@
-"""Requantizing one merged layer onto its source quantization grid.
+"""Requantizing one merged layer onto its source grid: round-to-nearest, or the calibrated solve.
 
-The trap (docs/merge-methods.md): the source weights sit exactly on their grid and a trained
-rotation moves most of them by much less than half a step, so rounding W·Rᵀ back to the grid mostly
-returns the old codes and silently erases the fine-tune. `requantize_rtn` is that plain rounding,
-kept as the fast data-free mode. The calibrated mode minimises the layer's *output* error
-‖(Ŵ − T)X‖² = tr(E H Eᵀ) (T = W·Rᵀ the target, E = Ŵ − T, H = Σ x xᵀ over calibration inputs x)
-with the grid (scales' layout, zeros, g_idx) kept, so weights the rotation did not move come back
-as the very same codes and an identity rotation is a no-op. `requantize_calibrated` chains:
-
-1. `requantize_compensated`: GPTQ's pass — one input column at a time (most active first), each
-   column's rounding error pushed onto the columns not yet quantized through the inverse Hessian;
-2. `refine_codes`: coordinate descent on the integer codes against the exact objective;
-3. `refit_scales`: least-squares refit of the fp16 scales with the codes fixed;
-4. `refine_codes` again,
-
-accepting each later stage only if it lowers the output error, which is computed once per candidate.
-
-Everything runs on the Hessian's device. The loops over columns are blocked (lazy batch): inside a
-block of 128 columns the serial work touches only that block, and the rest of the matrix is updated
-once per block by one matrix product; nothing inside a loop reads a device value back to the host.
-Internally weights are held transposed, [in, out]: one input column of W (all output rows) is then
-one contiguous row, and `scales[g_idx]` already has that orientation.
-
-Precision: the GPTQ pass and the code polish compute in the Hessian's dtype (float32 from the
-engine, as GPTQ implementations do; float64 when a caller passes a float64 H). Float64 is kept where
-it is cheap and protects digits: the Cholesky factorisation and inverse (once per input; on the
-bench's data a float32 factor is off by a relative 8e-6 with 4096 inputs and 8192 tokens, and by
-1e-4 with 11008 inputs and 2048 tokens, where H is rank-deficient and only the damping holds it up;
-float32 accumulation of H itself changes it by 1e-7), the scale refit's normal equations (their G×G matrices hold products of
-codes and H, and solving them squares a condition number) and the output errors (a stage is
-accepted only when it lowers the error by a relative 1e-6, which a float32 sum over out·in terms
-cannot resolve). On an H100/H200 float64 tensor-core products have the float32 rate (67 TFLOPS by
-NVIDIA's data sheet), so float64 costs memory there rather than time.
+`requantize_rtn` rounds W·Rᵀ to the nearest code. `requantize_calibrated` minimises the layer's output
+error tr(E H Eᵀ) (E = Ŵ − W·Rᵀ) with the grid kept, chaining `requantize_compensated` (GPTQ's pass),
+`refine_codes`, `refit_scales` and `refine_codes` again, each later stage kept only if it lowers the
+error. Everything runs on the Hessian's device, weights held transposed ([in, out]). Why, and how the
+stages are blocked and which precision each uses: docs/merge-methods.md ("How the solver runs").
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """The data-free merge of one layer (`--method rtn`): W′ = W·Rᵀ rounded to nearest on the source grid.
 
-Everything happens input-major ([in, out], the order GPTQ's `qweight`, AWQ's `qweight` and the
-block rotation all share, so nothing is transposed), on the layer's device, in chunks of whole
-rotation blocks and quantization groups so the float32 temporaries stay small:
-
-    codes (uint8) → W = s·(q − z) → W·Rᵀ (one batched matmul over the blocks) → round on the grid
-
-The report's residuals are in weight space (no data: H = I): ‖W − W·Rᵀ‖_F and ‖Ŵ − W·Rᵀ‖_F
-relative to ‖W·Rᵀ‖_F, accumulated chunk by chunk, with one host synchronisation per layer.
-Rounding to nearest gives each weight the grid value closest to its target, so Ŵ is never further
-from W·Rᵀ than the source codes are; should float rounding ever make it so, the source codes are
-kept (mode "kept"), as in the calibrated method.
+Input-major ([in, out]) on the layer's device, in chunks of whole rotation blocks and quantization
+groups; the report's residuals are weight-space norms (no data: H = I). Should float rounding ever
+leave Ŵ further from W·Rᵀ than the source codes, the source codes are kept (mode "kept"). The steps
+and what they cost: docs/performance.md ("The data-free merge").
 """
 
 from __future__ import annotations
