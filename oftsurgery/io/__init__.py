@@ -10,4 +10,5 @@ from oftsurgery.io.ownership import MERGE_REPORT
 from oftsurgery.io.reader import CheckpointReader
 from oftsurgery.io.writer import CheckpointWriter, copy_side_files
 
-__all__ = ["MERGE_REPORT", "CheckpointReader", "CheckpointWriter", "atomic_output", "check_output_path", "copy_side_files"]
+__all__ = ["MERGE_REPORT", "CheckpointReader", "CheckpointWriter", "atomic_output", "check_output_path",
+           "copy_side_files"]

@@ -40,7 +40,6 @@ def _group_by_decoder_layer(names: list[str]) -> tuple[list[str], dict[int, list
     return outside, dict(sorted(by_layer.items()))
 
 
-
 def merge_checkpoint(checkpoint: str | Path, adapter: str | Path, out: str | Path,
                      options: MergeOptions = MergeOptions()) -> MergeReport:
     """Merge an OFT adapter (PEFT dir of any generation, or an `extract` rotations file) into a

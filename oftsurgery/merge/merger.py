@@ -40,7 +40,6 @@ def _layer_tensors_on(reader: CheckpointReader, prefix: str, device: "torch.devi
     return upload(lambda pin: _layer_tensors(reader, prefix, pin), device)
 
 
-
 class Merger:
     def __init__(self, reader: CheckpointReader, plan: MergePlan, options: MergeOptions,
                  ranks: SingleProcess | None = None):

@@ -37,7 +37,7 @@ _QUIET_ENV = {
 # libraries that install their own stderr handler when imported: adding ours would print twice
 _OWN_HANDLERS = {"logbar", "torch", "transformers"}
 _VERBOSE_ENV = {"TRANSFORMERS_VERBOSITY": "info", "HF_HUB_VERBOSITY": "info"}
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # oftsurgery/ (this module is oftsurgery/reporting/console.py)
 
 _results: TextIO | None = None  # the real stdout while a session runs
 

@@ -106,6 +106,5 @@ def assign_to_ranks(names: Sequence[str], costs: Sequence[float], world_size: in
     return owner
 
 
-
 def _no_leaf(shard: int) -> Sums | None:
     raise AssertionError(f"shard {shard} was not gathered")
