@@ -2,8 +2,9 @@
 
 oftsurgery's outputs are recognised by their contents: a merged checkpoint holds `MERGE_REPORT`, an
 adapter folder and a rotations file carry oftsurgery's format key in their safetensors metadata.
-A folder holding a subfolder is never ours; the working directory, the home directory and any folder
-above them are refused whatever they hold (docs/errors.md).
+The one subfolder oftsurgery writes is a merge's `residual-lora/` (its weights carry the format key
+too); a folder holding any other is never ours. The working directory, the home directory and any
+folder above them are refused whatever they hold (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT_KEY = "oftsurgery_format"
 ADAPTER_FORMAT = "peft-adapter"
 ROTATIONS_FORMAT = "oftsurgery-rotations"
+RESIDUAL_LORA_DIR = "residual-lora"  # a merge's residual LoRA adapter (merge --residual-rank)
+RESIDUAL_LORA_FORMAT = "residual-lora"
+_RESIDUAL_LORA_FILES = {"adapter_config.json", ADAPTER_WEIGHTS}
 _REPORT_KEYS = {"checkpoint", "adapter", "method"}
 
 
@@ -53,6 +57,17 @@ def is_merge_output(folder: Path) -> bool:
 def is_adapter_output(folder: Path) -> bool:
     weights = folder / ADAPTER_WEIGHTS
     return weights.is_file() and _header_format(weights) == ADAPTER_FORMAT
+
+
+def _is_residual_lora(folder: Path) -> bool:
+    """A merge's residual-lora/ folder, holding only what the merge wrote there."""
+    try:
+        names = {e.name for e in folder.iterdir() if e.is_file() and not e.is_symlink()}
+        count = sum(1 for _ in folder.iterdir())
+    except OSError:
+        return False
+    return (folder.name == RESIDUAL_LORA_DIR and names == _RESIDUAL_LORA_FILES and count == len(names)
+            and _header_format(folder / ADAPTER_WEIGHTS) == RESIDUAL_LORA_FORMAT)
 
 
 def is_rotations_file(path: Path) -> bool:
@@ -104,7 +119,8 @@ def check_replaceable(out: Path, is_file: bool) -> None:
             f"Not replacing {out}: it is not empty and holds neither a {MERGE_REPORT} nor an adapter written by "
             f"oftsurgery{refuse}"
         )
-    subfolders = [e.name for e in entries if e.is_dir() and not e.is_symlink()]
+    subfolders = [e.name for e in entries if e.is_dir() and not e.is_symlink()
+                  and not (is_merge_output(out) and _is_residual_lora(e))]
     if subfolders:
         raise OutputPathError(
             f"Not replacing {out}: it holds a folder oftsurgery did not write ({subfolders[0]}){refuse}"

@@ -17,6 +17,7 @@ from pathlib import Path
 from oftsurgery.errors import MergeError, OftSurgeryError
 from oftsurgery.io import (MERGE_REPORT, CheckpointReader, CheckpointWriter, atomic_output, check_output_path,
                            copy_side_files)
+from oftsurgery.io.ownership import RESIDUAL_LORA_DIR
 from oftsurgery.merge.calibrated_loop import _merge_calibrated
 from oftsurgery.merge.merger import Merger
 from oftsurgery.merge.options import METHODS, MergeOptions
@@ -58,6 +59,8 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
 
     if options.method not in METHODS:
         raise MergeError(f"--method must be one of {', '.join(METHODS)}, not {options.method!r}.")
+    if options.residual_rank < 0:
+        raise MergeError(f"--residual-rank must be 0 (none) or positive, not {options.residual_rank}.")
     ranks.check_device()  # resolved once, before any work (cuda under torchrun: each rank its own GPU)
     options = replace(options, device=ranks.device)
     started = time.perf_counter()
@@ -87,7 +90,7 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
         source_format=source.describe(), output_format=plan.target.describe(), calibration=None,
         calib_tokens=0, residual_space="activations" if options.method == "calibrated" else "weights",
         identity_modules=plan.identity_modules, command=options.command, checkpoint_fingerprint=fingerprint,
-        world_size=ranks.world_size,
+        world_size=ranks.world_size, residual_rank=options.residual_rank,
     )
     _describe_serving(plan, report)
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))
@@ -123,6 +126,11 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
             if tmp is not None:
                 _write_configs(reader, plan, tmp)
                 copy_side_files(reader.side_files(), tmp)
+                if options.residual_rank:
+                    from oftsurgery.merge.residual_adapter import write_residual_adapter
+
+                    report.residual_lora_bytes = write_residual_adapter(
+                        tmp / RESIDUAL_LORA_DIR, merger.residual, options.residual_rank)
                 report.write(tmp / MERGE_REPORT)
                 _write_card(tmp, report, plan)
     except OftSurgeryError:

@@ -54,6 +54,7 @@ class Merger:
         self._unpacked: dict[str, "QuantizedWeight"] = {}
         self._reads: dict[str, Any] = {}  # prefix -> Future of `_read_ahead`'s result
         self._rotations: dict[str, dict[str, "torch.Tensor"]] = {}  # prefix -> its rotation on the device, read ahead
+        self.residual: dict[str, dict[str, "torch.Tensor"]] = {}  # prefix -> its residual LoRA (lora_A, lora_B), host
 
     def source_weight(self, prefix: str, cache: bool = True) -> "QuantizedWeight":
         """A layer's stored codes (uint8) and grid (per-module `dynamic` overrides applied), unpacked on
@@ -98,11 +99,29 @@ class Merger:
                    target: "torch.Tensor | None" = None) -> "QuantizedWeight":
         """Fold the rotation into one targeted layer and requantize it (kept until the layer is written)."""
         qw = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
+        if self.options.residual_rank and target is None:
+            target = self.plan.layers[prefix].target_weight(qw.dequantize())
         new_qw, report = requantize_layer(self.plan.layers[prefix], qw, self.options.method, inputs,
                                           device=self.options.device, target=target)
+        self._fit_residual(prefix, new_qw, target, inputs, report)
         self._record(prefix, report)
         self.merged[prefix] = new_qw
         return new_qw
+
+    def _fit_residual(self, prefix: str, merged: "QuantizedWeight", target: "torch.Tensor | None",
+                      inputs: "CalibrationInputs | None", report: LayerReport) -> None:
+        """With --residual-rank: the layer's residual LoRA (kept for OUT/residual-lora), its figure in `report`."""
+        from oftsurgery.merge.residual_adapter import fit_residual_adapter
+
+        if not self.options.residual_rank:
+            return
+        if target is None:
+            source = _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
+            target = self.plan.layers[prefix].target_weight(source.dequantize())
+        calibrated = inputs is not None and inputs.fit.reached
+        self.residual[prefix], report.residual_lora = fit_residual_adapter(
+            merged, target, self.options.residual_rank, inputs if calibrated else None,
+            device=inputs.fit.device if calibrated else merged.codes.device)
 
     def _record(self, prefix: str, report: LayerReport) -> None:
         """Keep a layer's report line; with `--strict` the first fallback stops the merge (nothing is
@@ -117,6 +136,7 @@ class Merger:
 
         qw = _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
         new_qw, report = rtn_merge_layer(self.plan.layers[prefix], qw, self._rotations.pop(prefix, None))
+        self._fit_residual(prefix, new_qw, None, None, report)
         self._record(prefix, report)
         return new_qw
 
@@ -143,10 +163,14 @@ class Merger:
             qw = self.merged[prefix] if mine else None
             tensors, info = ranks.share(
                 owners[prefix],
-                {"codes": qw.codes, "scales": qw.scales, "zeros": qw.zeros, "g_idx": qw.g_idx} if mine else None,
+                {"codes": qw.codes, "scales": qw.scales, "zeros": qw.zeros, "g_idx": qw.g_idx,
+                 **self.residual.get(prefix, {})} if mine else None,
                 {"bits": qw.bits, "group_size": qw.group_size,
                  "report": asdict(next(r for r in reversed(self.reports) if r.name == prefix))} if mine else None)
             if not mine:
+                lora = {k: tensors.pop(k) for k in list(tensors) if k.startswith("lora_")}
+                if lora:
+                    self.residual[prefix] = lora
                 self.merged[prefix] = QuantizedWeight(**tensors, bits=info["bits"], group_size=info["group_size"])
                 self.reports.append(LayerReport(**info["report"]))
         # every rank lists the layers in the same order, whoever solved them

@@ -26,6 +26,7 @@ class MergeOptions:
     progress: bool = True
     allow_pickle: bool = False  # read a pickle-only checkpoint with torch's weights-only loader
     strict: bool = False  # any per-layer fallback (see LayerReport.fallback) is a MergeError
+    residual_rank: int = 0  # > 0: also write OUT/residual-lora, a rank-R LoRA of what the grid could not hold
 
 
 def parse_size(text: str) -> int:

@@ -28,6 +28,7 @@ class LayerReport:
     # residuals are on the fitted rows, or in weight space for rtn)
     heldout_tokens: int = 0
     rank: int = 0  # the rank that solved this layer in a distributed merge (0 in a single process)
+    residual_lora: float | None = None  # ‖(Ŵ + B·A − W·Rᵀ)X‖ / ‖W·Rᵀ X‖ with the residual LoRA (--residual-rank)
 
 
 @dataclass
@@ -51,6 +52,8 @@ class MergeReport:
     serving: dict[str, dict[str, str]] = field(default_factory=dict)  # engine -> {"input": ..., "output": ...} kernels
     serving_warnings: list[str] = field(default_factory=list)  # the output serves on slower kernels than the input
     world_size: int = 1  # processes the merge ran on (torchrun ranks)
+    residual_rank: int = 0  # rank of the residual LoRA written to residual-lora/ (0: none)
+    residual_lora_bytes: int = 0  # size of its weights
 
     # ---- aggregate figures ----
     @property
@@ -68,6 +71,19 @@ class MergeReport:
     @property
     def mean_residual_after(self) -> float:
         return sum(l.residual_after for l in self.layers) / max(1, len(self.layers))
+
+    @property
+    def mean_residual_lora(self) -> float | None:
+        """Mean per-layer residual with the residual LoRA added (None without one)."""
+        vals = [l.residual_lora for l in self.layers if l.residual_lora is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    @property
+    def kept_fraction_lora(self) -> float | None:
+        """`kept_fraction` of the merged layers plus their residual LoRA (None without one)."""
+        vals = [1 - l.residual_lora / l.residual_before for l in self.layers
+                if l.residual_before > 0 and l.residual_lora is not None]
+        return sum(vals) / len(vals) if vals else None
 
     @property
     def kept_fraction(self) -> float:
@@ -111,6 +127,10 @@ class MergeReport:
             f"{self.mean_residual_after:.4f} (per layer, {self.residual_space}); fine-tune kept per layer "
             f"{self.kept_fraction:.1%}",
         ]
+        if self.residual_rank:
+            lines.append(f"residual LoRA rank {self.residual_rank} ({self.residual_lora_bytes / 1e6:.1f} MB, "
+                         f"residual-lora/): output residual {self.mean_residual_after:.4f} -> "
+                         f"{self.mean_residual_lora or 0:.4f}; fine-tune kept per layer {self.kept_fraction_lora or 0:.1%}")
         if self.identity_modules:
             lines.append(f"{len(self.identity_modules)} of the rotations are exactly the identity (untrained?)")
         if self.runner_check is not None:
@@ -129,6 +149,8 @@ class MergeReport:
             "mean_residual_before": self.mean_residual_before,
             "mean_residual_after": self.mean_residual_after,
             "kept_fraction": self.kept_fraction,
+            "mean_residual_lora": self.mean_residual_lora,
+            "kept_fraction_lora": self.kept_fraction_lora,
             "fallbacks": len(self.fallbacks),
             "warnings": self.warnings(),
         }

@@ -46,10 +46,14 @@ from oftsurgery.reporting.console import echo
 @click.option("--strict", is_flag=True,
               help="Fail (nothing written) if any layer falls back: a Cholesky failure, a solver stage that "
                    "failed, source codes kept because nothing beat them, or a module calibration never reached.")
+@click.option("--residual-rank", type=click.IntRange(min=0), default=0, show_default=True, metavar="R",
+              help="Also write OUT/residual-lora: a rank-R PEFT LoRA adapter holding what the requantized layers "
+                   "could not (fitted on the calibration activations); load it with PeftModel.from_pretrained or "
+                   "serve it with vLLM --enable-lora. 0: none.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_len, device, max_shard_size,
             push_to_hub, private, token, endpoint, timeout, retries, retry_wait, overwrite, allow_pickle,
-            strict, quiet) -> None:
+            strict, residual_rank, quiet) -> None:
     """Fold an OFT adapter into a GPTQ/AWQ checkpoint and write a quantized checkpoint.
 
     ADAPTER_OR_ROTATIONS is a PEFT OFT adapter directory (any PEFT generation) or a
@@ -61,6 +65,7 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
       oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./SmolLM2-GPTQ-merged
       oftsurgery merge ./SmolLM2-GPTQ rotations.safetensors --out ./merged-awq --requant awq
       oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./merged --method rtn
+      oftsurgery merge ./SmolLM2-GPTQ ./my-oft-adapter --out ./merged --residual-rank 16
 
     Across processes or GPUs, with the same bytes as one process (docs/distributed.md):
 
@@ -79,7 +84,7 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
     options = MergeOptions(
         requant=requant, method=method, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len, device=device,
         overwrite=overwrite, max_shard_size=max_shard_size, progress=not quiet, allow_pickle=allow_pickle,
-        strict=strict,
+        strict=strict, residual_rank=residual_rank,
         command="oftsurgery " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:])),
     )
     report = merge_checkpoint(checkpoint, adapter, out, options)
