@@ -13,6 +13,7 @@ from pathlib import Path
 
 from oftsurgery.errors import InvalidAdapterError, InvalidCheckpointError
 from oftsurgery.evaluation.evaluate import FidelityFigures, eval_text, load_quantized_model, logits_of, mean_nll, token_windows
+from oftsurgery.io.ownership import RESIDUAL_LORA_DIR
 
 DEFAULT_EVAL_TOKENS = 4096
 DEFAULT_SEQ_LEN = 256
@@ -126,8 +127,29 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: str | Path, *, t
     merged_model = load(merged)
     nll_merged = mean_nll(merged_model, windows)
     merged_logits = logits_of(merged_model, windows)
+    nll_lora = None
+    residual = Path(merged) / RESIDUAL_LORA_DIR
+    if residual.is_dir():
+        attach_residual_lora(merged_model, residual, float32=float32)
+        nll_lora = mean_nll(merged_model, windows)
     return FidelityFigures(
         nll_base=nll_base, nll_attached=nll_attached, nll_merged=nll_merged,
         max_logit_diff=float((merged_logits - attached_logits).abs().max()),
-        eval_tokens=int(windows.numel()), eval_text=description,
+        eval_tokens=int(windows.numel()), eval_text=description, nll_merged_lora=nll_lora,
     )
+
+
+def attach_residual_lora(model, folder: str | Path, *, float32: bool = False) -> None:
+    """Add a merge's residual LoRA to a loaded merged model in place, with PEFT (as a user loads it)."""
+    import torch
+    from transformers import PreTrainedModel
+
+    from oftsurgery._deps import import_optional
+
+    peft = import_optional("peft", "lora")
+    inner = model if isinstance(model, PreTrainedModel) else model.model
+    peft.PeftModel.from_pretrained(inner, str(folder))  # injects the LoRA layers into `inner`'s modules
+    if float32:  # the float32 evaluation path: the adapter's fp16 weights in float32 too
+        for name, param in inner.named_parameters():
+            if ".lora_" in name:
+                param.data = param.data.to(torch.float32)

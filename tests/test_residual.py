@@ -137,3 +137,32 @@ def test_merge_writes_a_peft_lora_that_brings_the_merged_model_closer(tiny_gptq_
     # gptqmodel's fp16 kernel vs float, far below what the LoRA changes
     assert (got - expected).abs().max() < min(2e-2, float((expected - merged).abs().max()) / 3)
     assert (expected - target).pow(2).mean() < (merged - target).pow(2).mean()
+
+
+def test_verify_reports_merged_and_merged_plus_lora(tiny_gptq_dir, tmp_path):
+    """verify's merged + LoRA figure is the NLL of the dense float model holding Ŵ + B·A."""
+    from merge_helpers import random_rotations
+    from oftsurgery.evaluation.evaluate import eval_text, load_dequantized_model, mean_nll, token_windows
+    from oftsurgery.merge import MergeOptions, merge_checkpoint
+    from oftsurgery.verify import verify_merge
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
+    out = tmp_path / "out"
+    merge_checkpoint(tiny_gptq_dir, rot, out, MergeOptions(method="rtn", progress=False, residual_rank=8))
+    figures = verify_merge(out, tiny_gptq_dir, rot, num_tokens=256, seq_len=64)
+    assert "merged + residual LoRA" in figures.render() and "retention_lora" in figures.to_dict()
+
+    weights = load_file(str(out / "residual-lora" / "adapter_model.safetensors"))
+    model = load_dequantized_model(out)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            key = f"base_model.model.{name}.lora_A.weight"
+            if key in weights:
+                module.weight += weights[key.replace("lora_A", "lora_B")].float() @ weights[key].float()
+    windows = token_windows(eval_text(None, max_chars=256 * 12)[0], AutoTokenizer.from_pretrained(str(tiny_gptq_dir)),
+                            256, 64)
+    expected = mean_nll(model, windows)
+    assert figures.nll_merged_lora == pytest.approx(expected, abs=1e-4)
+    assert abs(figures.nll_merged_lora - figures.nll_merged) > 1e-4  # the LoRA was really applied

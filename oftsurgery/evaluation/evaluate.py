@@ -111,6 +111,7 @@ class FidelityFigures:
     max_logit_diff: float
     eval_tokens: int
     eval_text: str
+    nll_merged_lora: float | None = None  # merged + its residual LoRA (merge --residual-rank), when it has one
 
     @property
     def ppl_base(self) -> float:
@@ -128,8 +129,17 @@ class FidelityFigures:
     def retention(self) -> float:
         return retention(self.nll_base, self.nll_attached, self.nll_merged)
 
+    @property
+    def retention_lora(self) -> float | None:
+        if self.nll_merged_lora is None:
+            return None
+        return retention(self.nll_base, self.nll_attached, self.nll_merged_lora)
+
     def to_dict(self) -> dict:
-        return {
+        lora = {} if self.nll_merged_lora is None else {
+            "ppl_merged_lora": math.exp(self.nll_merged_lora), "nll_merged_lora": self.nll_merged_lora,
+            "retention_lora": self.retention_lora}
+        return {**lora,
             "ppl_base": self.ppl_base, "ppl_attached": self.ppl_attached, "ppl_merged": self.ppl_merged,
             "nll_base": self.nll_base, "nll_attached": self.nll_attached, "nll_merged": self.nll_merged,
             "retention": self.retention, "max_logit_diff": self.max_logit_diff,
@@ -139,7 +149,9 @@ class FidelityFigures:
     def render(self) -> str:
         rows = [("quantized base", self.ppl_base, "0%"), ("attached (adapter)", self.ppl_attached, "100%"),
                 ("merged", self.ppl_merged, f"{self.retention:.1%}")]
-        lines = [f"{'model':<20} {'perplexity':>10}  retention", *(f"{n:<20} {p:>10.3f}  {r:>9}" for n, p, r in rows)]
+        if self.nll_merged_lora is not None:
+            rows.append(("merged + residual LoRA", math.exp(self.nll_merged_lora), f"{self.retention_lora:.1%}"))
+        lines = [f"{'model':<22} {'perplexity':>10}  retention", *(f"{n:<22} {p:>10.3f}  {r:>9}" for n, p, r in rows)]
         lines.append(f"max |logit(merged) - logit(attached)| = {self.max_logit_diff:.4f} "
                      f"on {self.eval_tokens} tokens of {self.eval_text}")
         return "\n".join(lines)
