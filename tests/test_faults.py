@@ -297,12 +297,23 @@ def test_nan_or_inf_in_a_peft_adapter_is_refused(value, command, tiny_gptq_dir, 
 
 
 @pytest.mark.parametrize("command", ["merge", "verify", "attach"])
-@pytest.mark.parametrize("problem", ["not_orthogonal", "nan"])
+@pytest.mark.parametrize("problem", ["not_orthogonal", "nan", "integer"])
 def test_bad_rotations_file_is_refused(problem, command, tiny_gptq_dir, inputs, work):
     path = inputs / "rot.safetensors"
     if problem == "not_orthogonal":
         rotations_file(path, {Q_PROJ: (4, 32)}, orthogonal=False)
         words = ("not a rotation",)
+    elif problem == "integer":  # identity blocks stored as int32: orthogonal, but not a rotation file's numbers
+        from safetensors.torch import load_file, save_file
+        from safetensors import safe_open
+
+        rotations_file(path, {Q_PROJ: (4, 32)})
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = {k: torch.eye(v.shape[-1], dtype=torch.int32).expand_as(v).contiguous()
+                   for k, v in load_file(str(path)).items()}
+        save_file(tensors, str(path), metadata=metadata)
+        words = ("int32", "floating point")
     else:
         from safetensors.torch import load_file, save_file
         from safetensors import safe_open

@@ -220,9 +220,13 @@ class RotationSet:
 
 
 def _check_finite(tensor: Tensor, what: str) -> None:
+    """Adapter weights, rotation blocks and scales are finite floating-point numbers."""
     import torch
 
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not tensor.is_floating_point():
+        raise InvalidAdapterError(f"{what} holds {str(tensor.dtype).removeprefix('torch.')} values; "
+                                  "adapter weights, rotation blocks and scales must be floating point.")
+    if not torch.isfinite(tensor).all():
         raise InvalidAdapterError(f"{what} holds NaN or Inf values.")
 
 
