@@ -29,7 +29,7 @@ LAYERS: list[list[str]] = [
     ["oftsurgery.merge.options", "oftsurgery.merge.plan", "oftsurgery.merge.report"],  # the merge's vocabulary
     ["oftsurgery.merge.solve", "oftsurgery.merge.runtime"],  # one linear's math; threads, streams, ranks
     ["oftsurgery.merge.calibration"],  # what the linears see
-    ["oftsurgery.merge.candidates"],  # one linear's choice
+    ["oftsurgery.merge.candidates", "oftsurgery.merge.residual_adapter"],  # one linear's choice; its residual LoRA
     ["oftsurgery.merge.merger"],  # stored weights in, packed tensors out
     ["oftsurgery.merge.calibrated_loop"],  # the calibrated decoder-layer loop
     ["oftsurgery.merge.engine"],  # merge_checkpoint
