@@ -187,3 +187,31 @@ def test_nothing_changed_warning_needs_both_codes_and_scales_unchanged(tiny_gptq
                                       "--calib-tokens", "512", "--seq-len", "64", "-q"])
     assert result.exit_code == 0, result.output
     assert "probably lost" in result.output and "0.000% of the scales" in result.output
+
+
+def test_report_says_per_layer_how_it_was_solved_and_when_the_text_ran_short(tiny_gptq_dir, tmp_path):
+    """Per layer: the solver stages accepted, the kernel and the damping; one warning when the
+    calibration text holds fewer rows than --calib-tokens asks for; the remedy fits the method."""
+    from oftsurgery.texts import builtin_text
+
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
+    short = tmp_path / "short.txt"
+    short.write_text(builtin_text("english", "calib", max_chars=6000))
+    report = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out",
+                              MergeOptions(calib=str(short), calib_tokens=1 << 20, seq_len=64, progress=False))
+    saved = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    for layer in saved["layers"]:
+        if layer["mode"] == "compensated":
+            assert layer["stages"][0] == "gptq" and layer["kernel"] == "torch" and layer["damp"] == 0.01
+        else:
+            assert layer["stages"] == [layer["mode"]]
+    assert report.calib_tokens < report.calib_tokens_requested == 1 << 20
+    assert [w for w in report.warnings() if "calibration text holds only" in w] == [
+        f"WARNING: the calibration text holds only {report.calib_tokens} tokens in whole rows, fewer than the "
+        f"{1 << 20} asked for (--calib-tokens); pass a longer --calib text."]
+    enough = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out2", MergeOptions(**FAST))
+    assert not any("calibration text holds only" in w for w in enough.warnings())
+    rtn = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out3", MergeOptions(method="rtn", progress=False))
+    assert all(l.stages in (["rtn"], ["kept"]) and l.kernel is None for l in rtn.layers)
+    assert "use --method calibrated" in rtn._remedy() and "--calib FILE" in report._remedy()
+    assert "--residual-rank" in report._remedy()

@@ -385,12 +385,14 @@ def _perturb_one_code(qw):
     return QuantizedWeight(codes, qw.scales, qw.zeros, qw.g_idx, qw.bits, qw.group_size)
 
 
+@pytest.mark.parametrize("rows", [8, 7])  # one held-out row; too few rows to hold any out
 @pytest.mark.parametrize("broken", ["calibrated", "calibrated-misreporting", "rtn"])
-def test_a_broken_solver_fails_the_identity_checks(broken, monkeypatch, tiny_gptq_dir, tmp_path):
+def test_a_broken_solver_fails_the_identity_checks(broken, rows, monkeypatch, tiny_gptq_dir, tmp_path):
     """The engine keeps the source codes when the solver's result is worse, so byte-identity alone
     cannot catch a broken solver; the identity checks also demand that no layer fell back. The engine
-    measures the solver's result itself on the held-out rows, so a solver that misreports its own
-    error is caught the same way; a broken rounding gets its codes written, and the bytes differ."""
+    measures the solver's result itself on the held-out rows (on the fitted ones when there are fewer
+    than 8 rows), so a solver that misreports its own error is caught the same way; a broken
+    rounding gets its codes written, and the bytes differ."""
     rot = identity_rotations(tiny_gptq_dir, tmp_path / "identity.safetensors")
     if broken.startswith("calibrated"):
         real = requant.requantize_calibrated
@@ -414,7 +416,10 @@ def test_a_broken_solver_fails_the_identity_checks(broken, monkeypatch, tiny_gpt
 
         monkeypatch.setattr(rtn, "rtn_merge_layer", broken_rtn)
     method = broken.split("-")[0]
-    report = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", MergeOptions(method=method, **FAST))
+    options = MergeOptions(method=method, **{**FAST, "calib_tokens": rows * FAST["seq_len"]})
+    report = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", options)
+    if method == "calibrated":
+        assert all(l.heldout_tokens == (64 if rows == 8 else 0) for l in report.layers)
     with pytest.raises(AssertionError):
         assert_identity_merge(report, tiny_gptq_dir, tmp_path / "out")
     if broken == "rtn":  # wrong codes written, and nothing reported

@@ -214,6 +214,8 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
                          "use --method rtn or add the tokenizer files.") from None
     ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
     report.calibration, report.calib_tokens = desc, int(ids.numel())
+    report.calib_tokens_requested = options.calib_tokens
+    report.calib_text_short = ids.shape[0] < max(1, options.calib_tokens // options.seq_len)
     runner = LayerwiseModel(reader.config, reader.get, device=options.device, tensor_names=reader.tensors)
     unknown = [p.prefix for p in merger.plan.targeted if p.prefix not in runner.module_linears()]
     if unknown:

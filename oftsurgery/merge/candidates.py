@@ -78,11 +78,13 @@ def requantize_layer(
 
         solved = requant.requantize_calibrated(source, target, fit)
         fallbacks += solved.fallbacks
+        stages, kernel, damp = solved.stages, solved.kernel, solved.damp
         candidates = {"compensated": solved.weight, "rtn": requant.requantize_rtn(source, target)}
         # each candidate's error once, on the held-out rows: on the rows it fitted the solve always looks
         # best, also where it has only fitted their noise (few tokens for many inputs); held out, it can
-        # lose to rounding or even to the source codes, and then the winner takes its place
-        errors = {"compensated": residual(solved.weight.dequantize()) if measured is not fit else solved.error,
+        # lose to rounding or even to the source codes, and then the winner takes its place. Measured
+        # here, never taken from the solver, also on the fitted rows (fewer than 8 rows: none held out)
+        errors = {"compensated": residual(solved.weight.dequantize()),
                   "rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
         preferred = "compensated"
         heldout_tokens = measured.tokens if measured is not fit else 0
@@ -96,6 +98,7 @@ def requantize_layer(
         candidates = {"rtn": requant.requantize_rtn(source, target)}
         errors = {"rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
         preferred = "rtn"
+        stages, kernel, damp = ["rtn"], None, None
     candidates["kept"] = source
     best = min(errors, key=errors.get)
     mode = preferred if errors[preferred] <= errors[best] * (1 + 1e-9) else best
@@ -116,6 +119,7 @@ def requantize_layer(
         seconds=time.perf_counter() - start,
         fallback="; ".join(fallbacks) or None,
         heldout_tokens=heldout_tokens,
+        stages=stages if mode == "compensated" else [mode], kernel=kernel, damp=damp,
     )
     host = qw if mode == "kept" else replace(chosen, codes=chosen.codes.to(qw.codes.device),
                                                scales=chosen.scales.to(qw.scales.device), zeros=qw.zeros, g_idx=qw.g_idx)

@@ -28,6 +28,9 @@ class LayerReport:
     # residuals are on the fitted rows, or in weight space for rtn)
     heldout_tokens: int = 0
     rank: int = 0  # the rank that solved this layer in a distributed merge (0 in a single process)
+    stages: list[str] = field(default_factory=list)  # solver stages accepted (gptq, refine_codes, refit_scales; rtn)
+    kernel: str | None = None  # what ran the solver's column loops: "triton" or "torch" (None: no solve)
+    damp: float | None = None  # the Hessian damping the GPTQ pass used (None: no GPTQ pass)
     residual_lora: float | None = None  # ‖(Ŵ + B·A − W·Rᵀ)X‖ / ‖W·Rᵀ X‖ with the residual LoRA (--residual-rank)
 
 
@@ -54,6 +57,8 @@ class MergeReport:
     world_size: int = 1  # processes the merge ran on (torchrun ranks)
     residual_rank: int = 0  # rank of the residual LoRA written to residual-lora/ (0: none)
     residual_lora_bytes: int = 0  # size of its weights
+    calib_tokens_requested: int = 0  # --calib-tokens (calib_tokens is what the text gave, in whole rows)
+    calib_text_short: bool = False  # the calibration text held fewer rows than were asked for
 
     # ---- aggregate figures ----
     @property
@@ -114,10 +119,20 @@ class MergeReport:
         if self.layers and max(self.codes_changed, self.scales_changed) < NEGLIGIBLE_CHANGE:
             out.append(
                 f"WARNING: the merge changed only {self.codes_changed:.3%} of the codes and "
-                f"{self.scales_changed:.3%} of the scales; the fine-tune is probably lost "
-                "(was the adapter trained? try --method calibrated)."
+                f"{self.scales_changed:.3%} of the scales; the fine-tune is probably lost ({self._remedy()})."
             )
+        if self.calib_text_short:
+            out.append(f"WARNING: the calibration text holds only {self.calib_tokens} tokens in whole rows, fewer than "
+                       f"the {self.calib_tokens_requested} asked for (--calib-tokens); pass a longer --calib text.")
         return out
+
+    def _remedy(self) -> str:
+        """What to try when a merge kept (almost) nothing, for the method that ran."""
+        lora = "" if self.residual_rank else ", or add --residual-rank 16 to keep the rest in a LoRA"
+        if self.method == "rtn":
+            return f"was the adapter trained? rounding keeps only moves beyond half a grid step: use --method calibrated{lora}"
+        return ("was the adapter trained? calibrate on text like the fine-tuning data (--calib FILE), "
+                f"with more --calib-tokens{lora}")
 
     def summary(self) -> str:
         lines = [

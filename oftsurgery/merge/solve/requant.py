@@ -376,6 +376,8 @@ class CalibratedResult:
     error: float  # tr(E H Eᵀ) of `weight` on the fitted rows
     stages: list[str] = field(default_factory=list)  # the stages whose result was accepted
     fallbacks: list[str] = field(default_factory=list)  # "<kind>: <reason>", for the merge report
+    damp: float | None = None  # the damping the GPTQ pass ran with (None: it did not run)
+    kernel: str = "torch"  # what ran the column loops: "triton" or "torch"
 
 
 def _failure(exc: BaseException) -> str:
@@ -400,7 +402,7 @@ def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian
     layer = _Layer(qw, target, hess)
     fallbacks: list[str] = []
     stages = ["gptq"]
-    codes = None
+    codes = used_damp = None
     for attempt in (damp, *[d for d in RETRY_DAMPS if d > damp]):
         try:
             perm, U = _gptq_factor(hess, attempt, act_order, layer.dtype)
@@ -408,6 +410,7 @@ def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian
                 fallbacks.append(f"cholesky: the Hessian is not positive definite at damp {damp:g}, "
                                  f"so the GPTQ pass used damp {attempt:g}")
             codes = _gptq_pass(layer, perm, U, block_size)
+            used_damp = attempt
         except SolverError as exc:
             last = exc
             continue
@@ -439,4 +442,7 @@ def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian
         if err < best_err * (1 - ACCEPT):
             codes, scales, best_err = cand_codes, cand_scales, err
             stages.append(name)
-    return CalibratedResult(layer.quantized(codes, scales), float(best_err), stages, fallbacks)
+    from oftsurgery.merge.solve import kernels
+
+    return CalibratedResult(layer.quantized(codes, scales), float(best_err), stages, fallbacks, used_damp,
+                            "triton" if kernels.use_triton(layer.target_t) else "torch")

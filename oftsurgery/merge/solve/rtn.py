@@ -138,5 +138,6 @@ def rtn_merge_layer(plan: "LayerPlan", qw: "QuantizedWeight",
         rotation_strength=plan.rotations.strength(plan.prefix, plan.in_features),
         seconds=time.perf_counter() - start,
         fallback=fallback,
+        stages=[mode],
     )
     return chosen, report
