@@ -90,27 +90,42 @@ print(json.dumps({"seconds": time.perf_counter() - t,
 def build_inputs(work: Path, args) -> dict[str, Path]:
     """Quantized checkpoints and the trained adapter, built once and reused."""
     from oftsurgery.attach import attach_adapter
-    from oftsurgery.testing.models import is_complete, make_awq_checkpoint, mark_complete, smollm2_fp16, smollm2_gptq
+    from oftsurgery.testing.models import (is_complete, make_awq_checkpoint, mark_complete, quantize_gptq,
+                                           smollm2_fp16, smollm2_gptq)
     from oftsurgery.demo.train import train_oft_adapter
+    from oftsurgery.texts import builtin_text
 
-    paths = {"gptq": Path(args.gptq_checkpoint) if args.gptq_checkpoint else smollm2_gptq(group_size=128)}
+    def gptq(**kwargs) -> Path:
+        if not args.fp_model:
+            return smollm2_gptq(group_size=128, **kwargs)
+        out = work / ("gptq-g128" + "".join(f"-{k}{v}" for k, v in sorted(kwargs.items())))
+        if not is_complete(out):  # GPTQModel on the bench's device, 128 rows of 256 English tokens
+            quantize_gptq(args.fp_model, out, group_size=128, num_samples=128, seq_len=256, device=args.device,
+                          calib_texts=[builtin_text("english", "calib", max_chars=None)], **kwargs)
+            mark_complete(out)
+        return out
+
+    paths = {}
+    if "gptq" in args.formats:
+        paths["gptq"] = Path(args.gptq_checkpoint) if args.gptq_checkpoint else gptq()
     if "gptq-asym" in args.formats:
-        paths["gptq-asym"] = smollm2_gptq(group_size=128, sym=False, desc_act=True)
+        paths["gptq-asym"] = gptq(sym=False, desc_act=True)
     if "awq" in args.formats:
         # AWQ GEMM needs in_features divisible by the group size: SmolLM2's 576 takes 64, not 128
-        awq = work / "smollm2-awq-g64"
+        awq = work / ("awq-g64" if args.fp_model else "smollm2-awq-g64")
         if not is_complete(awq):
-            make_awq_checkpoint(smollm2_fp16(), awq, group_size=64)
+            make_awq_checkpoint(args.fp_model or smollm2_fp16(), awq, group_size=64)
             mark_complete(awq)
         paths["awq"] = awq
     for fmt in args.formats:
         identity = work / f"adapter-identity-{fmt}"
-        trained = work / f"adapter-trained-{fmt}-{args.steps}steps"
+        trained = work / f"adapter-trained-{fmt}-{args.steps}x{args.batch_size}-lr{args.lr:g}"
         if not (trained / "adapter_config.json").exists():
             attach_adapter(paths[fmt], identity, block_size=32, use_cayley_neumann=False, overwrite=True)
             t = time.perf_counter()
             result = train_oft_adapter(paths[fmt], identity, trained, text_kind="code", steps=args.steps,
-                                       batch_size=2, seq_len=256, lr=args.lr, progress=True)
+                                       batch_size=args.batch_size, seq_len=256, lr=args.lr, progress=True,
+                                       device=args.device)
             print(f"[{fmt}] trained {args.steps} steps in {time.perf_counter() - t:.0f}s, "
                   f"loss {result.losses[0]:.3f} -> {sum(result.losses[-5:]) / 5:.3f}", flush=True)
         paths[f"adapter-{fmt}"] = trained
@@ -160,7 +175,10 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["gptq", "awq"], choices=["gptq", "gptq-asym", "awq"])
     parser.add_argument("--methods", nargs="+", default=["rtn", "calibrated"], choices=["rtn", "calibrated"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch 2 x 256 tokens)")
+    parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch x 256 tokens)")
+    parser.add_argument("--batch-size", type=int, default=2, help="fine-tuning rows of 256 tokens per step")
+    parser.add_argument("--fp-model", default=None,
+                        help="an fp16 checkpoint to quantize and fine-tune instead of SmolLM2-135M (bench/wide_model.py)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--calib-tokens", type=int, nargs="+", default=[8192],
                         help="calibration budgets of the calibrated merge, a row each (rtn and the full requant use the first)")
@@ -185,7 +203,7 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     paths = build_inputs(work, args)
-    tokenizer = AutoTokenizer.from_pretrained(str(paths["gptq"]))
+    tokenizer = AutoTokenizer.from_pretrained(str(paths[args.formats[0]]))
     windows = token_windows(builtin_text("code", "heldout", max_chars=args.eval_tokens * 8), tokenizer,
                             args.eval_tokens, 256)
     tables, results = [], []

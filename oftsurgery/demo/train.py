@@ -53,6 +53,7 @@ def train_oft_adapter(
     progress: bool = True,
     overwrite: bool = True,
     float32_on_cpu: bool = True,
+    device: str = "cpu",
 ) -> TrainResult:
     """Train the OFT adapter folder `adapter` on `checkpoint` and save the result to `out`.
 
@@ -78,7 +79,7 @@ def train_oft_adapter(
     windows = training_windows(content, tokenizer, seq_len)
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
 
-    wrapper = load_quantized_model(checkpoint)
+    wrapper = load_quantized_model(checkpoint, device=device, backend="torch")
     model = getattr(wrapper, "model", wrapper)
     report = load_oft_adapter(model, adapter, freeze_base=True)
     if float32_on_cpu and all(p.device.type == "cpu" for p in model.parameters()):
@@ -91,7 +92,7 @@ def train_oft_adapter(
     bar = tqdm(range(steps), desc="training OFT", unit="step", disable=not progress)
     for step in bar:
         picks = order[[(step * batch_size + i) % windows.shape[0] for i in range(batch_size)]]
-        batch = windows[picks]
+        batch = windows[picks].to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_steps))
         logits = model(input_ids=batch).logits.float()

@@ -245,11 +245,11 @@ def quantize_gptq(
     num_samples: int = 16,
     seq_len: int = 128,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Path:
-    """Quantize an fp16 checkpoint with GPTQModel on CPU and save it (with its tokenizer) to out_dir.
-
-    calib_texts defaults to built-in English calibration text. format: "gptq" or "gptq_v2".
-    """
+    """Quantize an fp16 checkpoint with GPTQModel (on the CPU by default) and save it (with its
+    tokenizer) to out_dir. calib_texts defaults to built-in English calibration text. format: "gptq"
+    or "gptq_v2"."""
     import torch
     from transformers import AutoTokenizer
 
@@ -265,7 +265,7 @@ def quantize_gptq(
         bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, format=format,
         offload_to_disk=False,
     )
-    model = gptqmodel.GPTQModel.load(str(fp_dir), qcfg, device="cpu")
+    model = gptqmodel.GPTQModel.load(str(fp_dir), qcfg, device=device)
     model.quantize(calibration, batch_size=1, backend=BACKEND.TORCH, tokenizer=tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     model.save(str(out))
