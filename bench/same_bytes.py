@@ -6,7 +6,15 @@ once with this tree and once with `--compare REV` (or `--code DIR`, a directory 
 `oftsurgery` package), each tree in its own process, and prints the SHA-256 of every output's
 shards and the modes its report chose. Exits 1 if any output differs.
 
+`--more` adds calibrated merges that reach further: the tests' tiny GPTQModel checkpoints of Llama
+quantized with act-order (`desc_act`: scattered groups), Qwen3-MoE (experts, routing) and Gemma 3
+(sliding and full attention), and a wider synthetic Llama (hidden 512, intermediate 1408, 2048
+calibration tokens, so H is built from more tokens than inputs and the errors come from H). Their
+inputs (checkpoints, rotations) are made once, by this tree, and both trees merge the same files.
+`--device` merges on another device (both trees; the bytes are compared on that device).
+
     python bench/same_bytes.py --compare f2003a0
+    python bench/same_bytes.py --compare f2003a0 --more
 """
 
 from __future__ import annotations
@@ -27,14 +35,16 @@ from pathlib import Path
 from oftsurgery.merge import MergeOptions, merge_checkpoint
 from oftsurgery.testing.synthetic import synthetic_checkpoint
 built = synthetic_checkpoint("tiny", num_layers=2, rotation_strength=0.05, cache_dir=sys.argv[1])
-runs = {"calibrated": dict(method="calibrated", calib_tokens=1024), "rtn": dict(method="rtn"),
-        "calibrated, AWQ output": dict(method="calibrated", calib_tokens=1024, requant="awq"),
-        "rtn, AWQ output": dict(method="rtn", requant="awq")}
+runs = {"calibrated": (built.gptq, built.rotations, dict(method="calibrated", calib_tokens=1024)),
+        "rtn": (built.gptq, built.rotations, dict(method="rtn")),
+        "calibrated, AWQ output": (built.gptq, built.rotations, dict(method="calibrated", calib_tokens=1024, requant="awq")),
+        "rtn, AWQ output": (built.gptq, built.rotations, dict(method="rtn", requant="awq"))}
+runs.update({name: tuple(run) for name, run in json.loads(sys.argv[2]).items()})
 found = {}
-for name, options in runs.items():
+for name, (checkpoint, rotations, options) in runs.items():
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        merge_checkpoint(built.gptq, built.rotations, out, MergeOptions(progress=False, device="cpu", **options))
+        merge_checkpoint(checkpoint, rotations, out, MergeOptions(progress=False, device=sys.argv[3], **options))
         digest = hashlib.sha256()
         for shard in sorted(out.glob("*.safetensors")):
             digest.update(shard.read_bytes())
@@ -44,10 +54,30 @@ print(json.dumps(found))
 """
 
 
-def merges(code_root: Path, workdir: Path) -> dict:
+def more_runs(workdir: Path) -> dict:
+    """The `--more` merges: (checkpoint, rotations, options) by name, their inputs made by this tree."""
+    from oftsurgery.testing import synthetic
+    from oftsurgery.testing.models import tiny_gptq
+
+    synthetic.PRESETS.setdefault("512", synthetic.LlamaShape(hidden_size=512, intermediate_size=1408, num_heads=8,
+                                                              num_kv_heads=4, vocab_size=1024))
+    wide = synthetic.synthetic_checkpoint("512", num_layers=2, rotation_strength=0.05, cache_dir=workdir)
+    runs = {"512-wide Llama, 2048 tokens": (str(wide.gptq), str(wide.rotations),
+                                            dict(method="calibrated", calib_tokens=2048, seq_len=256))}
+    for name, checkpoint in (("Llama act-order", tiny_gptq("llama", desc_act=True)),
+                             ("Qwen3-MoE", tiny_gptq("qwen3_moe")), ("Gemma 3", tiny_gptq("gemma3_text"))):
+        rotations = workdir / f"rotations-{checkpoint.name}.safetensors"
+        if not rotations.exists():
+            synthetic.random_rotations(checkpoint, rotations, strength=0.05)
+        runs[f"{name}, calibrated"] = (str(checkpoint), str(rotations),
+                                       dict(method="calibrated", calib_tokens=1024, seq_len=64))
+    return runs
+
+
+def merges(code_root: Path, workdir: Path, extra: dict, device: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(code_root), GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(workdir)], env=env, capture_output=True, text=True,
-                            cwd=str(code_root))
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(workdir), json.dumps(extra), device], env=env,
+                            capture_output=True, text=True, cwd=str(code_root))
     if result.returncode:
         raise SystemExit(f"the merges with {code_root} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -58,13 +88,16 @@ def main() -> None:
     parser.add_argument("--compare", default=None, help="git revision to compare with")
     parser.add_argument("--code", type=Path, default=None, help="or a source tree holding an oftsurgery package")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "oftsurgery-same-bytes")
+    parser.add_argument("--more", action="store_true", help="also act-order, MoE, Gemma 3 and a wider model")
+    parser.add_argument("--device", default="cpu", help="--device of every merge (default cpu)")
     args = parser.parse_args()
     if (args.compare is None) == (args.code is None):
         raise SystemExit("give one of --compare REV or --code DIR")
     args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         other = args.code.resolve() if args.code else export_revision(args.compare, Path(tmp))
-        ours, theirs = merges(ROOT, args.workdir), merges(other, args.workdir)
+        extra = more_runs(args.workdir) if args.more else {}
+        ours, theirs = merges(ROOT, args.workdir, extra, args.device), merges(other, args.workdir, extra, args.device)
     label = args.compare or str(args.code)
     print(f"| merge | this tree | {label} | same bytes |\n|---|---|---|---|")
     for name, (digest, modes) in ours.items():

@@ -9,6 +9,7 @@ Hessian's dtype, so float64 Hessians make the comparisons exact (the same codes)
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merge_helpers import all_tensors, assert_identity_merge, identity_rotations, random_rotations
+from merge_helpers import all_tensors, assert_bytes_equal, assert_identity_merge, identity_rotations, random_rotations
 from oftsurgery.cli import cli
 from oftsurgery.errors import MergeError
 from oftsurgery.merge import MergeOptions, merge_checkpoint
@@ -310,6 +311,102 @@ def test_a_failing_stage_is_recorded_and_skipped(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# linears that read one input, solved as one problem
+# ------------------------------------------------------------------------------------------------
+
+def _reading_one_input(outs, *, in_f=96, group_size=32, permuted=False, seed=0):
+    """Linears (q/k/v-like: several output sizes) on one grid layout, each its own weights, grid and
+    target, and the one H they share."""
+    g = torch.Generator().manual_seed(seed)
+    g_idx = default_g_idx(in_f, group_size)
+    if permuted:
+        g_idx = g_idx[torch.randperm(in_f, generator=g)].contiguous()
+    qws, targets = [], []
+    for out_f in outs:
+        qw = quantize_weight(torch.randn(out_f, in_f, generator=g), 4, group_size, False, g_idx)
+        step = qw.scales.float()[qw.g_idx.long()].T
+        qws.append(qw)
+        targets.append(qw.dequantize() + 0.6 * step * torch.randn(out_f, in_f, generator=g))
+    return qws, targets, _problem(seed, in_f=in_f, group_size=group_size)[2]
+
+
+def _assert_same_result(got, alone):
+    assert torch.equal(got.weight.codes, alone.weight.codes) and torch.equal(got.weight.scales, alone.weight.scales)
+    assert (got.error, got.stages, got.fallbacks, got.damp, got.kernel) == \
+        (alone.error, alone.stages, alone.fallbacks, alone.damp, alone.kernel)
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_linears_solved_together_get_what_each_gets_alone(permuted, dtype):
+    """Bit for bit: codes, scales, the error, the accepted stages. One linear is exact already (its
+    stages stop at once, the others' go on), one is on another layout (solved apart)."""
+    qws, targets, H = _reading_one_input([24, 8, 40, 8], permuted=permuted)
+    targets[1] = qws[1].dequantize()  # exact: error 0, no later stage
+    other, other_target, _ = _reading_one_input([16], permuted=not permuted, seed=3)
+    qws.append(other[0])
+    targets.append(other_target[0])
+    assert requant._same_layout(qws) == [[0, 1, 2, 3], [4]]
+    together = requant.requantize_calibrated_group(qws, targets, H.to(dtype))
+    alone = [requant.requantize_calibrated(qw, t, H.to(dtype)) for qw, t in zip(qws, targets)]
+    for got, expected in zip(together, alone):
+        _assert_same_result(got, expected)
+    assert together[1].stages == ["gptq"] and together[1].error == 0.0
+    assert all(len(r.stages) > 1 for i, r in enumerate(together) if i != 1)  # the test can tell
+
+
+@pytest.mark.parametrize("fails", ["gptq", "refit"])
+def test_a_joint_solve_that_fails_solves_each_linear_alone(fails, monkeypatch):
+    """An error of the joint problem itself (out of memory, say): each linear is solved alone, and
+    gets exactly what it gets alone, fallbacks included."""
+    qws, targets, H = _reading_one_input([24, 8, 8])
+    alone = [requant.requantize_calibrated(qw, t, H) for qw, t in zip(qws, targets)]
+    name = "_gptq_pass" if fails == "gptq" else "_refit"
+    real = getattr(requant, name)
+
+    def only_alone(layer, *args, **kwargs):
+        if len(layer.parts) > 1:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(layer, *args, **kwargs)
+
+    monkeypatch.setattr(requant, name, only_alone)
+    for got, expected in zip(requant.requantize_calibrated_group(qws, targets, H), alone):
+        _assert_same_result(got, expected)
+
+
+def test_a_stage_failing_for_every_linear_is_recorded_for_each(monkeypatch):
+    qws, targets, H = _reading_one_input([24, 8])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(requant, "_refit", broken)
+    for result in requant.requantize_calibrated_group(qws, targets, H):
+        assert result.fallbacks == ["refit_scales failed (RuntimeError: injected), stage skipped"]
+
+
+def test_the_merge_writes_the_same_bytes_with_input_groups_solved_together(monkeypatch, tiny_gptq_dir, tmp_path):
+    """q/k/v and gate/up solved as one problem each, against each linear on its own: the same
+    shards, and the same report line per linear (seconds apart)."""
+    from oftsurgery.merge.merger import Merger
+
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
+    options = MergeOptions(**{**FAST, "calib_tokens": 1024})
+    together = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "together", options)
+    real = Merger.solve
+    monkeypatch.setattr(Merger, "solve", lambda self, prefixes, solve_here, solve_together=None:
+                        real(self, prefixes, solve_here))
+    alone = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "alone", options)
+    got, expected = all_tensors(tmp_path / "together"), all_tensors(tmp_path / "alone")
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert_bytes_equal(got[name], expected[name], name)
+    assert together.codes_changed > 0 and "compensated" in {l.mode for l in together.layers}
+    for got, expected in zip(together.layers, alone.layers):
+        assert {**asdict(got), "seconds": 0} == {**asdict(expected), "seconds": 0}
+
+
+# ------------------------------------------------------------------------------------------------
 # input statistics
 # ------------------------------------------------------------------------------------------------
 
@@ -395,16 +492,17 @@ def test_a_broken_solver_fails_the_identity_checks(broken, rows, monkeypatch, ti
     rounding gets its codes written, and the bytes differ."""
     rot = identity_rotations(tiny_gptq_dir, tmp_path / "identity.safetensors")
     if broken.startswith("calibrated"):
-        real = requant.requantize_calibrated
+        real = requant.requantize_calibrated_group  # linears solved alone go through it too
 
-        def solver(qw, target, hessian, **kwargs):
-            result = real(qw, target, hessian, **kwargs)
-            result.weight = _perturb_one_code(result.weight)
-            if broken == "calibrated":
-                result.error = requant.output_error(result.weight.dequantize(), target, hessian)
-            return result
+        def solver(qws, targets, hessian, **kwargs):
+            results = real(qws, targets, hessian, **kwargs)
+            for result, target in zip(results, targets):
+                result.weight = _perturb_one_code(result.weight)
+                if broken == "calibrated":
+                    result.error = requant.output_error(result.weight.dequantize(), target, hessian)
+            return results
 
-        monkeypatch.setattr(requant, "requantize_calibrated", solver)
+        monkeypatch.setattr(requant, "requantize_calibrated_group", solver)
     else:  # a round-to-nearest that gets one code wrong and does not notice
         from oftsurgery.merge.solve import rtn
 
@@ -430,14 +528,15 @@ def test_a_broken_solver_fails_the_identity_checks(broken, rows, monkeypatch, ti
 
 
 def _inject_fallback(monkeypatch):
-    real = requant.requantize_calibrated
+    real = requant.requantize_calibrated_group
 
     def with_fallback(*args, **kwargs):
-        result = real(*args, **kwargs)
-        result.fallbacks.append("cholesky: injected for the test")
-        return result
+        results = real(*args, **kwargs)
+        for result in results:
+            result.fallbacks.append("cholesky: injected for the test")
+        return results
 
-    monkeypatch.setattr(requant, "requantize_calibrated", with_fallback)
+    monkeypatch.setattr(requant, "requantize_calibrated_group", with_fallback)
 
 
 def test_fallbacks_are_reported_and_strict_refuses_them(monkeypatch, tiny_gptq_dir, tmp_path):
@@ -499,7 +598,8 @@ def test_rtn_does_no_hessian_work_and_reports_weight_space_residuals(monkeypatch
         raise AssertionError("rtn touched the calibrated solver")
 
     rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
-    for owner, name in ((hessian.InputHessian, "__init__"), (requant, "_Layer"), (requant, "requantize_calibrated")):
+    for owner, name in ((hessian.InputHessian, "__init__"), (requant, "_Layer"), (requant, "requantize_calibrated"),
+                        (requant, "requantize_calibrated_group")):
         monkeypatch.setattr(owner, name, forbidden)
     report = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", MergeOptions(method="rtn", **FAST))
     monkeypatch.undo()

@@ -168,13 +168,22 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
         layer_module = runner.build_layer(index, current_weight)
         inputs = collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs)
 
-        def solve_here(name: str) -> "QuantizedWeight":
+        def unreached(name: str) -> bool:  # routing can shift once earlier groups are requantized
             stats = inputs[name[len(prefix):]]
-            if stats.fit.tokens == 0 and (stats.holdout is None or stats.holdout.tokens == 0):
-                return _requantize_unreached(merger, name)  # routing can shift once earlier groups are requantized
-            return merger.requantize(name, stats, target=unmerged.pop(name, None))
+            return stats.fit.tokens == 0 and (stats.holdout is None or stats.holdout.tokens == 0)
 
-        merger.solve([prefix + name for name in group], solve_here)
+        def solve_here(name: str) -> "QuantizedWeight":
+            if unreached(name):
+                return _requantize_unreached(merger, name)
+            return merger.requantize(name, inputs[name[len(prefix):]], target=unmerged.pop(name, None))
+
+        def solve_together(names: list[str]) -> list["QuantizedWeight"]:  # one input: one problem
+            if unreached(names[0]):
+                return [_requantize_unreached(merger, name) for name in names]
+            return merger.requantize_group(names, inputs[names[0][len(prefix):]],
+                                           [unmerged.pop(name, None) for name in names])
+
+        merger.solve([prefix + name for name in group], solve_here, solve_together)
         del inputs  # frees the group's Hessian and the solver's factors before the next group
 
 

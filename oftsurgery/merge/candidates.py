@@ -2,7 +2,8 @@
 the choice between them on held-out calibration rows, and the `LayerReport` line that records it.
 
 `requantize_layer` is the calibrated merge's per-linear step (and the data-free one when a linear
-has no calibration inputs); the math of each candidate is in `solve/`.
+has no calibration inputs); `requantize_group` solves linears that read one input as one problem
+before each gets its own choice; the math of each candidate is in `solve/`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from oftsurgery.merge.solve.hessian import CalibrationInputs
+    from oftsurgery.merge.solve.requant import CalibratedResult
     from oftsurgery.quant.grid import QuantizedWeight
 
 NOT_REACHED = "not calibrated: the calibration never reached this module, so it was rounded to nearest"
@@ -43,7 +45,7 @@ def _relative(err: float, ref: float) -> float:
 
 def requantize_layer(
     plan: LayerPlan, qw: "QuantizedWeight", method: str, inputs: "CalibrationInputs | None" = None,
-    *, device: str = "cpu", target: "torch.Tensor | None" = None,
+    *, device: str = "cpu", target: "torch.Tensor | None" = None, solved: "CalibratedResult | None" = None,
 ) -> tuple["QuantizedWeight", LayerReport]:
     """Fold the rotation into one layer and requantize it; return the new codes and its report line.
 
@@ -52,13 +54,14 @@ def requantize_layer(
     are too few rows to hold any out), and the reported residuals are those errors. rtn: rounding
     and weight-space residuals ‖E‖_F on `device`, no Hessian at all. Choosing anything but the
     requested mode is recorded as a `fallback`.
-    `target` is W·Rᵀ when the caller has it already.
+    `target` is W·Rᵀ when the caller has it already; `solved`, the solver's result when the caller
+    solved this linear together with others that read the same input (`requantize_group`).
     """
     import torch
 
     from oftsurgery.merge.solve import requant
 
-    start = time.perf_counter()
+    start = time.perf_counter() - (solved.seconds if solved is not None else 0.0)
     if target is None:
         target = plan.target_weight(qw.dequantize())
     calibrated = method == "calibrated" and inputs is not None and inputs.fit.reached
@@ -76,7 +79,8 @@ def requantize_layer(
         def residual(w, stats=measured) -> float:  # tr(E H Eᵀ), E = w − target
             return float(stats.error((w - target).T))
 
-        solved = requant.requantize_calibrated(source, target, fit)
+        if solved is None:
+            solved = requant.requantize_calibrated(source, target, fit)
         fallbacks += solved.fallbacks
         stages, kernel, damp = solved.stages, solved.kernel, solved.damp
         candidates = {"compensated": solved.weight, "rtn": requant.requantize_rtn(source, target)}
@@ -125,3 +129,32 @@ def requantize_layer(
                                                scales=chosen.scales.to(qw.scales.device), zeros=qw.zeros, g_idx=qw.g_idx)
     return host, report
 
+
+
+def requantize_group(
+    plans: list[LayerPlan], qws: "list[QuantizedWeight]", method: str, inputs: "CalibrationInputs | None",
+    *, device: str = "cpu", targets: "list[torch.Tensor | None]",
+) -> list[tuple["QuantizedWeight", LayerReport]]:
+    """`requantize_layer` for linears that read one input (q/k/v; gate/up): their calibrated solves run
+    as one problem (`requant.requantize_calibrated_group`: the same result per linear as alone), and
+    each linear then gets its own held-out choice and report line. The joint solve's time is shared
+    out among their reports by output rows."""
+    import torch
+
+    from oftsurgery.merge.solve import requant
+
+    calibrated = method == "calibrated" and inputs is not None and inputs.fit.reached
+    if not calibrated or len(plans) < 2:
+        return [requantize_layer(p, q, method, inputs, device=device, target=t) for p, q, t in zip(plans, qws, targets)]
+    start = time.perf_counter()
+    dev = inputs.fit.device
+    targets = [plan.target_weight(qw.dequantize()) if t is None else t for plan, qw, t in zip(plans, qws, targets)]
+    sources = [replace(qw, codes=qw.codes.to(dev), scales=qw.scales.to(dev), zeros=qw.zeros.to(dev), g_idx=qw.g_idx.to(dev))
+               for qw in qws]
+    results = requant.requantize_calibrated_group(sources, [t.to(dev, torch.float32) for t in targets], inputs.fit)
+    del sources
+    seconds, rows = time.perf_counter() - start, sum(qw.out_features for qw in qws)
+    for result, qw in zip(results, qws):
+        result.seconds = seconds * qw.out_features / rows
+    return [requantize_layer(p, q, method, inputs, device=device, target=t, solved=r)
+            for p, q, t, r in zip(plans, qws, targets, results)]

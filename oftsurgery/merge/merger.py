@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from oftsurgery.errors import MergeError
 from oftsurgery.io import CheckpointReader
-from oftsurgery.merge.candidates import _to_target_grid, requantize_layer
+from oftsurgery.merge.candidates import _to_target_grid, requantize_group, requantize_layer
 from oftsurgery.merge.options import MergeOptions
 from oftsurgery.merge.plan import MergePlan
 from oftsurgery.merge.report import LayerReport
@@ -108,6 +108,24 @@ class Merger:
         self.merged[prefix] = new_qw
         return new_qw
 
+    def requantize_group(self, prefixes: list[str], inputs: "CalibrationInputs",
+                         targets: "list[torch.Tensor | None]") -> list["QuantizedWeight"]:
+        """`requantize` for targeted linears that read one input, solved as one problem (the same
+        results, reports and residual adapters as one by one)."""
+        qws = [_to_target_grid(self.source_weight(p), self.plan.source, self.plan.target) for p in prefixes]
+        if self.options.residual_rank:
+            targets = [self.plan.layers[p].target_weight(qw.dequantize()) if t is None else t
+                       for p, qw, t in zip(prefixes, qws, targets)]
+        self.current = prefixes[0]
+        results = requantize_group([self.plan.layers[p] for p in prefixes], qws, self.options.method, inputs,
+                                   device=self.options.device, targets=targets)
+        for prefix, target, (new_qw, report) in zip(prefixes, targets, results):
+            self.current = prefix
+            self._fit_residual(prefix, new_qw, target, inputs, report)
+            self._record(prefix, report)
+            self.merged[prefix] = new_qw
+        return [self.merged[p] for p in prefixes]
+
     def _fit_residual(self, prefix: str, merged: "QuantizedWeight", target: "torch.Tensor | None",
                       inputs: "CalibrationInputs | None", report: LayerReport) -> None:
         """With --residual-rank: the layer's residual LoRA (kept for OUT/residual-lora), its figure in `report`."""
@@ -140,22 +158,31 @@ class Merger:
         self._record(prefix, report)
         return new_qw
 
-    def solve(self, prefixes: list[str], solve_here) -> None:
+    def solve(self, prefixes: list[str], solve_here, solve_together=None) -> None:
         """Requantize the named targeted layers, each on the rank that owns it, and give every rank
         the results, listed in the order given (in one process: all of them here, in that order).
 
         `solve_here(prefix)` requantizes one layer in this process, records its report line and
-        returns its weight; the results land in `self.merged`.
+        returns its weight; the results land in `self.merged`. `solve_together(prefixes)`, when
+        given, does the same for several layers at once (linears that read one input, solved as one
+        problem): one process hands it all of them; with several ranks each layer is dealt out alone.
         """
         from oftsurgery.quant.grid import QuantizedWeight
 
         ranks = self.ranks
         owners = ranks.assign(prefixes, [self._solve_cost(p) for p in prefixes])
-        for prefix in prefixes:
-            if owners[prefix] == ranks.rank:
-                self.current = prefix
-                self.merged[prefix] = solve_here(prefix)
-                self.reports[-1].rank = ranks.rank
+        mine = [p for p in prefixes if owners[p] == ranks.rank]
+        if solve_together is not None and ranks.world_size == 1 and len(mine) > 1:
+            self.current = mine[0]
+            for prefix, qw in zip(mine, solve_together(mine)):
+                self.merged[prefix] = qw
+            for report in self.reports[-len(mine):]:
+                report.rank = ranks.rank
+            mine = []
+        for prefix in mine:
+            self.current = prefix
+            self.merged[prefix] = solve_here(prefix)
+            self.reports[-1].rank = ranks.rank
         if not ranks.distributed:
             return
         for prefix in prefixes:  # the same order on every rank

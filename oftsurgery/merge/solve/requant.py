@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from oftsurgery.merge.solve.refit import _refit, _refit_solution  # noqa: F401 (the stage, and for the tests)
+
 if TYPE_CHECKING:
     import torch
 
@@ -39,38 +41,66 @@ def _as_hessian(hessian) -> "InputHessian":
 
 
 class _Layer:
-    """One linear's problem on the solver's device, transposed ([in, out]); grids stay as given."""
+    """The linears that read one input, as one problem on the solver's device: weights transposed
+    ([in, out]), the linears' output rows side by side (`parts`: each one's columns); grids as given.
+
+    Every stage treats output rows independently given H, so each part comes out as its linear
+    solved alone (bit for bit on the CPU; tests/test_solver.py), with fewer, wider kernels."""
 
     def __init__(self, qw: "QuantizedWeight", target: "torch.Tensor", hessian: "InputHessian"):
+        self._build([qw], [target], hessian)
+
+    @classmethod
+    def joint(cls, qws: "list[QuantizedWeight]", targets: "list[torch.Tensor]", hessian: "InputHessian") -> "_Layer":
+        """Linears on one grid layout (`_same_layout`) solved as one problem."""
+        layer = cls.__new__(cls)
+        layer._build(list(qws), list(targets), hessian)
+        return layer
+
+    def _build(self, qws: "list[QuantizedWeight]", targets: "list[torch.Tensor]", hessian: "InputHessian") -> None:
         import torch
 
-        self.qw = qw
+        def side_by_side(columns: "list[torch.Tensor]") -> "torch.Tensor":  # [in, out_k] each -> [in, Σ out_k]
+            return columns[0].contiguous() if len(columns) == 1 else torch.cat(columns, dim=1)
+
+        qw = self.qw = qws[0]
+        self.qws = qws
         self.hessian = hessian
         dev = self.device = hessian.device
         self.dtype = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
         self.maxq = float(qw.maxq)
         self.g_idx = qw.g_idx.to(dev).long()
         self.num_groups = qw.num_groups
-        self.target_t = target.to(dev, self.dtype).T.contiguous()
-        self.zeros_t = qw.zeros.to(dev)[self.g_idx].to(self.dtype)
-        self.source_scales = qw.scales.to(dev)
-        self.source_codes_t = qw.codes.to(dev).T.contiguous().to(self.dtype)  # [in, out], rows contiguous
-        self._target64 = None
+        ends = [sum(q.out_features for q in qws[: k + 1]) for k in range(len(qws))]
+        self.parts = [slice(end - q.out_features, end) for q, end in zip(qws, ends)]
+        self.target_t = side_by_side([t.to(dev, self.dtype).T for t in targets])
+        self.zeros_t = side_by_side([q.zeros.to(dev) for q in qws])[self.g_idx].to(self.dtype)
+        self.source_scales = side_by_side([q.scales.to(dev) for q in qws])
+        self.source_codes_t = side_by_side([q.codes.to(dev).T for q in qws]).to(self.dtype)  # [in, out], rows contiguous
+
+    def part(self, k: int) -> "_Layer":
+        """Part `k` as a problem of its own (the same values, its own tensors)."""
+        sl = self.parts[k]
+        return _Layer(self.qws[k], self.target_t[:, sl].T, self.hessian)
 
     def scales_t(self, scales: "torch.Tensor", dtype=None) -> "torch.Tensor":
         return scales[self.g_idx].to(dtype or self.dtype)
 
-    def error(self, codes_t: "torch.Tensor", scales: "torch.Tensor") -> "torch.Tensor":
-        """tr(E H Eᵀ) of a candidate, float64 0-dim on the device.
+    def errors(self, codes_t: "torch.Tensor", scales: "torch.Tensor", parts: "list[int] | None" = None) -> list:
+        """tr(E H Eᵀ) of a candidate for each part (default: all), float64 0-dim on the device.
 
         s·(q − z) is exact in float32 (an fp16 scale times an integer below 2⁸), so only the
-        difference to the target needs float64."""
+        difference to the target needs float64. Each part's E is its own contiguous [in, out_k]
+        tensor, as when its linear is solved alone."""
         import torch
 
-        if self._target64 is None:
-            self._target64 = self.target_t.to(torch.float64)
-        weight = self.scales_t(scales, torch.float32) * (codes_t.float() - self.zeros_t.float())
-        return self.hessian.error(weight.double().sub_(self._target64))
+        found = []
+        for k in range(len(self.parts)) if parts is None else parts:
+            sl = self.parts[k]
+            weight = self.scales_t(scales[:, sl], torch.float32) * (codes_t[:, sl].float() - self.zeros_t[:, sl].float())
+            err = weight.double().sub_(self.target_t[:, sl].to(torch.float64))
+            found.append(self.hessian.error(err.contiguous()))
+        return found
 
     def rtn_codes_t(self) -> "torch.Tensor":
         import torch
@@ -78,14 +108,30 @@ class _Layer:
         s = self.scales_t(self.source_scales)
         return torch.clamp_(torch.round(self.target_t / s).add_(self.zeros_t), 0, self.maxq)
 
-    def quantized(self, codes_t: "torch.Tensor", scales: "torch.Tensor") -> "QuantizedWeight":
-        """The candidate as a host `QuantizedWeight` on the source's grid."""
+    def quantized(self, codes_t: "torch.Tensor", scales: "torch.Tensor") -> "list[QuantizedWeight]":
+        """Each part's candidate as a `QuantizedWeight` on its source's grid and device."""
         import torch
 
         # uint8 in the input-major layout the unpackers give and the packers read (codes.T contiguous):
         # a quarter of int32's memory and no transposed copy
-        return replace(self.qw, codes=codes_t.to(torch.uint8).contiguous().to(self.qw.codes.device).T,
-                       scales=scales.to(self.qw.scales.device).contiguous())
+        return [replace(q, codes=codes_t[:, sl].to(torch.uint8).contiguous().to(q.codes.device).T,
+                        scales=scales[:, sl].to(q.scales.device).contiguous()) for q, sl in zip(self.qws, self.parts)]
+
+
+def _same_layout(qws: "list[QuantizedWeight]") -> "list[list[int]]":
+    """The linears (indices) that can be solved as one problem: equal bits, groups and g_idx."""
+    import torch
+
+    together: list[list[int]] = []
+    for i, qw in enumerate(qws):
+        for members in together:
+            first = qws[members[0]]
+            if (qw.bits, qw.num_groups) == (first.bits, first.num_groups) and torch.equal(qw.g_idx, first.g_idx):
+                members.append(i)
+                break
+        else:
+            together.append([i])
+    return together
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +232,7 @@ def requantize_compensated(
     hess = _as_hessian(hessian)
     layer = _Layer(qw, target, hess)
     perm, U = _gptq_factor(hess, damp, act_order, layer.dtype)
-    return layer.quantized(_gptq_pass(layer, perm, U, block_size), layer.source_scales)
+    return layer.quantized(_gptq_pass(layer, perm, U, block_size), layer.source_scales)[0]
 
 
 def output_error(weight: "torch.Tensor", target: "torch.Tensor", hessian) -> float:
@@ -268,89 +314,12 @@ def refine_codes(
     layer = _Layer(qw, target, hess)
     codes = _refine(layer, layer.source_codes_t, layer.source_scales, sweeps=sweeps, damp=damp,
                     block_size=block_size)
-    return layer.quantized(codes, layer.source_scales)
+    return layer.quantized(codes, layer.source_scales)[0]
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. least-squares refit of the scales
+# 3. least-squares refit of the scales (solve/refit.py)
 # ------------------------------------------------------------------------------------------------
-
-class _Groups:
-    """Sums over the inputs of each quantization group, for any g_idx (act-order, partial last group)."""
-
-    def __init__(self, g_idx: "torch.Tensor", num_groups: int):
-        import torch
-
-        n = g_idx.numel()
-        counts = torch.bincount(g_idx, minlength=num_groups).tolist()  # one host synchronisation
-        size = counts[0] if counts else 0
-        self.uniform = size > 0 and bool(torch.equal(g_idx, torch.arange(n, device=g_idx.device) // size))
-        if self.uniform:  # contiguous groups of `size`, the last possibly partial: plain slices
-            self.full = n // size
-            self.size = size
-            self.members = [slice(g * size, min((g + 1) * size, n)) for g in range(num_groups)]
-        else:  # any layout: padded member lists, gathered
-            order = torch.argsort(g_idx, stable=True)
-            self.members = list(torch.split(order, counts))
-            width = max(counts) if counts else 0
-            self.index = torch.zeros(num_groups, width, dtype=torch.long, device=g_idx.device)
-            self.mask = torch.zeros(num_groups, width, device=g_idx.device, dtype=torch.float64)
-            for g, members in enumerate(self.members):
-                self.index[g, : len(members)] = members
-                self.mask[g, : len(members)] = 1.0
-
-    def sum(self, values: "torch.Tensor") -> "torch.Tensor":
-        """[in, out] → [G, out]: values summed over each group's inputs (deterministic on every device)."""
-        import torch
-
-        if self.uniform:
-            head = values[: self.full * self.size].reshape(self.full, self.size, -1).sum(1)
-            if self.full == len(self.members):
-                return head
-            return torch.cat([head, values[self.full * self.size:].sum(0, keepdim=True)])
-        return torch.einsum("gko,gk->go", values[self.index], self.mask.to(values.dtype))
-
-
-def _refit_solution(layer: _Layer, codes_t: "torch.Tensor", *, damp: float) -> tuple:
-    """The least-squares scales [G, out] (float64) for fixed codes, and which rows solved (bool [out]).
-
-    Ŵ[o, i] = s[g(i), o]·D[o, i] with D = q − z[g_idx] is linear in the scales, so each output row's
-    best scales solve the G×G normal equations
-        A[o, g, h] = Σ_{i∈g, j∈h} D[o, i] H̃[i, j] D[o, j],   b[o, g] = Σ_{i∈g} D[o, i] (T H̃)[o, i]
-    with H̃ = H + λI. A is assembled group by group from (H̃ D)'s rows: memory O(out·in + in² + out·G²).
-    """
-    import torch
-
-    f64 = torch.float64
-    H = layer.hessian.matrix_as(f64)
-    lam = layer.hessian.damping(damp)
-    D = codes_t.to(f64) - layer.zeros_t.to(f64)  # [in, out]
-    groups = _Groups(layer.g_idx, layer.num_groups)
-    target = layer.target_t.to(f64)
-    b = groups.sum((H @ target).add_(target * lam).mul_(D))  # [G, out]
-    del target
-    out_f, G = D.shape[1], layer.num_groups
-    A = torch.empty(out_f, G, G, dtype=f64, device=D.device)
-    for g, members in enumerate(groups.members):
-        P = H[members].T @ D[members]  # (H̃ D_g) for D restricted to group g's inputs: [in, out]
-        P[members] += lam * D[members]
-        A[:, g, :] = groups.sum(P.mul_(D)).T
-    del P, D
-    ridge = 1e-9 * A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # keeps empty groups solvable
-    A.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
-    solved, info = torch.linalg.solve_ex(A, b.T.unsqueeze(-1))
-    return solved.squeeze(-1).T, info == 0
-
-
-def _refit(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, damp: float) -> "torch.Tensor":
-    """Refitted fp16 scales [G, out]; a scale that is not finite and positive keeps its old value."""
-    import torch
-
-    solved, ok = _refit_solution(layer, codes_t, damp=damp)
-    new = solved.to(torch.float16)
-    bad = ~torch.isfinite(new) | (new <= 0) | ~ok.unsqueeze(0)
-    return torch.where(bad, scales, new)
-
 
 def refit_scales(qw: "QuantizedWeight", target: "torch.Tensor", hessian, *, damp: float = DAMP) -> "QuantizedWeight":
     """Least-squares refit of the fp16 scales with codes and zeros fixed, on the output objective.
@@ -361,7 +330,7 @@ def refit_scales(qw: "QuantizedWeight", target: "torch.Tensor", hessian, *, damp
     """
     hess = _as_hessian(hessian)
     layer = _Layer(qw, target, hess)
-    return layer.quantized(layer.source_codes_t, _refit(layer, layer.source_codes_t, layer.source_scales, damp=damp))
+    return layer.quantized(layer.source_codes_t, _refit(layer, layer.source_codes_t, layer.source_scales, damp=damp))[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,12 +347,17 @@ class CalibratedResult:
     fallbacks: list[str] = field(default_factory=list)  # "<kind>: <reason>", for the merge report
     damp: float | None = None  # the damping the GPTQ pass ran with (None: it did not run)
     kernel: str = "torch"  # what ran the column loops: "triton" or "torch"
+    seconds: float = 0.0  # its share of a joint solve's time, by output rows (0: solved alone, timed by the caller)
 
 
 def _failure(exc: BaseException) -> str:
     """One line; no "; ", which separates a layer's fallbacks in the report."""
     text = str(exc).strip().splitlines()
     return (f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__).replace("; ", ", ")
+
+
+class _Apart(Exception):
+    """A joint solve hit an error of its own (e.g. out of memory): solve each linear alone instead."""
 
 
 def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian, *, damp: float = DAMP,
@@ -396,53 +370,99 @@ def requantize_calibrated(qw: "QuantizedWeight", target: "torch.Tensor", hessian
     then start from round-to-nearest) and a stage that fails (it is skipped) are listed in
     `fallbacks` (each "<kind>: <reason>", with no "; " inside).
     """
+    return requantize_calibrated_group([qw], [target], hessian, damp=damp, block_size=block_size,
+                                       act_order=act_order)[0]
+
+
+def requantize_calibrated_group(qws: "list[QuantizedWeight]", targets: "list[torch.Tensor]", hessian, *,
+                                damp: float = DAMP, block_size: int = BLOCK, act_order: bool = True,
+                                ) -> list[CalibratedResult]:
+    """`requantize_calibrated` of linears that read one input (q/k/v, gate/up), as one problem.
+
+    Linears on one grid layout are solved together: their output rows side by side, each stage run
+    once for all of them, and each stage accepted or not per linear on its own error, so every
+    result is the one solving it alone gives. Should the joint problem fail where one linear alone
+    might not (out of memory), they are solved one by one.
+    """
+    hess = _as_hessian(hessian)
+    results: list[CalibratedResult | None] = [None] * len(qws)
+    for members in _same_layout(qws):
+        layer = _Layer.joint([qws[i] for i in members], [targets[i] for i in members], hess)
+        try:
+            solved = _solve(layer, damp, block_size, act_order)
+        except _Apart:
+            solved = [_solve(layer.part(k), damp, block_size, act_order)[0] for k in range(len(members))]
+        del layer
+        for i, result in zip(members, solved):
+            results[i] = result
+    return results
+
+
+def _solve(layer: _Layer, damp: float, block_size: int, act_order: bool) -> list[CalibratedResult]:
     import torch
 
-    hess = _as_hessian(hessian)
-    layer = _Layer(qw, target, hess)
-    fallbacks: list[str] = []
-    stages = ["gptq"]
+    from oftsurgery.merge.solve import kernels
+
+    hess, joint = layer.hessian, len(layer.parts) > 1
+    shared: list[str] = []  # what happened to the GPTQ pass: the same for every part
     codes = used_damp = None
     for attempt in (damp, *[d for d in RETRY_DAMPS if d > damp]):
         try:
             perm, U = _gptq_factor(hess, attempt, act_order, layer.dtype)
             if attempt != damp:
-                fallbacks.append(f"cholesky: the Hessian is not positive definite at damp {damp:g}, "
-                                 f"so the GPTQ pass used damp {attempt:g}")
+                shared.append(f"cholesky: the Hessian is not positive definite at damp {damp:g}, "
+                              f"so the GPTQ pass used damp {attempt:g}")
             codes = _gptq_pass(layer, perm, U, block_size)
             used_damp = attempt
         except SolverError as exc:
             last = exc
             continue
         except RuntimeError as exc:  # e.g. out of memory
-            fallbacks.append(f"gptq failed ({_failure(exc)}), so the codes start from round-to-nearest")
+            if joint:
+                raise _Apart from exc
+            shared.append(f"gptq failed ({_failure(exc)}), so the codes start from round-to-nearest")
         break
     else:
-        fallbacks.append(f"cholesky: {last} (and at damp {', '.join(f'{d:g}' for d in RETRY_DAMPS if d > damp)}), "
-                         "so the codes start from round-to-nearest")
+        shared.append(f"cholesky: {last} (and at damp {', '.join(f'{d:g}' for d in RETRY_DAMPS if d > damp)}), "
+                      "so the codes start from round-to-nearest")
+    parts = range(len(layer.parts))
+    stages = [["gptq"] if codes is not None else ["rtn"] for _ in parts]
+    fallbacks = [list(shared) for _ in parts]
     if codes is None:
-        codes, stages = layer.rtn_codes_t(), ["rtn"]
+        codes = layer.rtn_codes_t()
     scales = layer.source_scales
-    best_err = layer.error(codes, scales)
+    best = layer.errors(codes, scales)
 
     polish = lambda c, s: (_refine(layer, c, s, sweeps=2, damp=damp, block_size=block_size), s)  # noqa: E731
     refit = lambda c, s: (c, _refit(layer, c, s, damp=damp))  # noqa: E731
     for name, stage in (("refine_codes", polish), ("refit_scales", refit), ("refine_codes", polish)):
-        if float(best_err) == 0.0:  # exact already (identity rotation): nothing can improve it
+        # a part exact already (identity rotation) is done: nothing can improve it
+        active = [k for k in parts if float(best[k]) != 0.0]
+        if not active:
             break
         try:
             cand_codes, cand_scales = stage(codes, scales)
-            err = layer.error(cand_codes, cand_scales)
+            errors = layer.errors(cand_codes, cand_scales, active)
         except RuntimeError as exc:  # includes torch's LinAlgError and out-of-memory
-            fallbacks.append(f"{name} failed ({_failure(exc)}), stage skipped")
+            if joint:
+                raise _Apart from exc
+            fallbacks[0].append(f"{name} failed ({_failure(exc)}), stage skipped")
             continue
-        if not bool(torch.isfinite(err)):
-            fallbacks.append(f"{name} failed (non-finite output error), stage skipped")
-            continue
-        if err < best_err * (1 - ACCEPT):
-            codes, scales, best_err = cand_codes, cand_scales, err
-            stages.append(name)
-    from oftsurgery.merge.solve import kernels
-
-    return CalibratedResult(layer.quantized(codes, scales), float(best_err), stages, fallbacks, used_damp,
-                            "triton" if kernels.use_triton(layer.target_t) else "torch")
+        better = []
+        for k, err in zip(active, errors):
+            if not bool(torch.isfinite(err)):
+                fallbacks[k].append(f"{name} failed (non-finite output error), stage skipped")
+            elif err < best[k] * (1 - ACCEPT):
+                better.append(k)
+                best[k] = err
+                stages[k].append(name)
+        if len(better) == len(layer.parts):
+            codes, scales = cand_codes, cand_scales
+        elif better:  # the accepted parts' columns only
+            codes, scales = codes.clone(), scales.clone()
+            for k in better:
+                codes[:, layer.parts[k]] = cand_codes[:, layer.parts[k]]
+                scales[:, layer.parts[k]] = cand_scales[:, layer.parts[k]]
+    kernel = "triton" if kernels.use_triton(layer.target_t) else "torch"
+    return [CalibratedResult(weight, float(best[k]), stages[k], fallbacks[k], used_damp, kernel)
+            for k, weight in zip(parts, layer.quantized(codes, scales))]

@@ -1,0 +1,90 @@
+"""The scale refit: for fixed codes, each output row's least-squares fp16 scales on the output objective.
+
+Ŵ[o, i] = s[g(i), o]·(q[o, i] − z[g(i), o]) is linear in the scales, so each output row's best scales
+solve a G×G system (G = number of groups), assembled from the Hessian's group blocks. Used by
+`requant.py`'s pipeline on its `_Layer` problems; why and how: docs/merge-methods.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+class _Groups:
+    """Sums over the inputs of each quantization group, for any g_idx (act-order, partial last group)."""
+
+    def __init__(self, g_idx: "torch.Tensor", num_groups: int):
+        import torch
+
+        n = g_idx.numel()
+        counts = torch.bincount(g_idx, minlength=num_groups).tolist()  # one host synchronisation
+        size = counts[0] if counts else 0
+        self.uniform = size > 0 and bool(torch.equal(g_idx, torch.arange(n, device=g_idx.device) // size))
+        if self.uniform:  # contiguous groups of `size`, the last possibly partial: plain slices
+            self.full = n // size
+            self.size = size
+            self.members = [slice(g * size, min((g + 1) * size, n)) for g in range(num_groups)]
+        else:  # any layout: padded member lists, gathered
+            order = torch.argsort(g_idx, stable=True)
+            self.members = list(torch.split(order, counts))
+            width = max(counts) if counts else 0
+            self.index = torch.zeros(num_groups, width, dtype=torch.long, device=g_idx.device)
+            self.mask = torch.zeros(num_groups, width, device=g_idx.device, dtype=torch.float64)
+            for g, members in enumerate(self.members):
+                self.index[g, : len(members)] = members
+                self.mask[g, : len(members)] = 1.0
+
+    def sum(self, values: "torch.Tensor") -> "torch.Tensor":
+        """[in, out] → [G, out]: values summed over each group's inputs (deterministic on every device)."""
+        import torch
+
+        if self.uniform:
+            head = values[: self.full * self.size].reshape(self.full, self.size, -1).sum(1)
+            if self.full == len(self.members):
+                return head
+            return torch.cat([head, values[self.full * self.size:].sum(0, keepdim=True)])
+        return torch.einsum("gko,gk->go", values[self.index], self.mask.to(values.dtype))
+
+
+def _refit_solution(layer: "_Layer", codes_t: "torch.Tensor", *, damp: float) -> tuple:
+    """The least-squares scales [G, out] (float64) for fixed codes, and which rows solved (bool [out]).
+
+    Ŵ[o, i] = s[g(i), o]·D[o, i] with D = q − z[g_idx] is linear in the scales, so each output row's
+    best scales solve the G×G normal equations
+        A[o, g, h] = Σ_{i∈g, j∈h} D[o, i] H̃[i, j] D[o, j],   b[o, g] = Σ_{i∈g} D[o, i] (T H̃)[o, i]
+    with H̃ = H + λI. A is assembled group by group from (H̃ D)'s rows: memory O(out·in + in² + out·G²).
+    """
+    import torch
+
+    f64 = torch.float64
+    H = layer.hessian.matrix_as(f64)
+    lam = layer.hessian.damping(damp)
+    D = codes_t.to(f64) - layer.zeros_t.to(f64)  # [in, out]
+    groups = _Groups(layer.g_idx, layer.num_groups)
+    target = layer.target_t.to(f64)
+    b = groups.sum((H @ target).add_(target * lam).mul_(D))  # [G, out]
+    del target
+    out_f, G = D.shape[1], layer.num_groups
+    A = torch.empty(out_f, G, G, dtype=f64, device=D.device)
+    for g, members in enumerate(groups.members):
+        P = H[members].T @ D[members]  # (H̃ D_g) for D restricted to group g's inputs: [in, out]
+        P[members] += lam * D[members]
+        A[:, g, :] = groups.sum(P.mul_(D)).T
+    del P, D
+    ridge = 1e-9 * A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # keeps empty groups solvable
+    A.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
+    solved, info = torch.linalg.solve_ex(A, b.T.unsqueeze(-1))
+    return solved.squeeze(-1).T, info == 0
+
+
+def _refit(layer: "_Layer", codes_t: "torch.Tensor", scales: "torch.Tensor", *, damp: float) -> "torch.Tensor":
+    """Refitted fp16 scales [G, out]; a scale that is not finite and positive keeps its old value."""
+    import torch
+
+    solved, ok = _refit_solution(layer, codes_t, damp=damp)
+    new = solved.to(torch.float16)
+    bad = ~torch.isfinite(new) | (new <= 0) | ~ok.unsqueeze(0)
+    return torch.where(bad, scales, new)
