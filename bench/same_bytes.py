@@ -4,7 +4,8 @@ Merges the tiny synthetic checkpoint (`oftsurgery.testing.synthetic`, 2 decoder 
 strength 0.05 so that codes change) four ways on the CPU — calibrated and rtn, GPTQ and AWQ output —
 once with this tree and once with `--compare REV` (or `--code DIR`, a directory holding an
 `oftsurgery` package), each tree in its own process, and prints the SHA-256 of every output's
-shards and the modes its report chose. Exits 1 if any output differs.
+shards, the modes its report chose and whether the report's lines (every figure but the seconds)
+agree. Exits 1 if any output differs.
 
 `--more` adds calibrated merges that reach further: the tests' tiny GPTQModel checkpoints of Llama
 quantized with act-order (`desc_act`: scattered groups), Qwen3-MoE (experts, routing) and Gemma 3
@@ -48,8 +49,11 @@ for name, (checkpoint, rotations, options) in runs.items():
         digest = hashlib.sha256()
         for shard in sorted(out.glob("*.safetensors")):
             digest.update(shard.read_bytes())
-        modes = sorted({layer["mode"] for layer in json.loads((out / "merge_report.json").read_text())["layers"]})
-        found[name] = [digest.hexdigest()[:16], modes]
+        layers = json.loads((out / "merge_report.json").read_text())["layers"]
+        modes = sorted({layer["mode"] for layer in layers})
+        # the report's lines in order, every figure but the seconds
+        lines = json.dumps([{k: v for k, v in layer.items() if k != "seconds"} for layer in layers], sort_keys=True)
+        found[name] = [digest.hexdigest()[:16], modes, hashlib.sha256(lines.encode()).hexdigest()[:16]]
 print(json.dumps(found))
 """
 
@@ -99,10 +103,11 @@ def main() -> None:
         extra = more_runs(args.workdir) if args.more else {}
         ours, theirs = merges(ROOT, args.workdir, extra, args.device), merges(other, args.workdir, extra, args.device)
     label = args.compare or str(args.code)
-    print(f"| merge | this tree | {label} | same bytes |\n|---|---|---|---|")
-    for name, (digest, modes) in ours.items():
+    print(f"| merge | this tree | {label} | same bytes | same report lines |\n|---|---|---|---|---|")
+    for name, (digest, modes, lines) in ours.items():
+        same_lines = "yes" if lines == theirs[name][2] else "no"
         print(f"| {name} | {digest} ({', '.join(modes)}) | {theirs[name][0]} ({', '.join(theirs[name][1])}) | "
-              f"{'yes' if digest == theirs[name][0] else 'NO'} |")
+              f"{'yes' if digest == theirs[name][0] else 'NO'} | {same_lines} |")
     sys.exit(0 if all(ours[n][0] == theirs[n][0] for n in ours) else 1)
 
 

@@ -406,6 +406,36 @@ def test_the_merge_writes_the_same_bytes_with_input_groups_solved_together(monke
         assert {**asdict(got), "seconds": 0} == {**asdict(expected), "seconds": 0}
 
 
+def test_a_decoder_layer_is_built_once_and_a_statistics_pass_stops_at_its_group(monkeypatch, tiny_gptq_dir, tmp_path):
+    """The float layer is built once per decoder layer (its weights replaced as they are requantized),
+    and the pass that gathers a group's inputs ends once the group has read them: only down_proj's
+    own pass runs the MLP's last linear."""
+    from oftsurgery.merge.calibration import statistics
+    from oftsurgery.merge.calibration.runner import LayerwiseModel
+
+    builds, reached = [], []
+    real_build, real_collect = LayerwiseModel.build_layer, statistics.collect_group_inputs
+
+    def build_layer(self, index, *args, **kwargs):
+        builds.append(index)
+        return real_build(self, index, *args, **kwargs)
+
+    def collect(ranks, layer_module, names, *args, **kwargs):
+        hook = layer_module.mlp.down_proj.register_forward_hook(lambda *_: reached.append(tuple(names)))
+        try:
+            return real_collect(ranks, layer_module, names, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(LayerwiseModel, "build_layer", build_layer)
+    monkeypatch.setattr(statistics, "collect_group_inputs", collect)
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
+    report = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", MergeOptions(**FAST))
+    assert len(report.layers) == 14
+    assert builds == [0, 1, 0, 1]  # the runner's self-check, then the merge: once per decoder layer
+    assert set(reached) == {("mlp.down_proj",)}
+
+
 # ------------------------------------------------------------------------------------------------
 # input statistics
 # ------------------------------------------------------------------------------------------------

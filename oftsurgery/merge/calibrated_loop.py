@@ -28,7 +28,10 @@ SELF_CHECK_ROWS = 2  # calibration rows the layer runner is checked on against t
 
 def _linears_by_input(layer_module, names: list[str], hidden, kwargs) -> list[list[str]]:
     """Run `hidden` through the layer once and group the named linears by the input tensor they read,
-    in execution order (q/k/v share one, gate/up another). Linears no token reached are left out."""
+    in execution order (q/k/v share one, gate/up another). Linears no token reached are left out.
+
+    A linear that reads two different tensors in one pass is refused here: the statistics are
+    gathered from the first call of each linear (`statistics.py` stops the pass there)."""
     import torch
 
     seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them alive, so identity is meaningful
@@ -41,7 +44,10 @@ def _linears_by_input(layer_module, names: list[str], hidden, kwargs) -> list[li
         for h in hooks:
             h.remove()
     groups: list[tuple[torch.Tensor, list[str]]] = []
+    first: dict[str, torch.Tensor] = {}
     for name, x in seen:
+        if first.setdefault(name, x) is not x:
+            raise RuntimeError(f"{name} does not read one input")
         group = next((g for t, g in groups if t is x), None)
         if group is None:
             groups.append((x, [name]))
@@ -73,7 +79,13 @@ def _input_groups(runner, layer_module, index: int, names: list[str], hidden, ba
         batches = row_batches(range(hidden.shape[0]), rows)
     groups: list[list[str]] = []
     seen_names: set[str] = set()
-    for batch in batches:
+    if batches:  # one row shows a dense layer's groups: every linear runs on every token
+        start = batches[0].start
+        groups = _linears_by_input(layer_module, names, hidden[start : start + 1], kwargs)
+        seen_names = {n for group in groups for n in group}
+        if len(seen_names) < len(names):  # routed (MoE): scan batches as below, in their order
+            groups, seen_names = [], set()
+    for batch in batches if len(seen_names) < len(names) else []:
         start, stop = batch.start, batch.stop
         batch_groups = _linears_by_input(layer_module, names, hidden[start:stop], kwargs)
         for group in batch_groups:
@@ -132,8 +144,9 @@ def _collect_hessians(layer_module, names: list[str], hidden, kwargs,
     return shared
 
 
-def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwargs, num_rows: int) -> None:
-    """Requantize the targeted linears of decoder layer `index` group by group on real activations.
+def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwargs, num_rows: int) -> "torch.nn.Module":
+    """Requantize the targeted linears of decoder layer `index` group by group on real activations;
+    return the layer, which then holds every requantized weight (what feeds the next layer).
 
     `hidden` is the merged model's stream (what the already-requantized earlier layers produce), so
     each layer compensates what earlier layers lost. Within the layer, linears not yet requantized
@@ -147,25 +160,30 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
     plan = merger.plan
     ranks = merger.ranks
     prefix = runner.layer_prefix(index) + "."
-    # the layer is rebuilt once per input group: dequantize and rotate each weight once, not each time
+    # W·Rᵀ of the targeted linears not requantized yet: their weight in the layer and their solve's target
     unmerged: dict[str, "torch.Tensor"] = {}
 
     def current_weight(name: str):
         if name in merger.merged:
             return merger.merged[name].dequantize()
-        if name not in unmerged:
-            weight = merger.source_weight(name).dequantize()
-            unmerged[name] = plan.layers[name].target_weight(weight) if name in plan.layers else weight
-        return unmerged[name]
+        weight = merger.source_weight(name).dequantize()
+        if name in plan.layers and plan.layers[name].targeted:
+            unmerged[name] = weight = plan.layers[name].target_weight(weight)
+        return weight
 
-    layer_module = runner.build_layer(index, current_weight)
+    def put_requantized(names: list[str]) -> None:  # each weight in place as soon as it is requantized
+        for name in names:
+            unmerged.pop(prefix + name, None)
+            runner.set_linear_weight(layer_module, name, merger.merged[prefix + name].dequantize())
+
+    layer_module = runner.build_layer(index, current_weight)  # built once per decoder layer
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
     groups, unreached = _input_groups(runner, layer_module, index, local, hidden,
                                       _local_batches(runner, ranks, hidden, num_rows), ranks)
     merger.solve([prefix + name for name in unreached], lambda p: _requantize_unreached(merger, p))
+    put_requantized(unreached)
     for group in groups:
-        layer_module = runner.build_layer(index, current_weight)
         inputs = collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs)
 
         def unreached(name: str) -> bool:  # routing can shift once earlier groups are requantized
@@ -185,6 +203,8 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
 
         merger.solve([prefix + name for name in group], solve_here, solve_together)
         del inputs  # frees the group's Hessian and the solver's factors before the next group
+        put_requantized(group)
+    return layer_module
 
 
 def _local_batches(runner, ranks: SingleProcess, hidden, num_rows: int) -> list[range]:
@@ -241,10 +261,7 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
     hidden = (torch.cat([runner.first_layer_inputs(ids[s.start : s.stop])[0] for s in shards]) if shards
               else runner.first_layer_inputs(ids[:1])[0][:0])
 
-    def merged_weight(name: str) -> torch.Tensor:
-        """Float weight of a linear as the merged model will hold it."""
-        if name in merger.merged:
-            return merger.merged[name].dequantize()
+    def source_weight(name: str) -> torch.Tensor:
         return merger.source_weight(name).dequantize()
 
     for index in _progress(by_layer, len(by_layer), "merging (calibrated)", progress):
@@ -252,8 +269,10 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
         merger.new_decoder_layer()
         prefix = runner.layer_prefix(index) + "."
         if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
-            _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index), num_rows)
+            layer_module = _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index), num_rows)
+        else:  # nothing to requantize: the layer as stored
+            layer_module = runner.build_layer(index, source_weight)
         merger.write_group(writer, names)
-        layer_module = runner.build_layer(index, merged_weight)
         hidden = _forward_local(runner, ranks, layer_module, index, hidden, num_rows)
+        del layer_module
 

@@ -156,6 +156,14 @@ class LayerwiseModel:
             set_tensor(layer, name, (tensors.get(full) if full in self._names else buffer).to(self.device))
         return layer.eval()
 
+    def set_linear_weight(self, layer: "nn.Module", name: str, weight: "torch.Tensor") -> None:
+        """Put `weight` [out, in] in place of linear `name`'s weight in a layer from `build_layer`, as
+        `build_layer` would have put it there (a layer is built once and updated as it is merged)."""
+        import torch
+
+        self._set_checked(layer, f"{name}.weight", layer.get_submodule(name).weight, weight.to(torch.float32),
+                          f"the new weight of {name}")
+
     # ---- what the layers receive -----------------------------------------------------------------
     def _run_to_layers(self, input_ids: "torch.Tensor", last: int) -> dict[int, tuple["torch.Tensor", dict]]:
         """Run the model's own forward on `input_ids` until decoder layer `last` is called; return what

@@ -20,12 +20,19 @@ if TYPE_CHECKING:
     from oftsurgery.merge.solve.hessian import CalibrationInputs
 
 
+class _GroupSeen(Exception):
+    """Raised by a hook once every linear of the group has read its input: the rest of the pass is skipped."""
+
+
 def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str], hidden: "torch.Tensor",
                          num_rows: int, kwargs: dict[str, Any]) -> dict[str, "CalibrationInputs"]:
     """One `CalibrationInputs` shared by the linears `names` of `layer_module`, which read one input.
 
     `hidden` holds this rank's calibration rows (`ranks.local_rows(num_rows)`) entering the layer.
-    Linears no calibration token reaches (an MoE expert) get statistics with no tokens.
+    Linears no calibration token reaches (an MoE expert) get statistics with no tokens. Each forward
+    pass stops once the group's linears have read their input (the q/k/v group skips the attention
+    and the MLP); a linear that reads two different inputs in one pass was refused before
+    (`calibrated_loop._linears_by_input`).
     """
     import torch
 
@@ -41,8 +48,17 @@ def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str],
     holdout_by_shard: dict[int, list[torch.Tensor]] = {}
 
     seen: list[torch.Tensor] = []
-    hooks = [layer_module.get_submodule(n).register_forward_hook(lambda mod, inputs, output: seen.append(inputs[0]))
-             for n in names]
+    called: set[str] = set()
+
+    def record(name: str):
+        def hook(mod, inputs, output):
+            seen.append(inputs[0])
+            called.add(name)
+            if len(called) == len(names):  # what follows in the layer is not needed here
+                raise _GroupSeen
+        return hook
+
+    hooks = [layer_module.get_submodule(n).register_forward_hook(record(n)) for n in names]
 
     def shard_sums(rows: range) -> dict[str, torch.Tensor]:
         nonlocal kept_fit, kept_fit_tokens
@@ -58,8 +74,12 @@ def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str],
         with torch.no_grad():
             for part, chunk in batches:
                 seen.clear()
+                called.clear()
                 local = torch.tensor(chunk, device=hidden.device) - first_row
-                layer_module(hidden.index_select(0, local), **kwargs)
+                try:
+                    layer_module(hidden.index_select(0, local), **kwargs)
+                except _GroupSeen:
+                    pass
                 if any(x is not seen[0] for x in seen[1:]):
                     raise RuntimeError(f"{', '.join(names)} do not read one input")
                 if not seen:  # routed elsewhere (an MoE expert)
