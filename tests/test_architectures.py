@@ -166,7 +166,8 @@ def test_self_check_refuses_wrong_layer_arguments_and_embeddings(arch, monkeypat
     ids = _tokens(path, rows=2, seq_len=SEQ_LEN)
     runner, weight = _runner(path)
     layer0 = runner.layer_kwargs.__func__
-    monkeypatch.setattr(type(runner), "layer_kwargs", lambda self, index: layer0(self, 0))  # layer 0's mask/rotary everywhere
+    monkeypatch.setattr(type(runner), "layer_kwargs",  # layer 0's mask/rotary everywhere
+                        lambda self, index, dtype=None: layer0(self, 0, dtype))
     with pytest.raises(UnsupportedFormatError, match=r"Gemma\dForCausalLM's own forward at decoder layer 1 "):
         runner.verify(ids, weight)
     monkeypatch.undo()
@@ -183,7 +184,7 @@ def test_merge_refuses_before_writing_when_the_runner_is_wrong(tmp_path, monkeyp
     path = tiny_gptq("gemma3_text")
     rot = random_rotations(path, tmp_path / "r.safetensors", strength=0.05)
     original = runner.LayerwiseModel.layer_kwargs
-    monkeypatch.setattr(runner.LayerwiseModel, "layer_kwargs", lambda self, index: original(self, 0))
+    monkeypatch.setattr(runner.LayerwiseModel, "layer_kwargs", lambda self, index, dtype=None: original(self, 0, dtype))
     with pytest.raises(UnsupportedFormatError, match="Gemma3ForCausalLM.*decoder layer 1.*--method rtn"):
         merge_checkpoint(path, rot, tmp_path / "out", MergeOptions(**FAST))
     assert not (tmp_path / "out").exists()

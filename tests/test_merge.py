@@ -215,3 +215,51 @@ def test_report_says_per_layer_how_it_was_solved_and_when_the_text_ran_short(tin
     assert all(l.stages in (["rtn"], ["kept"]) and l.kernel is None for l in rtn.layers)
     assert "use --method calibrated" in rtn._remedy() and "--calib FILE" in report._remedy()
     assert "--residual-rank" in report._remedy()
+
+
+# -- the calibration forward's dtype ------------------------------------------------------------------
+
+def test_the_forward_dtype_is_float32_on_the_cpu_and_the_checkpoints_half_precision_on_a_gpu(monkeypatch):
+    from oftsurgery.merge.calibrated_loop import _forward_dtype
+
+    assert _forward_dtype("auto", "cpu", {"dtype": "bfloat16"}) == torch.float32
+    assert _forward_dtype("bfloat16", "cpu", {}) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _forward_dtype("auto", "cuda:0", {"dtype": "bfloat16"}) == torch.bfloat16
+    assert _forward_dtype("auto", "cuda", {"torch_dtype": "float16"}) == torch.float16
+    assert _forward_dtype("auto", "cuda", {"dtype": "float32"}) == torch.float16  # what GPTQ kernels compute in
+    assert _forward_dtype("float32", "cuda", {"dtype": "bfloat16"}) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert _forward_dtype("auto", "cuda", {"dtype": "bfloat16"}) == torch.float16
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_forward_merges_about_as_well(dtype, tiny_gptq_dir, tmp_path):
+    """The layers run in half precision (what a GPU does by default), the statistics stay float32:
+    the same modes, output errors within a few percent of the float32 forward's."""
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
+    full = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "f32", MergeOptions(**FAST))
+    half = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / dtype, MergeOptions(forward_dtype=dtype, **FAST))
+    assert (full.forward_dtype, half.forward_dtype) == ("float32", dtype)
+    assert json.loads((tmp_path / dtype / "merge_report.json").read_text())["forward_dtype"] == dtype
+    # on 448 fitted tokens round-to-nearest wins a few held-out choices either way; nothing else falls back
+    assert all(text.startswith("rtn:") for _, text in half.fallbacks + full.fallbacks)
+    assert half.mean_residual_after == pytest.approx(full.mean_residual_after, rel=0.05)
+    assert half.codes_changed == pytest.approx(full.codes_changed, rel=0.05)
+
+
+def test_a_half_precision_forward_that_overflows_stops_the_merge(monkeypatch, tiny_gptq_dir, tmp_path):
+    from oftsurgery.errors import MergeError
+    from oftsurgery.merge.calibration.runner import LayerwiseModel
+
+    real = LayerwiseModel.forward_layer
+
+    def overflowing(self, layer, index, hidden):  # the merge's float16 forward only, not the float32 self-check
+        out = real(self, layer, index, hidden)
+        return out * torch.inf if hidden.dtype == torch.float16 else out
+
+    monkeypatch.setattr(LayerwiseModel, "forward_layer", overflowing)
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
+    with pytest.raises(MergeError, match=r"Decoder layer 0's output overflows float16 .* --forward-dtype float32"):
+        merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", MergeOptions(forward_dtype="float16", **FAST))
+    assert not (tmp_path / "out").exists()

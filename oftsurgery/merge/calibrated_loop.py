@@ -73,7 +73,7 @@ def _input_groups(runner, layer_module, index: int, names: list[str], hidden, ba
     """
     import torch
 
-    kwargs = runner.layer_kwargs(index)
+    kwargs = runner.layer_kwargs(index, hidden.dtype)
     rows = runner.batch_rows(hidden.shape[1])
     if batches is None:
         batches = row_batches(range(hidden.shape[0]), rows)
@@ -153,14 +153,18 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
     hold their full-precision merged weight W·Rᵀ; those already done hold their requantized weight.
     A targeted linear no calibration row reached is requantized without inputs, which the report
     records as a fallback. In a distributed merge `hidden` holds this rank's rows of the `num_rows`
-    calibration rows, and the linears of a group are solved on different ranks.
+    calibration rows, and the linears of a group are solved on different ranks. The layer computes
+    in `hidden`'s dtype (`_forward_dtype`); the statistics are float32 whatever it is.
     """
+    import torch
+
     from oftsurgery.merge.calibration.statistics import collect_group_inputs
 
     plan = merger.plan
     ranks = merger.ranks
     prefix = runner.layer_prefix(index) + "."
-    # W·Rᵀ of the targeted linears not requantized yet: their weight in the layer and their solve's target
+    # W·Rᵀ of the targeted linears not requantized yet: their weight in a float32 layer, kept as their
+    # solve's target (a half-precision layer holds a rounded copy: the solve computes W·Rᵀ again)
     unmerged: dict[str, "torch.Tensor"] = {}
 
     def current_weight(name: str):
@@ -168,7 +172,9 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
             return merger.merged[name].dequantize()
         weight = merger.source_weight(name).dequantize()
         if name in plan.layers and plan.layers[name].targeted:
-            unmerged[name] = weight = plan.layers[name].target_weight(weight)
+            weight = plan.layers[name].target_weight(weight)
+            if hidden.dtype == torch.float32:
+                unmerged[name] = weight
         return weight
 
     def put_requantized(names: list[str]) -> None:  # each weight in place as soon as it is requantized
@@ -176,7 +182,7 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
             unmerged.pop(prefix + name, None)
             runner.set_linear_weight(layer_module, name, merger.merged[prefix + name].dequantize())
 
-    layer_module = runner.build_layer(index, current_weight)  # built once per decoder layer
+    layer_module = runner.build_layer(index, current_weight, hidden.dtype)  # built once per decoder layer
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
     groups, unreached = _input_groups(runner, layer_module, index, local, hidden,
@@ -227,6 +233,20 @@ def _forward_local(runner, ranks: SingleProcess, layer_module, index: int, hidde
                       for s in ranks.local_shards(num_rows)])
 
 
+def _forward_dtype(requested: str, device: str, config: dict) -> "torch.dtype":
+    """What the calibration forward computes in. `auto`: float32 on the CPU (whose half-precision
+    matmuls are slow); on a GPU the checkpoint's own half precision, bfloat16 when its config names
+    it (and the GPU has it), else float16 — what GPTQ/AWQ kernels compute in when it is served."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    named = str(config.get("dtype") or config.get("torch_dtype") or "float16").removeprefix("torch.")
+    return torch.bfloat16 if named == "bfloat16" and torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeReport, progress: bool) -> None:
     import torch
 
@@ -242,6 +262,8 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
         raise MergeError(f"Calibrated merge needs the checkpoint's tokenizer, which could not be loaded ({type(exc).__name__}); "
                          "use --method rtn or add the tokenizer files.") from None
     ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
+    dtype = _forward_dtype(options.forward_dtype, options.device, reader.config)
+    report.forward_dtype = str(dtype).removeprefix("torch.")
     report.calibration, report.calib_tokens = desc, int(ids.numel())
     report.calib_tokens_requested = options.calib_tokens
     report.calib_text_short = ids.shape[0] < max(1, options.calib_tokens // options.seq_len)
@@ -259,7 +281,7 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
     ranks, num_rows = merger.ranks, ids.shape[0]
     shards = ranks.local_shards(num_rows)
     hidden = (torch.cat([runner.first_layer_inputs(ids[s.start : s.stop])[0] for s in shards]) if shards
-              else runner.first_layer_inputs(ids[:1])[0][:0])
+              else runner.first_layer_inputs(ids[:1])[0][:0]).to(dtype)
 
     def source_weight(name: str) -> torch.Tensor:
         return merger.source_weight(name).dequantize()
@@ -269,10 +291,14 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
         merger.new_decoder_layer()
         prefix = runner.layer_prefix(index) + "."
         if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
-            layer_module = _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index), num_rows)
+            layer_module = _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index, dtype),
+                                                    num_rows)
         else:  # nothing to requantize: the layer as stored
-            layer_module = runner.build_layer(index, source_weight)
+            layer_module = runner.build_layer(index, source_weight, dtype)
         merger.write_group(writer, names)
         hidden = _forward_local(runner, ranks, layer_module, index, hidden, num_rows)
         del layer_module
+        if dtype != torch.float32 and not bool(torch.isfinite(hidden).all()):
+            raise MergeError(f"Decoder layer {index}'s output overflows {report.forward_dtype} on the calibration "
+                             "text, so its statistics would be meaningless; rerun with --forward-dtype float32.")
 

@@ -20,7 +20,7 @@ from oftsurgery.io import (MERGE_REPORT, CheckpointReader, CheckpointWriter, ato
 from oftsurgery.io.ownership import RESIDUAL_LORA_DIR
 from oftsurgery.merge.calibrated_loop import _merge_calibrated
 from oftsurgery.merge.merger import Merger
-from oftsurgery.merge.options import METHODS, MergeOptions
+from oftsurgery.merge.options import FORWARD_DTYPES, METHODS, MergeOptions
 from oftsurgery.merge.plan import MergePlan, plan_merge
 from oftsurgery.merge.report import MergeReport, _progress
 from oftsurgery.merge.runtime.ranks import SingleProcess, open_ranks
@@ -59,6 +59,8 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
 
     if options.method not in METHODS:
         raise MergeError(f"--method must be one of {', '.join(METHODS)}, not {options.method!r}.")
+    if options.forward_dtype not in FORWARD_DTYPES:
+        raise MergeError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, not {options.forward_dtype!r}.")
     if options.residual_rank < 0:
         raise MergeError(f"--residual-rank must be 0 (none) or positive, not {options.residual_rank}.")
     ranks.check_device()  # resolved once, before any work (cuda under torchrun: each rank its own GPU)

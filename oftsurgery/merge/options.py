@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from oftsurgery.device import AUTO
 
 METHODS = ("calibrated", "rtn")
+# what the calibrated merge's layer-by-layer forward computes in; auto: float32 on the CPU, the
+# checkpoint's own half precision on a GPU (docs/performance.md, "The calibration forward")
+FORWARD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 256
 
@@ -27,6 +30,7 @@ class MergeOptions:
     allow_pickle: bool = False  # read a pickle-only checkpoint with torch's weights-only loader
     strict: bool = False  # any per-layer fallback (see LayerReport.fallback) is a MergeError
     residual_rank: int = 0  # > 0: also write OUT/residual-lora, a rank-R LoRA of what the grid could not hold
+    forward_dtype: str = "auto"  # one of FORWARD_DTYPES: the calibration forward's matmuls (statistics stay float32)
 
 
 def parse_size(text: str) -> int:

@@ -52,6 +52,7 @@ class MergeReport:
     fidelity: dict[str, Any] = field(default_factory=dict)
     checkpoint_fingerprint: str | None = None  # of the source checkpoint; `verify` checks it (oftsurgery.reporting.provenance)
     runner_check: float | None = None  # calibrated: largest relative error of the layer runner vs the model's own forward
+    forward_dtype: str | None = None  # calibrated: what the layer-by-layer calibration forward computed in
     serving: dict[str, dict[str, str]] = field(default_factory=dict)  # engine -> {"input": ..., "output": ...} kernels
     serving_warnings: list[str] = field(default_factory=list)  # the output serves on slower kernels than the input
     world_size: int = 1  # processes the merge ran on (torchrun ranks)

@@ -30,6 +30,11 @@ from oftsurgery.reporting.console import echo
 @click.option("--device", default="auto", show_default=True,
               help="Where to compute: auto (the GPU when torch can use one, else the CPU), cpu, cuda or cuda:N "
                    "(under torchrun: each rank's own GPU).")
+@click.option("--forward-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, metavar="DTYPE",
+              help="What the calibration forward computes in: auto, float32, float16 or bfloat16 (its statistics "
+                   "are summed in float32 either way). auto: float32 on the CPU; on a GPU the checkpoint's own "
+                   "dtype (bfloat16 if its config says so, else float16).")
 @click.option("--max-shard-size", type=SIZE, default="5GB", show_default=True,
               help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="NAMESPACE/NAME",
@@ -51,7 +56,8 @@ from oftsurgery.reporting.console import echo
                    "could not (fitted on the calibration activations); load it with PeftModel.from_pretrained or "
                    "serve it with vLLM --enable-lora. 0: none.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_len, device, max_shard_size,
+def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_len, device, forward_dtype,
+            max_shard_size,
             push_to_hub, private, token, endpoint, timeout, retries, retry_wait, overwrite, allow_pickle,
             strict, residual_rank, quiet) -> None:
     """Fold an OFT adapter into a GPTQ/AWQ checkpoint and write a quantized checkpoint.
@@ -84,7 +90,7 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
     options = MergeOptions(
         requant=requant, method=method, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len, device=device,
         overwrite=overwrite, max_shard_size=max_shard_size, progress=not quiet, allow_pickle=allow_pickle,
-        strict=strict, residual_rank=residual_rank,
+        strict=strict, residual_rank=residual_rank, forward_dtype=forward_dtype,
         command="oftsurgery " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:])),
     )
     report = merge_checkpoint(checkpoint, adapter, out, options)
@@ -101,7 +107,8 @@ def command(checkpoint, adapter, out, requant, method, calib, calib_tokens, seq_
         echo(f"pushed: {result.commit_url}")
 
 
-_CALIBRATION_OPTIONS = {"calib": "--calib", "calib_tokens": "--calib-tokens", "seq_len": "--seq-len"}
+_CALIBRATION_OPTIONS = {"calib": "--calib", "calib_tokens": "--calib-tokens", "seq_len": "--seq-len",
+                        "forward_dtype": "--forward-dtype"}
 _PUSH_OPTIONS = {"private": "--private", "token": "--token", "endpoint": "--endpoint", "timeout": "--timeout",
                  "retries": "--retries", "retry_wait": "--retry-wait"}
 

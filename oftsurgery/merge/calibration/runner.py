@@ -51,6 +51,25 @@ def _passthrough(*args, **kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _in_dtype(value, dtype):
+    """`value` (a tensor, or tuples/lists/dicts of them) with its floating-point tensors in `dtype`,
+    clamped to its range (an additive mask's float32 minimum becomes the dtype's, not -inf)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            return value
+        info = torch.finfo(dtype)
+        return value.clamp(info.min, info.max).to(dtype)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_in_dtype(v, dtype) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_in_dtype(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _in_dtype(v, dtype) for k, v in value.items()}
+    return value
+
+
 def relative_error(ours: "torch.Tensor", theirs: "torch.Tensor") -> float:
     import torch
 
@@ -89,6 +108,7 @@ class LayerwiseModel:
         self._materialize_outside_layers(self.model, self.base, self.layers)
         self._kwargs: list[dict[str, Any]] | None = None
         self._kwargs_seq_len: int | None = None
+        self._cast_kwargs: dict[tuple, dict[str, Any]] = {}  # (index, dtype) -> layer_kwargs in that dtype
 
     # ---- naming ----------------------------------------------------------------------------------
     def layer_prefix(self, index: int) -> str:
@@ -137,9 +157,13 @@ class LayerwiseModel:
                                          f"{tuple(param.shape)} (use --method rtn).")
         set_tensor(module, name, value.to(self.device))
 
-    def build_layer(self, index: int, linear_weight: Callable[[str], "torch.Tensor"]) -> "nn.Module":
-        """Decoder layer `index` in float32 on the device, in the checkpoint's layout: quantized linears
-        from `linear_weight(prefix)`, every other parameter as stored."""
+    def build_layer(self, index: int, linear_weight: Callable[[str], "torch.Tensor"],
+                    dtype: "torch.dtype | None" = None) -> "nn.Module":
+        """Decoder layer `index` on the device, in the checkpoint's layout: quantized linears from
+        `linear_weight(prefix)`, every other parameter as stored; floating-point parameters in `dtype`
+        (default float32; buffers such as rotary tables stay as the model makes them)."""
+        import torch
+
         layer = copy.deepcopy(self.layers[index])
         prefix = self.layer_prefix(index)
         tensors = self._tensors(linear_weight)
@@ -150,7 +174,10 @@ class LayerwiseModel:
                     f"{self.architecture} decoder layer {index} has a parameter {name} that the checkpoint does not "
                     f"hold ({full}); its tensors do not match this model class's layout (use --method rtn)."
                 )
-            self._set_checked(layer, name, param, tensors.get(full), f"{full} in the checkpoint")
+            value = tensors.get(full)
+            if dtype not in (None, torch.float32) and value.is_floating_point():
+                value = value.to(self.device, dtype)
+            self._set_checked(layer, name, param, value, f"{full} in the checkpoint")
         for name, buffer in list(layer.named_buffers()):
             full = f"{prefix}.{name}"
             set_tensor(layer, name, (tensors.get(full) if full in self._names else buffer).to(self.device))
@@ -161,7 +188,8 @@ class LayerwiseModel:
         `build_layer` would have put it there (a layer is built once and updated as it is merged)."""
         import torch
 
-        self._set_checked(layer, f"{name}.weight", layer.get_submodule(name).weight, weight.to(torch.float32),
+        param = layer.get_submodule(name).weight  # float32, or the dtype the layer was built in
+        self._set_checked(layer, f"{name}.weight", param, weight.to(torch.float32).to(self.device, param.dtype),
                           f"the new weight of {name}")
 
     # ---- what the layers receive -----------------------------------------------------------------
@@ -236,22 +264,35 @@ class LayerwiseModel:
         records = self._run_to_layers(one_row, last=self.num_layers - 1)
         self._kwargs = [records[i][1] for i in range(self.num_layers)]
         self._kwargs_seq_len = seq_len
+        self._cast_kwargs = {}
 
-    def layer_kwargs(self, index: int) -> dict[str, Any]:
+    def layer_kwargs(self, index: int, dtype: "torch.dtype | None" = None) -> dict[str, Any]:
         """Keyword arguments the model's own forward passes decoder layer `index` (its layer type's
-        mask and rotary tables), for batch size 1: they broadcast over any number of rows."""
+        mask and rotary tables), for batch size 1: they broadcast over any number of rows.
+
+        They are captured in float32; for a layer computing in another `dtype` their floating-point
+        tensors are given in that dtype, as the model in that dtype makes them (rotary tables cast
+        from float32, additive masks clamped to the dtype's range)."""
+        import torch
+
         if self._kwargs is None:
             raise RuntimeError("call first_layer_inputs before layer_kwargs")
-        return self._kwargs[index]
+        if dtype in (None, torch.float32):
+            return self._kwargs[index]
+        key = (index, dtype)
+        if key not in self._cast_kwargs:
+            self._cast_kwargs[key] = {k: _in_dtype(v, dtype) for k, v in self._kwargs[index].items()}
+        return self._cast_kwargs[key]
 
     def batch_rows(self, seq_len: int) -> int:
         return max(1, self.batch_tokens // max(1, seq_len))
 
     def forward_layer(self, layer_module: "nn.Module", index: int, hidden: "torch.Tensor") -> "torch.Tensor":
-        """Decoder layer `index` (a module from `build_layer`) applied to hidden states [rows, seq, hidden]."""
+        """Decoder layer `index` (a module from `build_layer`) applied to hidden states [rows, seq, hidden]
+        (in the dtype the layer was built in)."""
         import torch
 
-        kwargs = self.layer_kwargs(index)
+        kwargs = self.layer_kwargs(index, hidden.dtype)
         rows = self.batch_rows(hidden.shape[1])
         with torch.no_grad():
             return torch.cat([_first(layer_module(hidden[r : r + rows], **kwargs)) for r in range(0, hidden.shape[0], rows)])
