@@ -112,6 +112,37 @@ def test_rtn_reads_each_linear_on_the_read_ahead_thread(monkeypatch, tiny_gptq_d
     assert {f"{prefix}.qweight" for prefix in handed} == targeted and all(handed.values()), handed
 
 
+def test_calibrated_reads_the_next_decoder_layer_ahead_and_queues_a_whole_layer(monkeypatch, tiny_gptq_dir, tmp_path):
+    """The calibrated merge reads decoder layer i+1's packed tensors on the read-ahead thread while
+    layer i is solved (layer 0's on the main thread: nothing runs before it), and queues a whole
+    decoder layer for the writer, so the main thread goes on at once."""
+    import oftsurgery.merge.engine as engine
+    import oftsurgery.merge.merger as merger
+
+    reads: list[tuple[str, str]] = []
+    original = merger._layer_tensors_on
+
+    def recording(reader, prefix, device):
+        reads.append((prefix, threading.current_thread().name))
+        return original(reader, prefix, device)
+
+    depths: list[int] = []
+    real_writer = engine.BackgroundWriter
+
+    def writer(sink, depth=1):
+        depths.append(depth)
+        return real_writer(sink, depth)
+
+    monkeypatch.setattr(merger, "_layer_tensors_on", recording)
+    monkeypatch.setattr(engine, "BackgroundWriter", writer)
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.03)
+    merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", MergeOptions(calib_tokens=512, seq_len=64, progress=False))
+    assert depths == [engine.CALIBRATED_PIPELINE_DEPTH]
+    assert sorted(prefix for prefix, _ in reads) == sorted({p for p, _ in reads}) and len(reads) == 14  # each once
+    for prefix, thread in reads:
+        assert thread.startswith("oftsurgery-read") == prefix.startswith("model.layers.1."), (prefix, thread)
+
+
 def test_close_returns_when_the_worker_thread_is_gone(monkeypatch, tmp_path):
     """A worker that died without a recorded failure must not leave `close` waiting on a full queue."""
     monkeypatch.setattr(BackgroundWriter, "_run", lambda self: None)  # the thread exits at once

@@ -8,6 +8,7 @@ has no such loop: `engine` writes its layers directly.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from oftsurgery.errors import MergeError, UnsupportedFormatError
@@ -286,19 +287,30 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
     def source_weight(name: str) -> torch.Tensor:
         return merger.source_weight(name).dequantize()
 
-    for index in _progress(by_layer, len(by_layer), "merging (calibrated)", progress):
-        names = by_layer[index]
-        merger.new_decoder_layer()
-        prefix = runner.layer_prefix(index) + "."
-        if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
-            layer_module = _calibrate_decoder_layer(runner, merger, index, hidden, runner.layer_kwargs(index, dtype),
-                                                    num_rows)
-        else:  # nothing to requantize: the layer as stored
-            layer_module = runner.build_layer(index, source_weight, dtype)
-        merger.write_group(writer, names)
-        hidden = _forward_local(runner, ranks, layer_module, index, hidden, num_rows)
-        del layer_module
-        if dtype != torch.float32 and not bool(torch.isfinite(hidden).all()):
-            raise MergeError(f"Decoder layer {index}'s output overflows {report.forward_dtype} on the calibration "
-                             "text, so its statistics would be meaningless; rerun with --forward-dtype float32.")
+    order = list(by_layer)
+    # a reader thread reads the next decoder layer's stored codes while this one is solved; the
+    # writer thread packs and writes this one while the next is solved (engine.py)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oftsurgery-read") as reads:
+        try:
+            for position, index in enumerate(_progress(by_layer, len(by_layer), "merging (calibrated)", progress)):
+                names = by_layer[index]
+                merger.new_decoder_layer()
+                if position + 1 < len(order):
+                    following = runner.layer_prefix(order[position + 1]) + "."
+                    merger.read_ahead([p for p in merger.plan.layers if p.startswith(following)], reads)
+                prefix = runner.layer_prefix(index) + "."
+                if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
+                    layer_module = _calibrate_decoder_layer(runner, merger, index, hidden,
+                                                            runner.layer_kwargs(index, dtype), num_rows)
+                else:  # nothing to requantize: the layer as stored
+                    layer_module = runner.build_layer(index, source_weight, dtype)
+                merger.write_group(writer, names)
+                hidden = _forward_local(runner, ranks, layer_module, index, hidden, num_rows)
+                del layer_module
+                if dtype != torch.float32 and not bool(torch.isfinite(hidden).all()):
+                    raise MergeError(f"Decoder layer {index}'s output overflows {report.forward_dtype} on the "
+                                     "calibration text, so its statistics would be meaningless; rerun with "
+                                     "--forward-dtype float32.")
+        finally:
+            merger.cancel_reads()
 

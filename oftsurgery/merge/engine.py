@@ -28,8 +28,11 @@ from oftsurgery.merge.runtime.writer import BackgroundWriter, InlineWriter, Work
 from oftsurgery.quant.config import load_quant_config
 from oftsurgery.quant.layout import decoder_layer_index
 
-# decoder layers queued between the solve (main thread) and pack+write (worker); 0: no worker thread
+# jobs (one per linear) queued between the main thread and pack+write (worker); 0: no worker thread
 PIPELINE_DEPTH = 1
+# the calibrated merge queues a whole decoder layer, so the main thread goes on to the next layer at
+# once (the queued jobs hold only the codes the layer's solve made anyway)
+CALIBRATED_PIPELINE_DEPTH = 64
 
 
 def _group_by_decoder_layer(names: list[str]) -> tuple[list[str], dict[int, list[str]]]:
@@ -104,7 +107,9 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
             if tmp is not None:
                 ranks.track_temporary(tmp)
                 writer = CheckpointWriter(tmp, max_shard_size=options.max_shard_size)
-                sink = BackgroundWriter(writer, PIPELINE_DEPTH) if PIPELINE_DEPTH > 0 else InlineWriter(writer)
+                depth = CALIBRATED_PIPELINE_DEPTH if options.method == "calibrated" and PIPELINE_DEPTH > 0 \
+                    else PIPELINE_DEPTH
+                sink = BackgroundWriter(writer, depth) if depth > 0 else InlineWriter(writer)
             try:
                 merger.write_group(sink, outside)
                 if options.method == "calibrated" and plan.targeted:

@@ -272,11 +272,25 @@ class Merger:
                                 self._reads[ahead] = reads.submit(self._read_ahead, ahead)
                     qw = self.solved_weight(prefix) if self.plan.layers[prefix].targeted else self._converted_weight(prefix)
                     writer.submit(prefix, partial(self._pack_to_host, prefix, qw, continue_elsewhere(self.options.device)))
-            finally:
-                for future in self._reads.values():
-                    future.cancel()
-                self._reads.clear()
+            finally:  # this group's reads only: those of the next decoder layer may be under way
+                for prefix in rewritten:
+                    future = self._reads.pop(prefix, None)
+                    if future is not None:
+                        future.cancel()
                 self._rotations.clear()
+
+    def read_ahead(self, prefixes: list[str], reads: ThreadPoolExecutor) -> None:
+        """Start reading the named layers' packed tensors onto the merge's device on `reads` (the
+        calibrated merge: the next decoder layer's, while this one is solved); `source_weight`
+        takes them over."""
+        for prefix in prefixes:
+            if prefix not in self._reads and prefix not in self._unpacked:
+                self._reads[prefix] = reads.submit(self._read_ahead, prefix)
+
+    def cancel_reads(self) -> None:
+        for future in self._reads.values():
+            future.cancel()
+        self._reads.clear()
 
     def _pack_to_host(self, prefix: str, qw: "QuantizedWeight", on_own_stream) -> list[tuple[str, "torch.Tensor"]]:
         """The writer's job for one linear: packed on the device (on the writer thread's own stream,
