@@ -49,11 +49,11 @@ def run_child(code: str, *args: str) -> dict:
 MERGE_CHILD = """
 import json, resource, sys, time
 from oftsurgery.merge import MergeOptions, merge_checkpoint
-ckpt, adapter, out, method, device, calib, tokens, requant, rank = sys.argv[1:10]
+ckpt, adapter, out, method, device, calib, tokens, requant, rank, tune = sys.argv[1:11]
 t = time.perf_counter()
 report = merge_checkpoint(ckpt, adapter, out, MergeOptions(method=method, device=device,
     calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None, calib=calib or None,
-    residual_rank=int(rank)))
+    residual_rank=int(rank), tune_steps=int(tune)))
 print(json.dumps({"seconds": time.perf_counter() - t, "codes_changed": report.codes_changed,
     "residual_lora_mb": report.residual_lora_bytes / 1e6,
     "residual_before": report.mean_residual_before, "residual_after": report.mean_residual_after,
@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--calib-tokens", type=int, nargs="+", default=[8192],
                         help="calibration budgets of the calibrated merge, a row each (rtn and the full requant use the first)")
+    parser.add_argument("--tune-steps", type=int, nargs="+", default=[0],
+                        help="merge --tune-steps values for the calibrated merges, a row each (0: off)")
     parser.add_argument("--residual-ranks", type=int, nargs="*", default=[],
                         help="ranks of the residual LoRA to evaluate with each calibrated merge (merge --residual-rank)")
     parser.add_argument("--calib", nargs="+", default=["builtin:code", "builtin:english"],
@@ -216,14 +218,15 @@ def main() -> None:
             calibs = args.calib if method == "calibrated" else [args.calib[0]]
             budgets = args.calib_tokens if method == "calibrated" else args.calib_tokens[:1]
             for calib in calibs:
-                for tokens in budgets:
+                for tokens, tune in [(t, s) for t in budgets for s in (args.tune_steps if method == "calibrated" else [0])]:
                     rank = max(args.residual_ranks, default=0) if method == "calibrated" else 0
-                    tag = f"{calib.replace('builtin:', '')}-{tokens}"
+                    tag = f"{calib.replace('builtin:', '')}-{tokens}" + (f"-tune{tune}" if tune else "")
                     out = work / f"merged-{fmt}-{method}-{tag}-{args.device.split(':')[0]}"
                     stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, args.device, calib,
-                                      str(tokens), "", str(rank))
+                                      str(tokens), "", str(rank), str(tune))
                     label = f"merge --method {method}" + (f" --calib {calib} --calib-tokens {tokens}"
                                                           if method == "calibrated" else "")
+                    label += f" --tune-steps {tune}" if tune else ""
                     rows.append((label, evaluate(out, windows, device=args.device), stats))
                     for r in sorted(args.residual_ranks) if rank else []:
                         lora = lora_slice(out / "residual-lora", r, work / f"lora-{fmt}-{tag}-r{r}")

@@ -29,7 +29,8 @@ LAYERS: list[list[str]] = [
     ["oftsurgery.merge.options", "oftsurgery.merge.plan", "oftsurgery.merge.report"],  # the merge's vocabulary
     ["oftsurgery.merge.solve", "oftsurgery.merge.runtime"],  # one linear's math; threads, streams, ranks
     ["oftsurgery.merge.calibration"],  # what the linears see
-    ["oftsurgery.merge.candidates", "oftsurgery.merge.residual_adapter"],  # one linear's choice; its residual LoRA
+    # one linear's choice; its residual LoRA; a decoder layer's tuning after the solve
+    ["oftsurgery.merge.candidates", "oftsurgery.merge.residual_adapter", "oftsurgery.merge.layer_tuning"],
     ["oftsurgery.merge.merger"],  # stored weights in, packed tensors out
     ["oftsurgery.merge.calibrated_loop"],  # the calibrated decoder-layer loop
     ["oftsurgery.merge.engine"],  # merge_checkpoint

@@ -214,6 +214,35 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
     return layer_module
 
 
+def _tune(runner, merger: Merger, index: int, hidden, num_rows: int, report: MergeReport):
+    """`--tune-steps`: tune decoder layer `index` against its output. Where the tuning is taken, the
+    layer's residuals (and residual LoRA) are measured again on the tuned weights, and the float
+    layer holding them (in `hidden`'s dtype) is returned for the forward to the next layer."""
+    from oftsurgery.merge.calibration.statistics import collect_group_inputs
+    from oftsurgery.merge.layer_tuning import tune_decoder_layer
+
+    result = tune_decoder_layer(runner, merger, index, hidden, merger.options.tune_steps)
+    if result is None:
+        return None
+    report.layer_tuning.append({"layer": index, "accepted": result.accepted, "steps": result.steps,
+                                "heldout_before": result.heldout_before, "heldout_after": result.heldout_after,
+                                "seconds": result.seconds})
+    if not result.accepted:
+        return None
+    prefix = runner.layer_prefix(index) + "."
+    layer_module = runner.build_layer(index, lambda n: (merger.merged[n] if n in merger.merged
+                                                        else merger.source_weight(n)).dequantize(), hidden.dtype)
+    tuned = [n[len(prefix):] for n in merger.merged if n.startswith(prefix)]
+    groups, _ = _input_groups(runner, layer_module, index, tuned, hidden, _local_batches(runner, merger.ranks, hidden,
+                                                                                           num_rows), merger.ranks)
+    for group in groups:
+        inputs = collect_group_inputs(merger.ranks, layer_module, group, hidden, num_rows,
+                                      runner.layer_kwargs(index, hidden.dtype))
+        for name in group:
+            merger.remeasure(prefix + name, inputs[name])
+    return layer_module
+
+
 def _local_batches(runner, ranks: SingleProcess, hidden, num_rows: int) -> list[range]:
     """This rank's rows of `hidden` in batches of runner.batch_rows, each inside one calibration shard:
     batch shapes (and with them the float results) then do not depend on the number of ranks."""
@@ -302,6 +331,8 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
                 if any(p.prefix.startswith(prefix) for p in merger.plan.targeted):
                     layer_module = _calibrate_decoder_layer(runner, merger, index, hidden,
                                                             runner.layer_kwargs(index, dtype), num_rows)
+                    if options.tune_steps:
+                        layer_module = _tune(runner, merger, index, hidden, num_rows, report) or layer_module
                 else:  # nothing to requantize: the layer as stored
                     layer_module = runner.build_layer(index, source_weight, dtype)
                 merger.write_group(writer, names)

@@ -141,6 +141,28 @@ class Merger:
             merged, target, self.options.residual_rank, inputs if calibrated else None,
             device=inputs.fit.device if calibrated else merged.codes.device)
 
+    def remeasure(self, prefix: str, inputs: "CalibrationInputs") -> None:
+        """After a layer's weights changed (--tune-steps): its report residuals, measured again on
+        `inputs` (the tuned layer's own activations), and its residual LoRA fitted again."""
+        import math
+
+        import torch
+
+        report = next(r for r in reversed(self.reports) if r.name == prefix)
+        source = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
+        device = inputs.fit.device
+        target = self.plan.layers[prefix].target_weight(source.dequantize()).to(device, torch.float32)
+        measured = inputs.measured
+
+        def error(weight) -> float:
+            return float(measured.error((weight.to(device, torch.float32) - target).T))
+
+        ref = error(torch.zeros_like(target))
+        if ref > 0:
+            report.residual_before = math.sqrt(error(source.dequantize()) / ref)
+            report.residual_after = math.sqrt(error(self.merged[prefix].dequantize()) / ref)
+        self._fit_residual(prefix, self.merged[prefix], target, inputs, report)
+
     def _record(self, prefix: str, report: LayerReport) -> None:
         """Keep a layer's report line; with `--strict` the first fallback stops the merge (nothing is
         written): a strict user wants to know at the first layer, not after an hour of merging."""

@@ -29,6 +29,7 @@ class MergeOptions:
     progress: bool = True
     allow_pickle: bool = False  # read a pickle-only checkpoint with torch's weights-only loader
     strict: bool = False  # any per-layer fallback (see LayerReport.fallback) is a MergeError
+    tune_steps: int = 0  # > 0: tune each decoder layer's codes (±1) and scales against its output, this many steps
     residual_rank: int = 0  # > 0: also write OUT/residual-lora, a rank-R LoRA of what the grid could not hold
     forward_dtype: str = "auto"  # one of FORWARD_DTYPES: the calibration forward's matmuls (statistics stay float32)
 

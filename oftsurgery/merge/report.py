@@ -58,6 +58,7 @@ class MergeReport:
     world_size: int = 1  # processes the merge ran on (torchrun ranks)
     residual_rank: int = 0  # rank of the residual LoRA written to residual-lora/ (0: none)
     residual_lora_bytes: int = 0  # size of its weights
+    layer_tuning: list[dict[str, Any]] = field(default_factory=list)  # per decoder layer: --tune-steps' outcome
     calib_tokens_requested: int = 0  # --calib-tokens (calib_tokens is what the text gave, in whole rows)
     calib_text_short: bool = False  # the calibration text held fewer rows than were asked for
 
