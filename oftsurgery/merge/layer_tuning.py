@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from oftsurgery.quant.grid import QuantizedWeight
 
 MAX_SCALE_CHANGE = 0.1  # scales move by at most ±10%
-SCALE_LR = 2e-3  # signed step of the scale factors (decays linearly to 0)
+SCALE_LR = 5e-4  # signed step of the scale factors (decays linearly to 0)
 CODE_LR = 1.0  # signed step of the code offsets: CODE_LR / steps (a flip needs a consistent half of the run)
 ROWS_PER_STEP = 4  # calibration rows per gradient step
 ACCEPT = 1e-3  # the held-out output error must drop by more than this relative amount
