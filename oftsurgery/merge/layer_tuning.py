@@ -1,10 +1,11 @@
 """Tuning a requantized decoder layer against its output (`merge --tune-steps N`), on the fixed grid.
 
-After the per-linear solve, each targeted linear's codes may move by ±1 from the solve's and its
-fp16 scales may change by a factor (1 + a), |a| ≤ MAX_SCALE_CHANGE; both are learned with signed
-gradient steps (rounding by a straight-through estimator) so that the decoder layer's output on the
-fitted calibration rows approaches the adapted layer's (W·Rᵀ in float, same inputs). The result is
-taken only if the held-out rows' output error drops; otherwise the solve's weights stay.
+After the per-linear solve, each targeted linear's fp16 scales may change by a factor (1 + a),
+|a| ≤ MAX_SCALE_CHANGE, and (with `code_lr` > 0) its codes by ±1 from the solve's (rounding through
+a straight-through estimator); both are learned with signed gradient steps so that the decoder
+layer's output on the fitted calibration rows approaches the adapted layer's (W·Rᵀ in float, same
+inputs). The result is taken only if the held-out rows' output error drops. The merge tunes scales
+only: code moves measured worse on held-out rows (docs/merge-methods.md).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
 
 MAX_SCALE_CHANGE = 0.1  # scales move by at most ±10%
 SCALE_LR = 5e-4  # signed step of the scale factors (decays linearly to 0)
-CODE_LR = 1.0  # signed step of the code offsets: CODE_LR / steps (a flip needs a consistent half of the run)
 ROWS_PER_STEP = 4  # calibration rows per gradient step
 ACCEPT = 1e-3  # the held-out output error must drop by more than this relative amount
 
@@ -39,7 +39,7 @@ class TuneResult:
 class _Tuned:
     """One linear's learnable offsets around its solved codes and scales."""
 
-    def __init__(self, qw: "QuantizedWeight", device, dtype):
+    def __init__(self, qw: "QuantizedWeight", device, dtype, codes_move: bool):
         import torch
 
         self.qw = qw
@@ -49,16 +49,19 @@ class _Tuned:
         self.zeros_full = qw.zeros.to(device, dtype)[g_idx].T  # [out, in]
         self.g_idx = g_idx
         self.maxq = float(qw.maxq)
-        self.offset = torch.zeros_like(self.codes, requires_grad=True)  # codes move by round(offset) ∈ {-1, 0, 1}
+        # codes move by round(offset) ∈ {-1, 0, 1}
+        self.offset = torch.zeros_like(self.codes, requires_grad=True) if codes_move else None
         self.factor = torch.zeros_like(self.scales, requires_grad=True)  # scales × (1 + factor)
 
     def weight(self, *, exact: bool = False) -> "torch.Tensor":
         """The float weight [out, in]; `exact`: rounded codes and fp16 scales, as they would be written."""
         import torch
 
-        offset = self.offset
-        moved = torch.round(offset) if exact else offset + (torch.round(offset) - offset).detach()
-        codes = torch.clamp(self.codes + moved, 0, self.maxq)
+        codes = self.codes
+        if self.offset is not None:
+            offset = self.offset
+            moved = torch.round(offset) if exact else offset + (torch.round(offset) - offset).detach()
+            codes = torch.clamp(codes + moved, 0, self.maxq)
         scales = self.scales * (1 + self.factor)
         if exact:
             scales = scales.to(torch.float16).to(self.scales.dtype)
@@ -68,18 +71,19 @@ class _Tuned:
         import torch
 
         with torch.no_grad():
-            if self.offset.grad is not None:
+            if self.offset is not None and self.offset.grad is not None:
                 self.offset.sub_(code_lr * torch.sign(self.offset.grad)).clamp_(-1, 1)
+                self.offset.grad = None
             if self.factor.grad is not None:
                 self.factor.sub_(scale_lr * torch.sign(self.factor.grad)).clamp_(-MAX_SCALE_CHANGE, MAX_SCALE_CHANGE)
-        self.offset.grad = self.factor.grad = None
+                self.factor.grad = None
 
     def result(self) -> "QuantizedWeight":
         """The tuned codes and scales on the solve's grid (host, the solver's layout)."""
         import torch
 
         with torch.no_grad():
-            codes = torch.clamp(self.codes + torch.round(self.offset), 0, self.maxq)
+            codes = self.codes if self.offset is None else torch.clamp(self.codes + torch.round(self.offset), 0, self.maxq)
             scales = (self.scales * (1 + self.factor)).to(torch.float16)
         # uint8, input-major as the solver returns them
         codes_t = codes.T.to(torch.uint8).contiguous().to(self.qw.codes.device)
@@ -87,19 +91,20 @@ class _Tuned:
 
 
 def tune_layer(forward, weights: dict[str, "QuantizedWeight"], hidden: "torch.Tensor", reference: "torch.Tensor",
-               fit_rows: list[int], held_rows: list[int], *, steps: int, seed: int = 0,
+               fit_rows: list[int], held_rows: list[int], *, steps: int, code_lr: float = 0.0, seed: int = 0,
                ) -> tuple[dict[str, "QuantizedWeight"], TuneResult]:
     """Tune the solved `weights` (name → QuantizedWeight) of one decoder layer.
 
     `forward(float_weights, x)` runs the layer on rows x with the named linears holding the given
     float weights [out, in] (the rest as stored); `reference` holds the adapted layer's outputs for
-    every row of `hidden`. Returns the tuned weights (or `weights` unchanged) and what happened.
+    every row of `hidden`. `code_lr` > 0 lets codes move by ±1 (signed steps of code_lr / steps).
+    Returns the tuned weights (or `weights` unchanged) and what happened.
     """
     import torch
 
     start = time.perf_counter()
     device, dtype = hidden.device, torch.float32
-    tuned = {name: _Tuned(qw, device, dtype) for name, qw in weights.items()}
+    tuned = {name: _Tuned(qw, device, dtype, codes_move=code_lr > 0) for name, qw in weights.items()}
 
     def error(rows: list[int], exact: bool) -> float:
         with torch.no_grad():
@@ -116,7 +121,7 @@ def tune_layer(forward, weights: dict[str, "QuantizedWeight"], hidden: "torch.Te
     before = error(held_rows, exact=True)
     generator = torch.Generator().manual_seed(seed)
     order = torch.tensor(fit_rows)[torch.randperm(len(fit_rows), generator=generator)].tolist()
-    code_lr = CODE_LR / max(1, steps)
+    code_lr = code_lr / max(1, steps)
     for step in range(steps):
         picks = [order[(step * ROWS_PER_STEP + i) % len(order)] for i in range(min(ROWS_PER_STEP, len(order)))]
         index = torch.tensor(picks, device=device)
