@@ -118,6 +118,8 @@ def test_merge_writes_a_peft_lora_that_brings_the_merged_model_closer(tiny_gptq_
         t.numel() * t.element_size() for t in weights.values())
     assert all(l.residual_lora is not None and l.residual_lora < l.residual_after for l in report.layers)
     assert json.loads((out / "merge_report.json").read_text())["summary"]["kept_fraction_lora"] > report.kept_fraction
+    card = (out / "README.md").read_text()
+    assert 'subfolder="residual-lora"' in card and "--enable-lora --max-lora-rank 4" in card
 
     ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(1))
     merged_float = load_dequantized_model(out)

@@ -28,6 +28,8 @@ _FIGURE_LABELS = {
     "mean_residual_before": "Mean per-layer output residual without the adapter",
     "mean_residual_after": "Mean per-layer output residual of the merged layers",
     "kept_fraction": "Fine-tune kept per layer (1 − after/before)",
+    "mean_residual_lora": "Mean per-layer output residual of the merged layers + residual LoRA",
+    "kept_fraction_lora": "Fine-tune kept per layer with the residual LoRA",
 }
 
 
@@ -49,6 +51,7 @@ def render_model_card(
     base_model_relation: str | None = None,
     extra_tags: Sequence[str] = (),
     warnings: Sequence[str] = (),
+    residual_lora: Mapping[str, Any] | None = None,
 ) -> str:
     """Render a model card: YAML front matter plus a body describing the checkpoint.
 
@@ -67,6 +70,8 @@ def render_model_card(
         fine-tune of base_model; "adapter" would claim the repo *is* an adapter) and "quantized"
         otherwise. Written only together with a Hub-id base_model.
     warnings: lines the user must not miss (e.g. the merge report's warnings), shown in the body.
+    residual_lora: {"rank": R, "bytes": N} when the folder holds the merge's residual LoRA
+        (residual-lora/): the card says how to load it with PEFT and serve it with vLLM.
     """
     import yaml  # PyYAML comes with huggingface_hub and transformers
 
@@ -123,6 +128,24 @@ def render_model_card(
         f"or serve it with vLLM: `vllm serve {target}`.",
         "",
     ]
+    if residual_lora:
+        lines += [
+            "### With the residual LoRA",
+            "",
+            f"`residual-lora/` holds a rank-{residual_lora.get('rank')} LoRA adapter "
+            f"({int(residual_lora.get('bytes') or 0) / 1e6:.1f} MB, fp16) with what the requantized layers could "
+            "not hold of the fine-tune. Add it for the closest match to the fine-tuned model:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "",
+            f'model = PeftModel.from_pretrained(model, "{target}", subfolder="residual-lora")',
+            "```",
+            "",
+            f"or with vLLM: `vllm serve {target} --enable-lora --max-lora-rank {residual_lora.get('rank')} "
+            f"--lora-modules residual=<local copy of {target}>/residual-lora`, then request model `residual`.",
+            "",
+        ]
     if fidelity:
         lines += ["## Fidelity of the merge", "", "| Figure | Value |", "|---|---|"]
         lines += [f"| {_FIGURE_LABELS.get(k, k)} | {_format_value(v)} |" for k, v in fidelity.items()]
@@ -165,7 +188,8 @@ def card_fields_from_merge_report(report: Mapping[str, Any]) -> dict[str, Any]:
         fields["base_model"] = str(base)
     figures: dict[str, Any] = {}
     summary = report.get("summary") or {}
-    for key in ("codes_changed", "mean_residual_before", "mean_residual_after", "kept_fraction"):
+    for key in ("codes_changed", "mean_residual_before", "mean_residual_after", "kept_fraction",
+                "mean_residual_lora", "kept_fraction_lora"):
         if isinstance(summary.get(key), (int, float)):
             figures[key] = summary[key]
     figures.update(report.get("fidelity") or {})
@@ -173,6 +197,8 @@ def card_fields_from_merge_report(report: Mapping[str, Any]) -> dict[str, Any]:
         fields["fidelity"] = figures
     if summary.get("warnings"):
         fields["warnings"] = list(summary["warnings"])
+    if report.get("residual_rank"):
+        fields["residual_lora"] = {"rank": report["residual_rank"], "bytes": report.get("residual_lora_bytes", 0)}
     return fields
 
 
