@@ -66,6 +66,11 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
         raise MergeError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, not {options.forward_dtype!r}.")
     if options.residual_rank < 0:
         raise MergeError(f"--residual-rank must be 0 (none) or positive, not {options.residual_rank}.")
+    if options.tune_steps < 0:
+        raise MergeError(f"--tune-steps must be 0 (off) or positive, not {options.tune_steps}.")
+    if options.tune_steps and ranks.distributed:
+        raise MergeError("--tune-steps runs in one process (it needs every calibration row in one place); "
+                         "drop it under torchrun.")
     ranks.check_device()  # resolved once, before any work (cuda under torchrun: each rank its own GPU)
     options = replace(options, device=ranks.device)
     started = time.perf_counter()
