@@ -93,6 +93,16 @@ def test_deterministic_and_exact_residuals_vanish():
 
 # ---- the adapter a merge writes ------------------------------------------------------------------
 
+def _plus_lora(model, weights: dict[str, torch.Tensor]):
+    """The dense float model with each linear's W + B·A from the adapter's weights (the reference)."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            key = f"base_model.model.{name}.lora_A.weight"
+            if key in weights:
+                module.weight += weights[key.replace("lora_A", "lora_B")].float() @ weights[key].float()
+    return model
+
+
 @pytest.mark.parametrize("method", ["calibrated", "rtn"])
 def test_merge_writes_a_peft_lora_that_brings_the_merged_model_closer(tiny_gptq_dir, tmp_path, method):
     """PEFT loads OUT/residual-lora onto the merged checkpoint as gptqmodel loads it; the result is the
@@ -124,12 +134,8 @@ def test_merge_writes_a_peft_lora_that_brings_the_merged_model_closer(tiny_gptq_
     ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(1))
     merged_float = load_dequantized_model(out)
     adapted = load_dequantized_model(tiny_gptq_dir, rotations=load_rotations(rot))
-    with_lora = load_dequantized_model(out)
+    with_lora = _plus_lora(load_dequantized_model(out), weights)
     with torch.no_grad():
-        for name, module in with_lora.named_modules():
-            key = f"base_model.model.{name}.lora_A.weight"
-            if key in weights:
-                module.weight += weights[key.replace("lora_A", "lora_B")].float() @ weights[key].float()
         expected = with_lora(input_ids=ids).logits
         # gptqmodel's wrapper holds the transformers model PEFT (and transformers' own loader) sees
         peft_model = PeftModel.from_pretrained(load_quantized_model(out).model, str(out / "residual-lora"))
@@ -157,12 +163,7 @@ def test_verify_reports_merged_and_merged_plus_lora(tiny_gptq_dir, tmp_path):
     assert "merged + residual LoRA" in figures.render() and "retention_lora" in figures.to_dict()
 
     weights = load_file(str(out / "residual-lora" / "adapter_model.safetensors"))
-    model = load_dequantized_model(out)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            key = f"base_model.model.{name}.lora_A.weight"
-            if key in weights:
-                module.weight += weights[key.replace("lora_A", "lora_B")].float() @ weights[key].float()
+    model = _plus_lora(load_dequantized_model(out), weights)
     windows = token_windows(eval_text(None, max_chars=256 * 12)[0], AutoTokenizer.from_pretrained(str(tiny_gptq_dir)),
                             256, 64)
     expected = mean_nll(model, windows)
