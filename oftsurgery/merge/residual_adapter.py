@@ -34,12 +34,18 @@ def fit_residual_adapter(merged: "QuantizedWeight", target: "torch.Tensor", rank
     """
     import torch
 
-    from oftsurgery.merge.solve.residual import residual_lora
+    from oftsurgery.merge.solve.residual import DAMP, damped_factor, residual_lora
 
     weight = merged.dequantize().to(device, torch.float32)
     target = target.to(device, torch.float32)
     residual = target - weight
-    a, b = residual_lora(residual, rank, inputs.fit.matrix if inputs is not None else None)
+    lower = None
+    if inputs is not None:  # one factor per input, shared by the linears that read it (q/k/v, gate/up)
+        key = ("residual_factor", DAMP)
+        if key not in inputs.fit.cache:
+            inputs.fit.cache[key] = damped_factor(inputs.fit.matrix, DAMP)
+        lower = inputs.fit.cache[key]
+    a, b = residual_lora(residual, rank, lower=lower)
     a16, b16 = a.to(torch.float16), b.to(torch.float16)
     if not (torch.isfinite(a16).all() and torch.isfinite(b16).all()):  # beyond fp16's range: keep float32
         a16, b16 = a, b
