@@ -717,6 +717,15 @@ def render(results: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def _build_device(device: str) -> str:
+    """Where the synthetic weights are quantized: the merge's GPU when it has one (seconds per 7B layer)."""
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return device if device.startswith("cuda") else "cuda"
+    return "cpu"
+
+
 def machine_description(device: str) -> str:
     """CPU cores, and the GPU's name from nvidia-smi (the parent creates no CUDA context: it would hold GPU
     memory through every run)."""
@@ -888,7 +897,7 @@ def main(argv=None) -> dict:
     # the checkpoints: each depth, the whole model, the 1-layer warm-up one
     depths = list(args.depths)
     build = dict(vocab_size=args.vocab, seed=args.seed, rotation_strength=args.rotation_strength,
-                 cache_dir=work / "synthetic")
+                 cache_dir=work / "synthetic", device=_build_device(args.device))
     wanted = sorted(set(depths) | ({args.whole} if args.whole else set()))
     need = sum(expected_size_bytes(args.preset, n, args.vocab)["gptq"] * 3 + expected_size_bytes(
         args.preset, n, args.vocab)["fp16"] for n in wanted)  # each build, and two outputs at a time at most

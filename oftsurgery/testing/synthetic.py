@@ -253,11 +253,13 @@ def rotations_name(strength: float, block_size: int, seed: int) -> str:
 def build_synthetic_checkpoint(out_dir, preset: str = "tiny", *, num_layers: int = 2, vocab_size: int | None = None,
                                seed: int = 0, bits: int = 4, group_size: int = 128,
                                rotation_strength: float = DEFAULT_ROTATION_STRENGTH, block_size: int = 32,
-                               overwrite: bool = False, log=None) -> SyntheticCheckpoint:
+                               overwrite: bool = False, log=None, device: str = "cpu") -> SyntheticCheckpoint:
     """Build gptq/, fp16/ and a rotations file under `out_dir` (which appears only complete).
 
     `log(msg)`, if given, receives one line per decoder layer (a 7B layer takes about a minute on
-    2 shared cores).
+    2 shared cores). `device` is where the weights are quantized and packed (they are drawn on the
+    CPU either way); a GPU builds a 7B layer in seconds, and its float rounding may move a near-tie
+    code, which a speed benchmark does not mind.
     """
     import torch
 
@@ -294,12 +296,12 @@ def build_synthetic_checkpoint(out_dir, preset: str = "tiny", *, num_layers: int
                 both(name, _norm_weight(shape.hidden_size, _generator(seed, name)))
             for linear, (out_f, in_f) in shape.linear_shapes().items():
                 name = f"{prefix}.{linear}"
-                weight = synthetic_linear_weight(out_f, in_f, _generator(seed, name))
+                weight = synthetic_linear_weight(out_f, in_f, _generator(seed, name)).to(device)
                 qw = quantize_weight(weight, bits, group_size, sym=True)
                 del weight
                 for key, value in pack_gptq(qw, "gptq").items():
-                    qwriter.add(f"{name}.{key}", value)
-                fwriter.add(f"{name}.weight", qw.dequantize(torch.float16))
+                    qwriter.add(f"{name}.{key}", value.cpu())
+                fwriter.add(f"{name}.weight", qw.dequantize(torch.float16).cpu())
                 del qw
             if log is not None:
                 log(f"synthetic {preset}: decoder layer {layer + 1}/{num_layers} in "
@@ -333,7 +335,7 @@ def _checkpoint(root: Path, spec: dict, strength: float, block_size: int) -> Syn
 
 def synthetic_checkpoint(preset: str = "tiny", *, num_layers: int = 2, vocab_size: int | None = None, seed: int = 0,
                          bits: int = 4, group_size: int = 128, rotation_strength: float = DEFAULT_ROTATION_STRENGTH,
-                         block_size: int = 32, cache_dir=None, log=None) -> SyntheticCheckpoint:
+                         block_size: int = 32, cache_dir=None, log=None, device: str = "cpu") -> SyntheticCheckpoint:
     """The cached build for these parameters under `cache_dir` (default: ~/.cache/oftsurgery/synthetic),
     built first if missing.
 
@@ -351,7 +353,7 @@ def synthetic_checkpoint(preset: str = "tiny", *, num_layers: int = 2, vocab_siz
     if not (target / SPEC_FILE).is_file():
         return build_synthetic_checkpoint(target, preset, num_layers=num_layers, vocab_size=vocab_size, seed=seed,
                                           bits=bits, group_size=group_size, rotation_strength=rotation_strength,
-                                          block_size=block_size, log=log)
+                                          block_size=block_size, log=log, device=device)
     built = _checkpoint(target, json.loads((target / SPEC_FILE).read_text(encoding="utf-8")), rotation_strength,
                         block_size)
     if not built.rotations.is_file():
