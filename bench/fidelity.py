@@ -214,6 +214,13 @@ def main() -> None:
         nll_base = evaluate(ckpt, windows, device=args.device)
         nll_att = evaluate(ckpt, windows, adapter, device=args.device)
         rows = [("quantized base", nll_base, None), ("attached (OFT wrappers)", nll_att, None)]
+        print(f"[fidelity] {fmt}: base ppl {math.exp(nll_base):.3f}, attached ppl {math.exp(nll_att):.3f}", flush=True)
+
+        def add(label: str, nll: float, stats) -> None:  # each row printed as measured: a stopped run keeps them
+            rows.append((label, nll, stats))
+            print(f"[fidelity] {fmt}: {label.strip()}: ppl {math.exp(nll):.3f}, retention "
+                  f"{retention(nll_base, nll_att, nll):.1%}" + (f", {stats['seconds']:.1f} s" if stats else ""), flush=True)
+
         for method in args.methods:
             calibs = args.calib if method == "calibrated" else [args.calib[0]]
             budgets = args.calib_tokens if method == "calibrated" else args.calib_tokens[:1]
@@ -227,16 +234,17 @@ def main() -> None:
                     label = f"merge --method {method}" + (f" --calib {calib} --calib-tokens {tokens}"
                                                           if method == "calibrated" else "")
                     label += f" --tune-steps {tune}" if tune else ""
-                    rows.append((label, evaluate(out, windows, device=args.device), stats))
+                    add(label, evaluate(out, windows, device=args.device), stats)
                     for r in sorted(args.residual_ranks) if rank else []:
                         lora = lora_slice(out / "residual-lora", r, work / f"lora-{fmt}-{tag}-r{r}")
                         size = sum(f.stat().st_size for f in lora.iterdir()) / 1e6
-                        rows.append((f"  + residual LoRA rank {r} ({size:.1f} MB)",
-                                     evaluate(out, windows, device=args.device, lora=lora), None))
+                        add(f"  + residual LoRA rank {r} ({size:.1f} MB)",
+                            evaluate(out, windows, device=args.device, lora=lora), None)
         if fmt == "gptq" and not args.no_full_requant:
             stats = run_child(REQUANT_CHILD, str(ckpt), str(adapter), str(work / "merged-fp16"),
                               str(work / "requant-gptqmodel"), str(args.calib_tokens[0]), "256", args.calib[-1])
-            rows.append((f"GPTQModel full requant --calib {args.calib[-1]}", evaluate(work / "requant-gptqmodel", windows, device=args.device), stats))
+            add(f"GPTQModel full requant --calib {args.calib[-1]}",
+                evaluate(work / "requant-gptqmodel", windows, device=args.device), stats)
         title = {"gptq": "GPTQ 4-bit g128 sym", "gptq-asym": "GPTQ 4-bit g128 asym act-order", "awq": "AWQ 4-bit g64"}[fmt]
         lines = [f"\n{title} - eval {windows.numel()} held-out code tokens, device {args.device}",
                  "| model | perplexity | retention | codes changed | merge time | peak RSS |",

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -388,8 +389,19 @@ def _threads() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+def split_method(method: str) -> tuple[str, list[str]]:
+    """"calibrated+r16+t100" -> ("calibrated", ["--residual-rank", "16", "--tune-steps", "100"])."""
+    base, *stages = method.split("+")
+    extra = []
+    for stage in stages:
+        flag = {"r": "--residual-rank", "t": "--tune-steps"}[stage[0]]
+        extra += [flag, str(int(stage[1:]))]
+    return base, extra
+
+
 def ours_command(ckpt, out: Path, method: str, args, nproc: int) -> list[str]:
     """The user's command line: the CLI, under torchrun for nproc > 1 (docs/distributed.md)."""
+    method, stages = split_method(method)
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc-per-node={nproc}"]
     device = "cuda" if nproc > 1 and args.device.startswith("cuda") else args.device
@@ -397,7 +409,7 @@ def ours_command(ckpt, out: Path, method: str, args, nproc: int) -> list[str]:
     calibration = [] if method == "rtn" else ["--calib-tokens", str(args.calib_tokens), "--seq-len", str(args.seq_len),
                                               "--calib", args.calib]
     return launcher + ["-m", "oftsurgery", "merge", str(ckpt.gptq), str(ckpt.rotations), "--out", str(out),
-                       "--device", device, *calibration, "-q", "--method", method]
+                       "--device", device, *calibration, "-q", "--method", method, *stages]
 
 
 def peer_command(ckpt, out: Path, args, code: str = PEER_PROCESS_CHILD) -> list[str]:
@@ -543,7 +555,9 @@ def _label(key: str) -> str:
         return "GPTQModel (peer)"
     name, _, tree = key.partition(" ")
     method, _, ranks = name.partition("@")
+    method, *stages = method.split("+")
     text = {"rtn": "merge --method rtn", "calibrated": "merge (calibrated)"}.get(method, method)
+    text += "".join({"r": f" + residual LoRA rank {x[1:]}", "t": f" + tune {x[1:]} steps"}[x[0]] for x in stages)
     return text + (f" {tree}" if tree else "") + (f", {ranks} ranks" if ranks else "")
 
 
@@ -799,7 +813,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calib", default="builtin:english", help="calibration text for merge and peer alike")
     parser.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda or "
                                                           "cuda:N, for the merges and the peer alike")
-    parser.add_argument("--methods", default="rtn,calibrated", help="comma-separated: rtn, calibrated")
+    parser.add_argument("--methods", default="rtn,calibrated",
+                        help="comma-separated: rtn, calibrated; calibrated+r16 adds --residual-rank 16, "
+                             "calibrated+t100 --tune-steps 100 (both: calibrated+r16+t100; process mode only)")
     parser.add_argument("--nproc", default="1", help="comma-separated rank counts, e.g. 1,2,4,8: each merge also "
                                                        "runs under torchrun with that many ranks (1: one plain process)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
@@ -825,12 +841,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fails alone; CUDA maps far more virtual memory than it uses, so not with cuda)")
     args = parser.parse_args(argv)
     args.methods = _csv(args.methods, parser, "--methods")
-    unknown = sorted(set(args.methods) - {"rtn", "calibrated"})
+    stage = re.compile(r"calibrated(\+[rt][0-9]+)*")
+    unknown = sorted(m for m in args.methods if m != "rtn" and not stage.fullmatch(m))
     if unknown or not args.methods:
-        parser.error(f"--methods takes rtn and/or calibrated, not {','.join(unknown) or 'nothing'}")
+        parser.error(f"--methods takes rtn, calibrated and calibrated+rN/+tN, not {','.join(unknown) or 'nothing'}")
     args.modes = _csv(args.modes, parser, "--modes")
     if not args.modes or set(args.modes) - {"process", "loop"}:
         parser.error("--modes takes process and/or loop")
+    if "loop" in args.modes and any("+" in m for m in args.methods):
+        parser.error("the stages +rN/+tN are timed in --modes process only (the loop table runs MergeOptions' defaults)")
     if args.layers < 1 or args.calib_tokens < args.seq_len:
         parser.error("--layers must be at least 1 and --calib-tokens at least --seq-len")
     if args.depths is None:

@@ -199,13 +199,13 @@ def fit_grid(
     """
     out_f, in_f = weight.shape
     maxq = (1 << bits) - 1
-    g_idx = default_g_idx(in_f, group_size) if g_idx is None else g_idx.to(torch.int32)
+    g_idx = (default_g_idx(in_f, group_size) if g_idx is None else g_idx).to(weight.device, torch.int32)
     n_groups = max(num_groups_for(in_f, group_size), int(g_idx.max()) + 1 if in_f else 1)
     w_t = weight.detach().float().T  # [in, out]
     index = g_idx.long().unsqueeze(1).expand(-1, out_f)
     # Reducing into zeros with include_self folds the "range includes 0" rule into the reduction.
-    xmin = torch.zeros(n_groups, out_f).scatter_reduce(0, index, w_t, "amin", include_self=True)
-    xmax = torch.zeros(n_groups, out_f).scatter_reduce(0, index, w_t, "amax", include_self=True)
+    xmin = torch.zeros(n_groups, out_f, device=w_t.device).scatter_reduce(0, index, w_t, "amin", include_self=True)
+    xmax = torch.zeros(n_groups, out_f, device=w_t.device).scatter_reduce(0, index, w_t, "amax", include_self=True)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
@@ -247,7 +247,8 @@ def quantize_weight(
     g_idx: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Fit a gptqmodel-style grid to `weight` [out, in] and round it onto that grid (RTN)."""
-    g_idx = default_g_idx(weight.shape[1], group_size) if g_idx is None else g_idx.to(torch.int32).contiguous()
+    g_idx = (default_g_idx(weight.shape[1], group_size) if g_idx is None else g_idx).to(weight.device, torch.int32)
+    g_idx = g_idx.contiguous()
     scales, zeros = fit_grid(weight, bits, group_size, sym, g_idx)
     codes = quantize_to_codes(weight, scales, zeros, g_idx, bits)
     return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, bits=bits, group_size=group_size)
