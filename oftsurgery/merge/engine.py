@@ -18,7 +18,6 @@ from oftsurgery.errors import MergeError, OftSurgeryError
 from oftsurgery.io import (MERGE_REPORT, CheckpointReader, CheckpointWriter, atomic_output, check_output_path,
                            copy_side_files)
 from oftsurgery.io.ownership import RESIDUAL_LORA_DIR
-from oftsurgery.merge.calibrated_loop import _merge_calibrated
 from oftsurgery.merge.merger import Merger
 from oftsurgery.merge.options import FORWARD_DTYPES, METHODS, MergeOptions
 from oftsurgery.merge.plan import MergePlan, plan_merge
@@ -118,6 +117,8 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
             try:
                 merger.write_group(sink, outside)
                 if options.method == "calibrated" and plan.targeted:
+                    from oftsurgery.merge.calibrated_loop import _merge_calibrated  # not imported for rtn
+
                     _merge_calibrated(reader, merger, by_layer, sink, report, progress)
                 else:
                     for index in _progress(by_layer, len(by_layer), "merging", progress):
