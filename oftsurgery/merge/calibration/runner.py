@@ -105,6 +105,7 @@ class LayerwiseModel:
         self.architecture = type(self.model).__name__
         self.base, self.layers, self.layers_path = decoder_layers(self.model)
         self.num_layers = len(self.layers)
+        self._outside: dict[str, torch.Tensor] = {}  # embeddings, norms: read once, shared with verify's model
         self._materialize_outside_layers(self.model, self.base, self.layers)
         self._kwargs: list[dict[str, Any]] | None = None
         self._kwargs_seq_len: int | None = None
@@ -129,7 +130,10 @@ class LayerwiseModel:
 
     # ---- materialising ---------------------------------------------------------------------------
     def _materialize_outside_layers(self, model: "nn.Module", base: "nn.Module", layers: "nn.ModuleList") -> None:
-        """Embeddings, norms and buffers of the base model (everything but the decoder layers) on the device."""
+        """Embeddings, norms and buffers of the base model (everything but the decoder layers) on the device.
+
+        Parameters are read from the checkpoint once: `verify`'s stock model gets the very tensors the
+        runner holds (nothing modifies them), not a second copy of the embeddings."""
         base_path = next(name for name, module in model.named_modules() if module is base)
         layers_rel = next(name for name, module in base.named_modules() if module is layers)
         tensors = self._tensors(lambda prefix: self._unexpected_quantized(prefix))
@@ -138,7 +142,9 @@ class LayerwiseModel:
             full = f"{base_path}.{name}" if base_path else name
             if name.startswith(inside) or not tensors.has(full):
                 continue  # decoder layers come later; a parameter the checkpoint lacks stays meta, unused
-            set_tensor(base, name, tensors.get(full).to(self.device))
+            if full not in self._outside:
+                self._outside[full] = tensors.get(full, device=self.device)
+            set_tensor(base, name, self._outside[full])
         for name, buffer in list(base.named_buffers()):
             if not name.startswith(inside):
                 set_tensor(base, name, buffer.to(self.device))

@@ -121,13 +121,19 @@ class CheckpointTensors:
     def has(self, name: str) -> bool:
         return name in self.names or (name.endswith(".weight") and self.is_quantized(name[: -len(".weight")]))
 
-    def get(self, name: str) -> "torch.Tensor":
-        """Tensor `name`; `X.weight` of a quantized linear X is its dequantized float weight [out, in]."""
+    def get(self, name: str, device: "torch.device | str | None" = None) -> "torch.Tensor":
+        """Tensor `name`; `X.weight` of a quantized linear X is its dequantized float weight [out, in].
+
+        With `device`, a stored tensor goes there as stored and becomes float32 there (the same values:
+        half precision widens exactly), so a GPU receives half the bytes of a float32 copy."""
         import torch
 
         if name.endswith(".weight") and self.is_quantized(name[: -len(".weight")]):
-            return self._linear_weight(name[: -len(".weight")]).to(torch.float32)
+            value = self._linear_weight(name[: -len(".weight")]).to(torch.float32)
+            return value if device is None else value.to(device)
         value = self._tensor(name)
+        if device is not None:
+            value = value.to(device)
         return value.to(torch.float32) if value.is_floating_point() else value
 
 
