@@ -381,3 +381,26 @@ def test_stock_tensor_inverts_defusers_split(arch):
     assert fused, "defuser split nothing"
     for name, param in stock.named_parameters():
         assert torch.equal(stock_tensor(stock, "", name, tensors), param.detach()), name
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHITECTURES))
+@pytest.mark.parametrize("checkpoint_layout", [True, False])
+def test_skeletons_skip_only_the_meta_parameters_initialisation(arch, checkpoint_layout, monkeypatch):
+    """build_skeleton marks its meta parameters initialised, so transformers does not draw random values
+    into them (a second per 7B skeleton); what it does build is unchanged: the same parameters, and
+    buffers (rotary tables, embedding scales) bit for bit those of the full initialisation."""
+    from oftsurgery.merge.calibration import skeleton
+    from oftsurgery.testing.models import tiny_config
+
+    config = tiny_config(arch)
+    fast = skeleton.build_skeleton(config, checkpoint_layout=checkpoint_layout)
+    monkeypatch.setattr(skeleton, "_meta_parameters_initialized", contextlib.nullcontext)
+    full = skeleton.build_skeleton(config, checkpoint_layout=checkpoint_layout)
+    assert {n: (p.shape, p.dtype, p.device.type) for n, p in fast.named_parameters()} == \
+        {n: (p.shape, p.dtype, p.device.type) for n, p in full.named_parameters()}
+    assert all(p.device.type == "meta" for p in fast.parameters())
+    fast_buffers, full_buffers = dict(fast.named_buffers()), dict(full.named_buffers())
+    assert fast_buffers.keys() == full_buffers.keys()
+    for name, buffer in full_buffers.items():
+        assert buffer.device.type != "meta", name
+        assert buffer.dtype == fast_buffers[name].dtype and torch.equal(buffer, fast_buffers[name]), name
