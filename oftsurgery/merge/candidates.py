@@ -70,7 +70,7 @@ def requantize_layer(
     else:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     source = replace(qw, codes=qw.codes.to(dev), scales=qw.scales.to(dev), zeros=qw.zeros.to(dev), g_idx=qw.g_idx.to(dev))
-    weight, target = source.dequantize(), target.to(dev, torch.float32)
+    target = target.to(dev, torch.float32)
     fallbacks: list[str] = []
     heldout_tokens = 0
     if calibrated:
@@ -81,6 +81,7 @@ def requantize_layer(
 
         if solved is None:
             solved = requant.requantize_calibrated(source, target, fit)
+        weight = source.dequantize()  # after the solve: out·in·4 bytes it does not need
         fallbacks += solved.fallbacks
         stages, kernel, damp = solved.stages, solved.kernel, solved.damp
         candidates = {"compensated": solved.weight, "rtn": requant.requantize_rtn(source, target)}
@@ -99,6 +100,7 @@ def requantize_layer(
         def residual(w) -> float:  # ‖E‖²_F in weight space: no data, H = I
             return float(torch.linalg.vector_norm(w - target, dtype=torch.float64) ** 2)
 
+        weight = source.dequantize()
         candidates = {"rtn": requant.requantize_rtn(source, target)}
         errors = {"rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
         preferred = "rtn"

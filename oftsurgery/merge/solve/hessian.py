@@ -119,12 +119,10 @@ class InputHessian:
 
         err_t = err_t.to(self.device, torch.float64)
         rows = self.rows
+        # X or H in float64 for this call only: kept, H alone would be in² · 8 bytes for the whole group
         if rows is not None:
-            key = ("rows", torch.float64)
-            if key not in self.cache:
-                self.cache[key] = rows.to(torch.float64)
-            return (self.cache[key] @ err_t).square().sum()
-        return (self.matrix_as(torch.float64) @ err_t).mul_(err_t).sum()
+            return (rows.to(torch.float64) @ err_t).square().sum()
+        return (self.matrix.to(torch.float64) @ err_t).mul_(err_t).sum()
 
     def matrix_as(self, dtype: "torch.dtype") -> "torch.Tensor":
         """H (undamped) in `dtype`, converted once and shared by the linears of this input."""

@@ -74,9 +74,20 @@ class _Layer:
         ends = [sum(q.out_features for q in qws[: k + 1]) for k in range(len(qws))]
         self.parts = [slice(end - q.out_features, end) for q, end in zip(qws, ends)]
         self.target_t = side_by_side([t.to(dev, self.dtype).T for t in targets])
-        self.zeros_t = side_by_side([q.zeros.to(dev) for q in qws])[self.g_idx].to(self.dtype)
+        self.zeros = side_by_side([q.zeros.to(dev) for q in qws])  # [G, out]; zeros_t expands it when asked
         self.source_scales = side_by_side([q.scales.to(dev) for q in qws])
-        self.source_codes_t = side_by_side([q.codes.to(dev).T for q in qws]).to(self.dtype)  # [in, out], rows contiguous
+
+    # [in, out] expansions of the grid, made when a stage needs them and not kept (each is out·in·4 bytes)
+    @property
+    def zeros_t(self) -> "torch.Tensor":
+        return self.zeros[self.g_idx].to(self.dtype)
+
+    @property
+    def source_codes_t(self) -> "torch.Tensor":
+        import torch
+
+        codes = [q.codes.to(self.device).T for q in self.qws]  # [in, out], rows contiguous
+        return (codes[0].contiguous() if len(codes) == 1 else torch.cat(codes, dim=1)).to(self.dtype)
 
     def part(self, k: int) -> "_Layer":
         """Part `k` as a problem of its own (the same values, its own tensors)."""
@@ -97,7 +108,9 @@ class _Layer:
         found = []
         for k in range(len(self.parts)) if parts is None else parts:
             sl = self.parts[k]
-            weight = self.scales_t(scales[:, sl], torch.float32) * (codes_t[:, sl].float() - self.zeros_t[:, sl].float())
+            zeros = self.zeros[:, sl][self.g_idx].float()
+            weight = self.scales_t(scales[:, sl], torch.float32) * (codes_t[:, sl].float() - zeros)
+            del zeros
             err = weight.double().sub_(self.target_t[:, sl].to(torch.float64))
             found.append(self.hessian.error(err.contiguous()))
         return found
@@ -167,17 +180,27 @@ def _gptq_factor(hessian: "InputHessian", damp: float, act_order: bool, dtype) -
         n = H.shape[0]
         perm = (torch.argsort(diag, descending=True, stable=True) if act_order
                 else torch.arange(n, device=H.device))
-        H = H[perm][:, perm]
+        del diag
+        # in×in float64 is 6.6 GB at in = 28672: never more than two such matrices at once (the
+        # permuted copy in one gather; the inverse written over L, which cholesky_ex makes column-major,
+        # the layout cholesky_inverse works in: the same bits, and on CUDA one working copy, not two)
+        if act_order:
+            H = H[perm.unsqueeze(1), perm]
         L, info = torch.linalg.cholesky_ex(H)
         del H
         if int(info) != 0:  # one host synchronisation per input, not per column
             hessian.cache[key] = SolverError(f"the Hessian is not positive definite at damp {damp:g}")
         else:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) != 0 or not bool(torch.isfinite(U).all()):
+            inverse = torch.cholesky_inverse(L, out=L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            # every entry finite iff its min and max are (NaN propagates): isfinite(U) would hold 11 bytes per entry
+            finite = torch.isfinite(torch.stack(torch.aminmax(U))).all()
+            if int(info) != 0 or not bool(finite):
                 hessian.cache[key] = SolverError(f"the inverse Hessian is not positive definite at damp {damp:g}")
-            else:
-                hessian.cache[key] = (perm, U.to(dtype).contiguous())  # rows contiguous: the loop reads rows
+            else:  # rows contiguous (the loop reads rows), in one copy
+                hessian.cache[key] = (perm, U.to(dtype, memory_format=torch.contiguous_format))
     factor = hessian.cache[key]
     if isinstance(factor, SolverError):
         raise factor
@@ -191,14 +214,15 @@ def _gptq_pass(layer: _Layer, perm: "torch.Tensor", U: "torch.Tensor", block_siz
     from oftsurgery.merge.solve import kernels
 
     w = layer.target_t[perm]  # a copy, rows in visiting order; updated with the compensations
-    s = layer.scales_t(layer.source_scales)[perm]
-    z = layer.zeros_t[perm]
+    groups = layer.g_idx[perm]  # each visited column's group: its scales and zeros, a block at a time
     codes = torch.empty_like(w)
     n, maxq = w.shape[0], layer.maxq
     fused = kernels.use_triton(w)
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
-        wb, sb, zb, qb, ub = w[b0:b1], s[b0:b1], z[b0:b1], codes[b0:b1], U[b0:b1, b0:b1]
+        sb = layer.source_scales[groups[b0:b1]].to(layer.dtype)
+        zb = layer.zeros[groups[b0:b1]].to(layer.dtype)
+        wb, qb, ub = w[b0:b1], codes[b0:b1], U[b0:b1, b0:b1]
         errb = torch.empty_like(wb)
         if fused:  # the same loop as one GPU kernel per block (kernels.py)
             kernels.gptq_block(wb, sb, zb, ub, qb, errb, maxq)
@@ -261,12 +285,13 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
     s = layer.scales_t(scales)
     codes = codes_t.to(dt, memory_format=torch.contiguous_format, copy=True)
     err = s * (codes - layer.zeros_t) - layer.target_t  # Eᵀ
+    del s  # [in, out]: the loop takes each block's rows of s and of the curvature as it goes
     grad = (H @ err).add_(err * lam)  # ((H + λI) Eᵀ)[i, o]: half the objective's gradient in Ŵ[o, i]
     del err
     diag = H.diagonal() + lam
     # minimiser of the 1-D quadratic along one code: step = round(−grad / (s · diag)); an input with
     # zero curvature (H = 0, no damping) gets a denominator of −inf, i.e. no step
-    neg_curv = torch.where(diag > 0, -diag, torch.full_like(diag, -torch.inf)).unsqueeze(1) * s
+    neg_diag = torch.where(diag > 0, -diag, torch.full_like(diag, -torch.inf)).unsqueeze(1)
     n, maxq = codes.shape[0], layer.maxq
     fused = kernels.use_triton(codes)
     for _ in range(sweeps):
@@ -274,7 +299,8 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
         for b0 in range(0, n, block_size):
             b1 = min(b0 + block_size, n)
             gb = grad[b0:b1].clone()  # the block's gradient rows, kept current within the block
-            cb, sb, nb, hb = codes[b0:b1], s[b0:b1], neg_curv[b0:b1], H[b0:b1, b0:b1]
+            sb = scales[layer.g_idx[b0:b1]].to(dt)
+            cb, nb, hb = codes[b0:b1], neg_diag[b0:b1] * sb, H[b0:b1, b0:b1]
             delta = torch.zeros_like(gb)  # changes of Ŵᵀ in this block
             if fused:  # the same loop as one GPU kernel per block (kernels.py)
                 kernels.refine_block(gb, cb, sb, nb, hb, delta, maxq)
@@ -425,6 +451,9 @@ def _solve(layer: _Layer, damp: float, block_size: int, act_order: bool) -> list
     else:
         shared.append(f"cholesky: {last} (and at damp {', '.join(f'{d:g}' for d in RETRY_DAMPS if d > damp)}), "
                       "so the codes start from round-to-nearest")
+    if used_damp is not None:  # the factor (in² · 4 bytes) is not needed by the later stages: free it now
+        hess.cache.pop(("gptq", used_damp, act_order, layer.dtype), None)
+        perm = U = None
     parts = range(len(layer.parts))
     stages = [["gptq"] if codes is not None else ["rtn"] for _ in parts]
     fallbacks = [list(shared) for _ in parts]
@@ -463,6 +492,7 @@ def _solve(layer: _Layer, damp: float, block_size: int, act_order: bool) -> list
             for k in better:
                 codes[:, layer.parts[k]] = cand_codes[:, layer.parts[k]]
                 scales[:, layer.parts[k]] = cand_scales[:, layer.parts[k]]
+        cand_codes = cand_scales = None  # a rejected candidate is not kept through the next stage
     kernel = "triton" if kernels.use_triton(layer.target_t) else "torch"
     return [CalibratedResult(weight, float(best[k]), stages[k], fallbacks[k], used_damp, kernel)
             for k, weight in zip(parts, layer.quantized(codes, scales))]
