@@ -210,6 +210,8 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
 
         merger.solve([prefix + name for name in group], solve_here, solve_together)
         del inputs  # frees the group's Hessian and the solver's factors before the next group
+        if torch.device(ranks.device).type == "cuda":  # hands the group's blocks back: the next group's
+            torch.cuda.empty_cache()                   # sizes differ, and cached ones would add to its peak
         put_requantized(group)
     return layer_module
 
