@@ -19,6 +19,22 @@ import click
 
 from oftsurgery.errors import OftSurgeryError, exit_code
 
+
+def default_cuda_allocator(environ=os.environ) -> None:
+    """Have torch's CUDA caching allocator grow expandable segments unless the user configured it.
+
+    Set before torch is imported (importing this module does it; the commands import torch later).
+    The calibrated merge frees and allocates tensors of many sizes (in×in Hessians and factors,
+    out×in work matrices); with fixed segments the cached blocks they leave behind are often too
+    small for the next request, and the reserve nvidia-smi shows grows far past what is allocated
+    (docs/performance.md, "Peak memory"). torch ≥ 2.9 reads PYTORCH_ALLOC_CONF first and falls back
+    to PYTORCH_CUDA_ALLOC_CONF, which older versions read; a user's setting of either is kept."""
+    if "PYTORCH_ALLOC_CONF" not in environ:
+        environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+default_cuda_allocator()
+
 # command name -> module under oftsurgery.cli.commands that defines a click command called `command`
 COMMANDS = {
     "inspect": "inspect",
