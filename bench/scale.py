@@ -717,12 +717,39 @@ def render_loop(results: dict) -> list[str]:
     return lines + ([""] + notes if notes else [])
 
 
+def render_budget(results: dict) -> list[str]:
+    """`--gpu-budget-gb`: whether each of our runs' peak GPU memory, as nvidia-smi listed it for the
+    process (CUDA context and the caching allocator's reserve included), stayed within the budget."""
+    budget = results["setup"].get("gpu_budget_gb")
+    if budget is None:
+        return []
+    found = [(f"{_label(key)}, {depth} layers", run) for key, by_depth in results["process"]["runs"].items()
+             if key != "peer" for depth, run in by_depth.items()]
+    found += [(f"{_label(key)}, whole model", run) for key, run in results["process"]["whole"].items() if key != "peer"]
+    found += [(f"{_label(key)}, in-process loop", run) for key, run in (results.get("loop") or {}).items()
+              if key != "peer"]
+    lines = ["", f"GPU budget {budget:g} GB (peak nvidia-smi memory of the process):"]
+    for what, run in found:
+        used = run.get("smi_gpu_bytes")
+        verdict = ("no nvidia-smi figure" if used is None else
+                   f"{used / 1e9:.2f} GB: {'within' if used <= budget * 1e9 else 'OVER'} budget"
+                   + ("" if run.get("smi_gpu_source") == "process" else " (device-wide figure)"))
+        lines.append(f"  {what}: {'failed, ' if 'error' in run else ''}{verdict}")
+    if all(run.get("smi_gpu_bytes") is not None and run["smi_gpu_bytes"] <= budget * 1e9 and "error" not in run
+           for _, run in found) and found:
+        lines.append(f"GPU-BUDGET OK: every run stayed within {budget:g} GB")
+    else:
+        lines.append(f"GPU-BUDGET FAILED: a run went over {budget:g} GB, failed or has no nvidia-smi figure")
+    return lines
+
+
 def render(results: dict) -> str:
     lines = render_header(results["setup"])
     if results["process"]["runs"] or results["process"]["whole"]:
         lines += render_process(results)
     if results.get("loop"):
         lines += render_loop(results)
+    lines += render_budget(results)
     return "\n".join(lines)
 
 
@@ -835,6 +862,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=str(default_cache_dir() / "bench-scale"))
     parser.add_argument("--json", default=None, help="where to write the results (default: under --workdir)")
+    parser.add_argument("--gpu-budget-gb", type=float, default=None, metavar="GB",
+                        help="print whether each of our runs' peak nvidia-smi GPU memory stayed within GB "
+                             "(1e9 bytes), e.g. 48 for the 70B-layer target of docs/performance.md")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged and quantized checkpoints")
     parser.add_argument("--memory-limit", type=float, default=None, metavar="GB",
                         help="cap each child's address space (CPU runs on shared machines: a run that needs more "
@@ -945,6 +975,7 @@ def main(argv=None) -> dict:
     for suffix, root in trees[1:]:
         vers[f"oftsurgery_commit{suffix}"] = _git_commit(root)
     setup = {**deepest.spec, "depths": depths, "whole_layers": args.whole, "device": args.device,
+             "gpu_budget_gb": args.gpu_budget_gb,
              "calib": args.calib, "calib_tokens": args.calib_tokens, "seq_len": args.seq_len, "methods": args.methods,
              "modes": args.modes, "our_batch_rows": rows_per_forward, "our_batch_tokens": batch_tokens,
              "peer_batch_size": args.peer_batch_size, "warm_vocab": warm.spec["vocab_size"],
