@@ -66,12 +66,12 @@ def _refit_solution(layer: "_Layer", codes_t: "torch.Tensor", *, damp: float) ->
     # float64 H (in² · 8 bytes: 6.6 GB at in = 28672) lives only for H·T; A's assembly converts H's
     # rows group by group (the same values, so the same sums)
     H = hessian.to(f64)
-    target = layer.target_t.to(f64)
+    target = layer.target_t.to(f64, copy=True)
     HT = H @ target
     del H
-    HT.add_(target * lam)
+    HT.add_(target.mul_(lam))  # products and sums in place: at most three [in, out] float64 at once
     del target
-    D = codes_t.to(f64) - layer.zeros_t.to(f64)  # [in, out]
+    D = codes_t.to(f64, copy=True).sub_(layer.zeros.to(layer.dtype).to(f64)[layer.g_idx])  # [in, out]
     b = groups.sum(HT.mul_(D))  # [G, out]
     del HT
     out_f, G = D.shape[1], layer.num_groups
