@@ -66,3 +66,13 @@ def test_the_formula_is_the_base_plus_the_largest_group_stage():
     detail = predict_peak(1024, 3584, 896, 128, kv=128, detail=True)
     assert detail["peak"] == max(v for k, v in detail.items() if k not in ("peak", "base"))
     assert predict_peak(1024, 3584, 896, 128, kv=128) == detail["peak"]
+
+
+def test_the_cli_defaults_the_cuda_allocator_to_expandable_segments_but_keeps_a_users_setting():
+    from oftsurgery.cli.app import default_cuda_allocator
+
+    for environ, expected in (({}, "expandable_segments:True"),
+                              ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, "max_split_size_mb:128"),
+                              ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, None)):
+        default_cuda_allocator(environ)
+        assert environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected

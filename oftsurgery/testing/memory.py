@@ -126,8 +126,10 @@ def _group_stages(n: int, m: int, parts: list[int], t: int, s: int) -> dict[str,
         "solve: gptq pass": 2 * h + rows + targets + 8 * m * n,
         # codes in and out, the gradient, and the error's temporaries (scales, zeros, differences)
         "solve: refine": h + rows + targets + 20 * m * n,
-        # float64 H for H·T with T and H·T in float64, the current codes
-        "solve: refit": 3 * h + rows + targets + 20 * m * n,
+        # the current codes and, in turn: float64 H for H·T with T and H·T in float64; H·T, D and the
+        # zeros gathered in float64; D, the group products P and the G×G systems A
+        "solve: refit": h + rows + targets + max(8 * n * n + 20 * m * n, 28 * m * n,
+                                                  20 * m * n + 8 * m * (n // 128) ** 2),
         # codes and a candidate; one part's error in float64 and X (or H) in float64 with it
         "solve: errors": h + rows + targets + 8 * m * n + 24 * widest * n + 8 * n * min(t, n),
     }
