@@ -735,9 +735,10 @@ def render_budget(results: dict) -> list[str]:
                    f"{used / 1e9:.2f} GB: {'within' if used <= budget * 1e9 else 'OVER'} budget"
                    + ("" if run.get("smi_gpu_source") == "process" else " (device-wide figure)"))
         lines.append(f"  {what}: {'failed, ' if 'error' in run else ''}{verdict}")
+    mine = [run for what, run in found if " [" not in what]  # --code trees' rows are listed, not judged
     if all(run.get("smi_gpu_bytes") is not None and run["smi_gpu_bytes"] <= budget * 1e9 and "error" not in run
-           for _, run in found) and found:
-        lines.append(f"GPU-BUDGET OK: every run stayed within {budget:g} GB")
+           for run in mine) and mine:
+        lines.append(f"GPU-BUDGET OK: every run of this tree stayed within {budget:g} GB")
     else:
         lines.append(f"GPU-BUDGET FAILED: a run went over {budget:g} GB, failed or has no nvidia-smi figure")
     return lines
