@@ -575,11 +575,13 @@ def _torch_gpu(run: dict) -> str:
 
 def _in_process(run: dict) -> str:
     """The child's own clocks: our merge's (merge_report.json), the peer's load + quantize + save."""
+    solves = run.get("solve_per_layer_s")
+    of_which = "" if solves is None else f" (solves {solves:.2f}/layer)"
     if run.get("merge_seconds") is not None:
-        return f"merge {run['merge_seconds']:.1f}"
+        return f"merge {run['merge_seconds']:.1f}{of_which}"
     if run.get("quantize_s") is not None:
-        return (f"imports {run['import_s']:.1f}, load {run['load_s']:.1f} + quantize {run['quantize_s']:.1f} + "
-                f"save {run['save_s']:.1f}")
+        return (f"imports {run['import_s']:.1f}, load {run['load_s']:.1f} + quantize {run['quantize_s']:.1f}"
+                f"{of_which} + save {run['save_s']:.1f}")
     return "-"
 
 
@@ -649,7 +651,9 @@ def render_process(results: dict) -> list[str]:
             lines.append(f"| {_label(key)} | {run['wall_s']:.1f} | {_s(predicted)} | {ratio} | {_in_process(run)} | "
                          f"{_smi(run)} | {_torch_gpu(run)} | {_gb(run.get('peak_rss_bytes'))} |")
     notes = ["", "in-process s: ours, the merge's own clock (merge_report.json `seconds`); the peer, its clocks "
-                 "inside its process (imports and tokenizing, then load, quantize(), save()). torch alloc / reserved: "
+                 "inside its process (imports and tokenizing, then load, quantize(), save()); solves: the linears' "
+                 "solve seconds per decoder layer (ours: merge_report.json, a group's solve split among its linears; "
+                 "the peer: its per-module log), the rest of the clock is the loop's own work. torch alloc / reserved: "
                  "max_memory_allocated / max_memory_reserved where the child reports them (the CLI does not)."]
     if any(run.get("smi_gpu_source") == "device" for by_depth in [*runs.values(), whole] for run in
            (by_depth.values() if isinstance(by_depth, dict) else [])):
