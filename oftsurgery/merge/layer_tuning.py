@@ -174,7 +174,7 @@ def tune_decoder_layer(runner, merger, index: int, hidden: "torch.Tensor", steps
     if result.accepted:
         for name in names:
             source, new = merger.source_weight(name), tuned[name]
-            line = next(r for r in reversed(merger.reports) if r.name == name)
+            line = merger.report_line(name)
             line.codes_changed = float((new.codes != source.codes.to(new.codes.device)).float().mean())
             line.scales_changed = float((new.scales != source.scales.to(new.scales.device)).float().mean())
             line.stages = [*line.stages, "layer_tune"]

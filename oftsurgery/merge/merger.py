@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from oftsurgery.errors import MergeError
 from oftsurgery.io import CheckpointReader
-from oftsurgery.merge.candidates import _to_target_grid, requantize_group, requantize_layer
+from oftsurgery.merge.candidates import _relative, _to_target_grid, requantize_group, requantize_layer
 from oftsurgery.merge.options import MergeOptions
 from oftsurgery.merge.plan import MergePlan
 from oftsurgery.merge.report import LayerReport
@@ -141,26 +141,26 @@ class Merger:
             merged, target, self.options.residual_rank, inputs if calibrated else None,
             device=inputs.fit.device if calibrated else merged.codes.device)
 
+    def report_line(self, prefix: str) -> LayerReport:
+        """The latest report line of linear `prefix`."""
+        return next(r for r in reversed(self.reports) if r.name == prefix)
+
     def remeasure(self, prefix: str, inputs: "CalibrationInputs") -> None:
         """After a layer's weights changed (--tune-steps): its report residuals, measured again on
         `inputs` (the tuned layer's own activations), and its residual LoRA fitted again."""
-        import math
-
         import torch
 
-        report = next(r for r in reversed(self.reports) if r.name == prefix)
+        report = self.report_line(prefix)
         source = _to_target_grid(self.source_weight(prefix), self.plan.source, self.plan.target)
         device = inputs.fit.device
         target = self.plan.layers[prefix].target_weight(source.dequantize()).to(device, torch.float32)
-        measured = inputs.measured
 
         def error(weight) -> float:
-            return float(measured.error((weight.to(device, torch.float32) - target).T))
+            return float(inputs.measured.error((weight.to(device, torch.float32) - target).T))
 
         ref = error(torch.zeros_like(target))
-        if ref > 0:
-            report.residual_before = math.sqrt(error(source.dequantize()) / ref)
-            report.residual_after = math.sqrt(error(self.merged[prefix].dequantize()) / ref)
+        report.residual_before = _relative(error(source.dequantize()), ref)
+        report.residual_after = _relative(error(self.merged[prefix].dequantize()), ref)
         self._fit_residual(prefix, self.merged[prefix], target, inputs, report)
 
     def _record(self, prefix: str, report: LayerReport) -> None:
@@ -215,7 +215,7 @@ class Merger:
                 {"codes": qw.codes, "scales": qw.scales, "zeros": qw.zeros, "g_idx": qw.g_idx,
                  **self.residual.get(prefix, {})} if mine else None,
                 {"bits": qw.bits, "group_size": qw.group_size,
-                 "report": asdict(next(r for r in reversed(self.reports) if r.name == prefix))} if mine else None)
+                 "report": asdict(self.report_line(prefix))} if mine else None)
             if not mine:
                 lora = {k: tensors.pop(k) for k in list(tensors) if k.startswith("lora_")}
                 if lora:
