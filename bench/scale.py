@@ -484,6 +484,7 @@ def report_figures(out: Path) -> dict:
         "codes_changed": report.get("summary", {}).get("codes_changed"),
         "kept_fraction": report.get("summary", {}).get("kept_fraction"),
         "calib_tokens": report.get("calib_tokens"),
+        "phase_seconds": report.get("phase_seconds") or {},
         "modes": sorted({entry.get("mode") for entry in report.get("layers", [])} - {None}),
     }
 
@@ -748,10 +749,36 @@ def render_budget(results: dict) -> list[str]:
     return lines
 
 
+def render_phases(results: dict) -> list[str]:
+    """Where our merges' time went (merge_report.json `phase_seconds`), per decoder layer: the deepest
+    run of each method, and the whole model's."""
+    deepest = {key: max(by_depth, key=int) for key, by_depth in results["process"]["runs"].items()
+               if key != "peer" and by_depth}
+    found = [(f"{_label(key)}, {d} layers", results["process"]["runs"][key][d], int(d)) for key, d in deepest.items()]
+    found += [(f"{_label(key)}, whole model", run, results["setup"].get("whole_layers") or 0)
+              for key, run in results["process"]["whole"].items() if key != "peer"]
+    found = [(what, run, layers) for what, run, layers in found if run.get("phase_seconds") and layers]
+    if not found:
+        return []
+    names = sorted({k for _, run, _ in found for k in run["phase_seconds"]}, key=lambda k: (k.split("/")[0], k))
+    lines = ["", "Where our merge's time went, seconds per decoder layer (merge_report.json `phase_seconds`; "
+                 "\"solve/...\" are parts of \"solve\"; \"pack (writer thread)\" runs beside the loop; the merge's "
+                 "clock minus the loop's phases is its fixed work)", "",
+             "| phase | " + " | ".join(what for what, _, _ in found) + " |", "|---|" + "---|" * len(found)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(
+            "-" if name not in run["phase_seconds"] else f"{run['phase_seconds'][name] / layers:.3f}"
+            for _, run, layers in found) + " |")
+    lines.append("| (merge clock) | " + " | ".join(
+        f"{(run.get('merge_seconds') or 0) / layers:.3f}" for _, run, layers in found) + " |")
+    return lines
+
+
 def render(results: dict) -> str:
     lines = render_header(results["setup"])
     if results["process"]["runs"] or results["process"]["whole"]:
         lines += render_process(results)
+        lines += render_phases(results)
     if results.get("loop"):
         lines += render_loop(results)
     lines += render_budget(results)

@@ -215,6 +215,14 @@ def test_report_says_per_layer_how_it_was_solved_and_when_the_text_ran_short(tin
     assert all(l.stages in (["rtn"], ["kept"]) and l.kernel is None for l in rtn.layers)
     assert "use --method calibrated" in rtn._remedy() and "--calib FILE" in report._remedy()
     assert "--residual-rank" in report._remedy()
+    # where the time went: each phase of the loop and each solver stage, within the merge's own clock
+    phases = saved["phase_seconds"]
+    for phase in ("runner check", "embeddings", "build layer", "statistics", "solve", "solve/gptq",
+                  "solve/refine_codes", "solve/held-out choice", "forward", "read+unpack", "pack (writer thread)"):
+        assert phases.get(phase, 0) > 0, phase
+    top = sum(v for k, v in phases.items() if "/" not in k and k != "pack (writer thread)")
+    assert top <= saved["seconds"] and phases["solve/gptq"] <= phases["solve"]
+    assert "solve/gptq" not in rtn.phase_seconds and rtn.phase_seconds.get("read+unpack", 0) > 0
 
 
 # -- the calibration forward's dtype ------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from oftsurgery.errors import MergeError, UnsupportedFormatError
 from oftsurgery.merge.candidates import NOT_REACHED
 from oftsurgery.merge.merger import Merger
-from oftsurgery.merge.report import MergeReport, _progress
+from oftsurgery.merge.report import PHASES, MergeReport, _progress
 from oftsurgery.merge.runtime.ranks import SingleProcess
 from oftsurgery.merge.runtime.shards import row_batches
 
@@ -183,15 +183,18 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
             unmerged.pop(prefix + name, None)
             runner.set_linear_weight(layer_module, name, merger.merged[prefix + name].dequantize())
 
-    layer_module = runner.build_layer(index, current_weight, hidden.dtype)  # built once per decoder layer
+    with PHASES.phase("build layer"):
+        layer_module = runner.build_layer(index, current_weight, hidden.dtype)  # built once per decoder layer
     local = [n for n in runner.linear_names(layer_module)
              if prefix + n in plan.layers and plan.layers[prefix + n].targeted]
-    groups, unreached = _input_groups(runner, layer_module, index, local, hidden,
-                                      _local_batches(runner, ranks, hidden, num_rows), ranks)
+    with PHASES.phase("input groups"):
+        groups, unreached = _input_groups(runner, layer_module, index, local, hidden,
+                                          _local_batches(runner, ranks, hidden, num_rows), ranks)
     merger.solve([prefix + name for name in unreached], lambda p: _requantize_unreached(merger, p))
     put_requantized(unreached)
     for group in groups:
-        inputs = collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs)
+        with PHASES.phase("statistics"):
+            inputs = collect_group_inputs(ranks, layer_module, group, hidden, num_rows, kwargs)
 
         def unreached(name: str) -> bool:  # routing can shift once earlier groups are requantized
             stats = inputs[name[len(prefix):]]
@@ -208,11 +211,14 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
             return merger.requantize_group(names, inputs[names[0][len(prefix):]],
                                            [unmerged.pop(name, None) for name in names])
 
-        merger.solve([prefix + name for name in group], solve_here, solve_together)
-        del inputs  # frees the group's Hessian and the solver's factors before the next group
-        if torch.device(ranks.device).type == "cuda":  # hands the group's blocks back: the next group's
-            torch.cuda.empty_cache()                   # sizes differ, and cached ones would add to its peak
-        put_requantized(group)
+        with PHASES.phase("solve"):
+            merger.solve([prefix + name for name in group], solve_here, solve_together)
+        with PHASES.phase("free"):
+            del inputs  # frees the group's Hessian and the solver's factors before the next group
+            if torch.device(ranks.device).type == "cuda":  # hands the group's blocks back: the next group's
+                torch.cuda.empty_cache()                   # sizes differ, and cached ones would add to its peak
+        with PHASES.phase("put weights"):
+            put_requantized(group)
     return layer_module
 
 
@@ -293,7 +299,8 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
     except Exception as exc:
         raise MergeError(f"Calibrated merge needs the checkpoint's tokenizer, which could not be loaded ({type(exc).__name__}); "
                          "use --method rtn or add the tokenizer files.") from None
-    ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
+    with PHASES.phase("tokenize"):
+        ids = calibration_batches(text, tokenizer, options.calib_tokens, options.seq_len)
     dtype = _forward_dtype(options.forward_dtype, options.device, reader.config)
     report.forward_dtype = str(dtype).removeprefix("torch.")
     report.calibration, report.calib_tokens = desc, int(ids.numel())
@@ -307,13 +314,15 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
             "decoder-layer module, so calibration could not reach it; use --method rtn."
         )
     # refuse before any merge work if the runner does not reproduce the model's own forward
-    report.runner_check = max(runner.verify(ids[:SELF_CHECK_ROWS], merger.source_weight_float), default=0.0)
+    with PHASES.phase("runner check"):
+        report.runner_check = max(runner.verify(ids[:SELF_CHECK_ROWS], merger.source_weight_float), default=0.0)
     # each rank carries its own rows (all of them in one process), shard by shard; one without rows
     # still runs row 0 once, for the layers' keyword arguments
     ranks, num_rows = merger.ranks, ids.shape[0]
     shards = ranks.local_shards(num_rows)
-    hidden = (torch.cat([runner.first_layer_inputs(ids[s.start : s.stop])[0] for s in shards]) if shards
-              else runner.first_layer_inputs(ids[:1])[0][:0]).to(dtype)
+    with PHASES.phase("embeddings"):
+        hidden = (torch.cat([runner.first_layer_inputs(ids[s.start : s.stop])[0] for s in shards]) if shards
+                  else runner.first_layer_inputs(ids[:1])[0][:0]).to(dtype)
 
     def source_weight(name: str) -> torch.Tensor:
         return merger.source_weight(name).dequantize()
@@ -334,11 +343,14 @@ def _merge_calibrated(reader, merger: Merger, by_layer, writer, report: MergeRep
                     layer_module = _calibrate_decoder_layer(runner, merger, index, hidden,
                                                             runner.layer_kwargs(index, dtype), num_rows)
                     if options.tune_steps:
-                        layer_module = _tune(runner, merger, index, hidden, num_rows, report) or layer_module
+                        with PHASES.phase("tune"):
+                            layer_module = _tune(runner, merger, index, hidden, num_rows, report) or layer_module
                 else:  # nothing to requantize: the layer as stored
                     layer_module = runner.build_layer(index, source_weight, dtype)
-                merger.write_group(writer, names)
-                hidden = _forward_local(runner, ranks, layer_module, index, hidden, num_rows)
+                with PHASES.phase("write (hand-off)"):
+                    merger.write_group(writer, names)
+                with PHASES.phase("forward"):
+                    hidden = _forward_local(runner, ranks, layer_module, index, hidden, num_rows)
                 del layer_module
                 if dtype != torch.float32 and not bool(torch.isfinite(hidden).all()):
                     raise MergeError(f"Decoder layer {index}'s output overflows {report.forward_dtype} on the "

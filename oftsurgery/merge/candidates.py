@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from oftsurgery.merge.plan import LayerPlan
-from oftsurgery.merge.report import LayerReport
+from oftsurgery.merge.report import PHASES, LayerReport
 from oftsurgery.quant.config import QuantConfig
 
 if TYPE_CHECKING:
@@ -84,13 +84,14 @@ def requantize_layer(
         weight = source.dequantize()  # after the solve: out·in·4 bytes it does not need
         fallbacks += solved.fallbacks
         stages, kernel, damp = solved.stages, solved.kernel, solved.damp
-        candidates = {"compensated": solved.weight, "rtn": requant.requantize_rtn(source, target)}
-        # each candidate's error once, on the held-out rows: on the rows it fitted the solve always looks
-        # best, also where it has only fitted their noise (few tokens for many inputs); held out, it can
-        # lose to rounding or even to the source codes, and then the winner takes its place. Measured
-        # here, never taken from the solver, also on the fitted rows (fewer than 8 rows: none held out)
-        errors = {"compensated": residual(solved.weight.dequantize()),
-                  "rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
+        with PHASES.phase("solve/held-out choice"):
+            candidates = {"compensated": solved.weight, "rtn": requant.requantize_rtn(source, target)}
+            # each candidate's error once, on the held-out rows: on the rows it fitted the solve always looks
+            # best, also where it has only fitted their noise (few tokens for many inputs); held out, it can
+            # lose to rounding or even to the source codes, and then the winner takes its place. Measured
+            # here, never taken from the solver, also on the fitted rows (fewer than 8 rows: none held out)
+            errors = {"compensated": residual(solved.weight.dequantize()),
+                      "rtn": residual(candidates["rtn"].dequantize()), "kept": residual(weight)}
         preferred = "compensated"
         heldout_tokens = measured.tokens if measured is not fit else 0
     else:

@@ -21,7 +21,7 @@ from oftsurgery.io.ownership import RESIDUAL_LORA_DIR
 from oftsurgery.merge.merger import Merger
 from oftsurgery.merge.options import FORWARD_DTYPES, METHODS, MergeOptions
 from oftsurgery.merge.plan import MergePlan, plan_merge
-from oftsurgery.merge.report import MergeReport, _progress
+from oftsurgery.merge.report import PHASES, MergeReport, _progress
 from oftsurgery.merge.runtime.ranks import SingleProcess, open_ranks
 from oftsurgery.merge.runtime.writer import BackgroundWriter, InlineWriter, WorkerFailed
 from oftsurgery.quant.config import load_quant_config
@@ -73,6 +73,7 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
     ranks.check_device()  # resolved once, before any work (cuda under torchrun: each rank its own GPU)
     options = replace(options, device=ranks.device)
     started = time.perf_counter()
+    PHASES.reset()
     reader = CheckpointReader(checkpoint, allow_pickle=options.allow_pickle)
     source = load_quant_config(checkpoint)
     rotations = load_rotations(adapter)
@@ -136,6 +137,7 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
                     writer.abort()
             report.layers = merger.reports
             report.seconds = time.perf_counter() - started
+            report.phase_seconds = PHASES.snapshot()
             if tmp is not None:
                 _write_configs(reader, plan, tmp)
                 copy_side_files(reader.side_files(), tmp)

@@ -18,7 +18,7 @@ from oftsurgery.io import CheckpointReader
 from oftsurgery.merge.candidates import _relative, _to_target_grid, requantize_group, requantize_layer
 from oftsurgery.merge.options import MergeOptions
 from oftsurgery.merge.plan import MergePlan
-from oftsurgery.merge.report import LayerReport
+from oftsurgery.merge.report import PHASES, LayerReport
 from oftsurgery.merge.runtime.ranks import SingleProcess
 from oftsurgery.merge.runtime.transfer import adopt, continue_elsewhere, to_host, upload
 
@@ -64,14 +64,15 @@ class Merger:
         if prefix in self._unpacked:
             return self._unpacked[prefix]
         cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
-        ahead = self._reads.pop(prefix, None)
-        if ahead is not None:
-            packed, rotation = ahead.result()
-            if rotation:
-                self._rotations[prefix] = adopt(rotation)
-        else:
-            packed = _layer_tensors_on(self.reader, prefix, self.options.device)
-        qw = unpack_layer(adopt(packed), cfg)
+        with PHASES.phase("read+unpack"):  # the wait for a read ahead, or the read itself
+            ahead = self._reads.pop(prefix, None)
+            if ahead is not None:
+                packed, rotation = ahead.result()
+                if rotation:
+                    self._rotations[prefix] = adopt(rotation)
+            else:
+                packed = _layer_tensors_on(self.reader, prefix, self.options.device)
+            qw = unpack_layer(adopt(packed), cfg)
         if cache:
             self._unpacked[prefix] = qw
         return qw
@@ -137,9 +138,10 @@ class Merger:
             source = _to_target_grid(self.source_weight(prefix, cache=False), self.plan.source, self.plan.target)
             target = self.plan.layers[prefix].target_weight(source.dequantize())
         calibrated = inputs is not None and inputs.fit.reached
-        self.residual[prefix], report.residual_lora = fit_residual_adapter(
-            merged, target, self.options.residual_rank, inputs if calibrated else None,
-            device=inputs.fit.device if calibrated else merged.codes.device)
+        with PHASES.phase("solve/residual lora"):
+            self.residual[prefix], report.residual_lora = fit_residual_adapter(
+                merged, target, self.options.residual_rank, inputs if calibrated else None,
+                device=inputs.fit.device if calibrated else merged.codes.device)
 
     def report_line(self, prefix: str) -> LayerReport:
         """The latest report line of linear `prefix`."""
@@ -317,7 +319,7 @@ class Merger:
     def _pack_to_host(self, prefix: str, qw: "QuantizedWeight", on_own_stream) -> list[tuple[str, "torch.Tensor"]]:
         """The writer's job for one linear: packed on the device (on the writer thread's own stream,
         after the kernels that made `qw`), then copied to the host with one wait."""
-        with on_own_stream():
+        with PHASES.phase("pack (writer thread)"), on_own_stream():
             return sorted(to_host(self._pack(prefix, qw)).items())
 
     def _read_ahead(self, prefix: str) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:

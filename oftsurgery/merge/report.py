@@ -4,11 +4,58 @@ progress bar shown while the layers are merged."""
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 NEGLIGIBLE_CHANGE = 1e-3  # fewer than 0.1% of codes (and of fp16 scales) changed across the merged layers
+
+
+class PhaseClock:
+    """Seconds per phase of a merge (the calibration forward, the statistics, each solver stage, ...),
+    summed over the run and written to merge_report.json as `phase_seconds`: where a merge's time goes,
+    for benches and for users asking why a merge is slow.
+
+    GPU work is asynchronous, so without a wait a phase is charged for what it queued only where the
+    CPU waits on its results. OFTSURGERY_PHASE_SYNC=1 makes every phase wait for the GPU at its end,
+    which attributes GPU time exactly and costs a little overlap (for benches).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+        self.sync = os.environ.get("OFTSURGERY_PHASE_SYNC") == "1"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.seconds = {}
+        self.sync = os.environ.get("OFTSURGERY_PHASE_SYNC") == "1"
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                import torch
+
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {k: round(v, 4) for k, v in sorted(self.seconds.items())}
+
+
+PHASES = PhaseClock()  # the running merge's (one merge per process at a time)
 
 
 @dataclass
@@ -61,6 +108,9 @@ class MergeReport:
     layer_tuning: list[dict[str, Any]] = field(default_factory=list)  # per decoder layer: --tune-steps' outcome
     calib_tokens_requested: int = 0  # --calib-tokens (calib_tokens is what the text gave, in whole rows)
     calib_text_short: bool = False  # the calibration text held fewer rows than were asked for
+    # where the merge's time went: seconds per phase summed over the run (`PhaseClock`; nested phases
+    # are named "outer/inner" and counted in the outer one too; "pack+write" runs beside the loop)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     # ---- aggregate figures ----
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from oftsurgery.merge.report import PHASES
 from oftsurgery.merge.solve.refit import _refit, _refit_solution  # noqa: F401 (the stage, and for the tests)
 
 if TYPE_CHECKING:
@@ -64,13 +65,11 @@ class _Layer:
             return columns[0].contiguous() if len(columns) == 1 else torch.cat(columns, dim=1)
 
         qw = self.qw = qws[0]
-        self.qws = qws
-        self.hessian = hessian
+        self.qws, self.hessian = qws, hessian
         dev = self.device = hessian.device
         self.dtype = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
-        self.maxq = float(qw.maxq)
+        self.maxq, self.num_groups = float(qw.maxq), qw.num_groups
         self.g_idx = qw.g_idx.to(dev).long()
-        self.num_groups = qw.num_groups
         ends = [sum(q.out_features for q in qws[: k + 1]) for k in range(len(qws))]
         self.parts = [slice(end - q.out_features, end) for q, end in zip(qws, ends)]
         self.target_t = side_by_side([t.to(dev, self.dtype).T for t in targets])
@@ -434,11 +433,12 @@ def _solve(layer: _Layer, damp: float, block_size: int, act_order: bool) -> list
     codes = used_damp = None
     for attempt in (damp, *[d for d in RETRY_DAMPS if d > damp]):
         try:
-            perm, U = _gptq_factor(hess, attempt, act_order, layer.dtype)
-            if attempt != damp:
-                shared.append(f"cholesky: the Hessian is not positive definite at damp {damp:g}, "
-                              f"so the GPTQ pass used damp {attempt:g}")
-            codes = _gptq_pass(layer, perm, U, block_size)
+            with PHASES.phase("solve/gptq"):  # the factor (once per input: InputHessian caches it) and the pass
+                perm, U = _gptq_factor(hess, attempt, act_order, layer.dtype)
+                if attempt != damp:
+                    shared.append(f"cholesky: the Hessian is not positive definite at damp {damp:g}, "
+                                  f"so the GPTQ pass used damp {attempt:g}")
+                codes = _gptq_pass(layer, perm, U, block_size)
             used_damp = attempt
         except SolverError as exc:
             last = exc
@@ -460,18 +460,20 @@ def _solve(layer: _Layer, damp: float, block_size: int, act_order: bool) -> list
     if codes is None:
         codes = layer.rtn_codes_t()
     scales = layer.source_scales
-    best = layer.errors(codes, scales)
+    with PHASES.phase("solve/errors"):
+        best = layer.errors(codes, scales)
 
     polish = lambda c, s: (_refine(layer, c, s, sweeps=2, damp=damp, block_size=block_size), s)  # noqa: E731
     refit = lambda c, s: (c, _refit(layer, c, s, damp=damp))  # noqa: E731
-    for name, stage in (("refine_codes", polish), ("refit_scales", refit), ("refine_codes", polish)):
+    for step, (name, stage) in enumerate((("refine_codes", polish), ("refit_scales", refit), ("refine_codes", polish))):
         # a part exact already (identity rotation) is done: nothing can improve it
         active = [k for k in parts if float(best[k]) != 0.0]
         if not active:
             break
         try:
-            cand_codes, cand_scales = stage(codes, scales)
-            errors = layer.errors(cand_codes, cand_scales, active)
+            with PHASES.phase(f"solve/{name}{' again' if step == 2 else ''}"):  # the stage and its error
+                cand_codes, cand_scales = stage(codes, scales)
+                errors = layer.errors(cand_codes, cand_scales, active)
         except RuntimeError as exc:  # includes torch's LinAlgError and out-of-memory
             if joint:
                 raise _Apart from exc
