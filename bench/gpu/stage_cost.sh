@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the optional stages (--residual-rank 16, --tune-steps 20: 99.9% on SmolLM2) cost per 7B decoder layer (issue 20): fitted over 1 and 2 layers, warmed.
 source bench/gpu/_setup.sh
-timeout $((570 - SECONDS)) python3 bench/scale.py --preset 7b --layers 2 --depths 1,2 --vocab 4096 --device cuda \
+timeout $((LIMIT - SECONDS)) python3 bench/scale.py --preset 7b --layers 2 --depths 1,2 --vocab 4096 --device cuda \
     --methods calibrated,calibrated+r16,calibrated+t20 --modes process --no-peer --keep-outputs \
     --workdir /tmp/bs --json "$OUT/stages.json" > "$OUT/stages.log" 2>&1
 grep -A6 '^| run' "$OUT/stages.log"

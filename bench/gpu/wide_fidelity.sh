@@ -5,7 +5,7 @@ source bench/gpu/_setup.sh
 timeout 200 python3 bench/wide_model.py --out /tmp/wide --minutes 1.5 --code-chars 2500000 --device cuda \
     > "$OUT/wide.log" 2>&1
 tail -1 "$OUT/wide.log"
-timeout $((570 - SECONDS)) python3 bench/fidelity.py --workdir /tmp/fidw --fp-model /tmp/wide --device cuda \
+timeout $((LIMIT - SECONDS)) python3 bench/fidelity.py --workdir /tmp/fidw --fp-model /tmp/wide --device cuda \
     --formats gptq --methods calibrated --calib builtin:english --calib-tokens 4096 --residual-ranks 4 16 \
     --steps 40 --batch-size 4 --eval-tokens 4096 --no-full-requant > "$OUT/fid-wide.log" 2>&1
 grep '^\[fidelity\]\|^|' "$OUT/fid-wide.log" | head -30

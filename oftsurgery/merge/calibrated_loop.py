@@ -145,6 +145,23 @@ def _collect_hessians(layer_module, names: list[str], hidden, kwargs,
     return shared
 
 
+RELEASE_ABOVE = 0.25  # of the GPU's memory: a larger reserve held by the caching allocator is handed back
+
+
+def _release_cached_blocks(device: str) -> None:
+    """Hand the caching allocator's free blocks back to the GPU once its reserve passes RELEASE_ABOVE
+    of the card: the next group's sizes differ, and blocks cached for this one would add to its peak
+    (a 70B layer's solve reserves tens of GB). Below that, keeping them saves the next group's
+    allocations (a 7B layer reserves a few GB; releasing after every group cost ~1 s per 7B)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    if torch.cuda.memory_reserved(device) > RELEASE_ABOVE * torch.cuda.get_device_properties(device).total_memory:
+        torch.cuda.empty_cache()
+
+
 def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwargs, num_rows: int) -> "torch.nn.Module":
     """Requantize the targeted linears of decoder layer `index` group by group on real activations;
     return the layer, which then holds every requantized weight (what feeds the next layer).
@@ -215,8 +232,7 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
             merger.solve([prefix + name for name in group], solve_here, solve_together)
         with PHASES.phase("free"):
             del inputs  # frees the group's Hessian and the solver's factors before the next group
-            if torch.device(ranks.device).type == "cuda":  # hands the group's blocks back: the next group's
-                torch.cuda.empty_cache()                   # sizes differ, and cached ones would add to its peak
+            _release_cached_blocks(ranks.device)
         with PHASES.phase("put weights"):
             put_requantized(group)
     return layer_module

@@ -78,11 +78,12 @@ class Merger:
         return qw
 
     def source_weight_float(self, prefix: str) -> "torch.Tensor":
-        """A layer's stored weights dequantized (not cached: the runner's self-check runs once)."""
+        """A layer's stored weights dequantized on the merge's device (not cached: the runner's
+        self-check runs once). s·(q − z) is exact in float32, so any device gives the same values."""
         from oftsurgery.quant.codec import layer_quant_config, unpack_layer
 
         cfg = layer_quant_config(self.plan.source, prefix) or self.plan.source
-        return unpack_layer(_layer_tensors(self.reader, prefix), cfg).dequantize()
+        return unpack_layer(adopt(_layer_tensors_on(self.reader, prefix, self.options.device)), cfg).dequantize()
 
     def new_decoder_layer(self) -> None:
         self._unpacked.clear()
