@@ -25,6 +25,7 @@ DAMP = 0.01  # Tikhonov damping of H: DAMP · mean(diag H), as in GPTQ
 RETRY_DAMPS = (0.1, 1.0)  # larger dampings tried, in order, when H + DAMP·… is not positive definite
 BLOCK = 128  # columns per lazy-batch block
 ACCEPT = 1e-6  # a later stage must lower the output error by more than this relative amount
+REFINE_SWEEPS = (2, 2)  # sweeps of the code polish before and after the scale refit
 
 
 class SolverError(RuntimeError):
@@ -237,15 +238,8 @@ def _gptq_pass(layer: _Layer, perm: "torch.Tensor", U: "torch.Tensor", block_siz
     return codes[torch.argsort(perm)]
 
 
-def requantize_compensated(
-    qw: "QuantizedWeight",
-    target: "torch.Tensor",
-    hessian,
-    *,
-    damp: float = DAMP,
-    block_size: int = BLOCK,
-    act_order: bool = True,
-) -> "QuantizedWeight":
+def requantize_compensated(qw: "QuantizedWeight", target: "torch.Tensor", hessian, *, damp: float = DAMP,
+                           block_size: int = BLOCK, act_order: bool = True) -> "QuantizedWeight":
     """GPTQ's error-compensating pass of `target` on the source grid (see module docstring).
 
     `hessian` is H [in, in] (a tensor or an `InputHessian`). With `act_order` the columns are visited
@@ -293,7 +287,8 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
     neg_diag = torch.where(diag > 0, -diag, torch.full_like(diag, -torch.inf)).unsqueeze(1)
     n, maxq = codes.shape[0], layer.maxq
     fused = kernels.use_triton(codes)
-    for _ in range(sweeps):
+    for sweep in range(sweeps):
+        last = sweep == sweeps - 1  # then the rows already visited need no more updates
         moved = torch.zeros((), dtype=torch.long, device=codes.device)
         for b0 in range(0, n, block_size):
             b1 = min(b0 + block_size, n)
@@ -309,23 +304,18 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
                 torch.mul(new - cb[j], sb[j], out=d)
                 cb[j] = new
                 gb[j + 1:].addr_(hb[j, j + 1:], d)  # later columns see this change (off-diagonal H)
-            grad.addmm_(H[:, b0:b1], delta)  # everyone sees the block's changes, once per block
-            grad[b0:b1].add_(delta * lam)
+            rows = slice(b1 if last else 0, n)  # every row (the later ones in the last sweep) sees the
+            grad[rows].addmm_(H[rows, b0:b1], delta)  # block's changes, once per block
+            if not last:
+                grad[b0:b1].add_(delta * lam)
             moved += torch.count_nonzero(delta)
         if int(moved) == 0:  # converged: one host synchronisation per sweep
             break
     return codes
 
 
-def refine_codes(
-    qw: "QuantizedWeight",
-    target: "torch.Tensor",
-    hessian,
-    *,
-    sweeps: int = 2,
-    damp: float = DAMP,
-    block_size: int = BLOCK,
-) -> "QuantizedWeight":
+def refine_codes(qw: "QuantizedWeight", target: "torch.Tensor", hessian, *, sweeps: int = 2, damp: float = DAMP,
+                 block_size: int = BLOCK) -> "QuantizedWeight":
     """Coordinate descent on the integer codes, minimising tr(E (H + λI) Eᵀ) exactly.
 
     The objective splits into independent output rows, so one input column at a time every row's
@@ -463,9 +453,10 @@ def _solve(layer: _Layer, damp: float, block_size: int, act_order: bool) -> list
     with PHASES.phase("solve/errors"):
         best = layer.errors(codes, scales)
 
-    polish = lambda c, s: (_refine(layer, c, s, sweeps=2, damp=damp, block_size=block_size), s)  # noqa: E731
+    polish = lambda n: lambda c, s: (_refine(layer, c, s, sweeps=n, damp=damp, block_size=block_size), s)  # noqa: E731
     refit = lambda c, s: (c, _refit(layer, c, s, damp=damp))  # noqa: E731
-    for step, (name, stage) in enumerate((("refine_codes", polish), ("refit_scales", refit), ("refine_codes", polish))):
+    chain = (("refine_codes", polish(REFINE_SWEEPS[0])), ("refit_scales", refit), ("refine_codes", polish(REFINE_SWEEPS[1])))
+    for step, (name, stage) in enumerate(chain):
         # a part exact already (identity rotation) is done: nothing can improve it
         active = [k for k in parts if float(best[k]) != 0.0]
         if not active:
