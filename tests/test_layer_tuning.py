@@ -37,14 +37,15 @@ def _scales_off_by(monkeypatch, factor):
 
     from oftsurgery.merge.solve import requant
 
-    real = requant.requantize_calibrated
+    real = requant.requantize_calibrated_group  # what every calibrated solve goes through, alone or joint
 
-    def solver(qw, target, hessian, **kwargs):
-        result = real(qw, target, hessian, **kwargs)
-        result.weight = dataclasses.replace(result.weight, scales=(result.weight.scales.float() * factor).half())
-        return result
+    def solver(qws, targets, hessian, **kwargs):
+        results = real(qws, targets, hessian, **kwargs)
+        for result in results:
+            result.weight = dataclasses.replace(result.weight, scales=(result.weight.scales.float() * factor).half())
+        return results
 
-    monkeypatch.setattr(requant, "requantize_calibrated", solver)
+    monkeypatch.setattr(requant, "requantize_calibrated_group", solver)
 
 
 def test_tuning_repairs_a_layer_within_ten_percent_of_scale(monkeypatch, tiny_gptq_dir, tmp_path):
@@ -65,8 +66,12 @@ def test_tuning_repairs_a_layer_within_ten_percent_of_scale(monkeypatch, tiny_gp
         assert ((b.scales.float() / a.scales.float() - 1).abs() <= 0.1 + 2e-3).all()
         assert torch.equal(a.zeros, b.zeros) and torch.equal(a.g_idx, b.g_idx)
     assert all(l.stages[-1] == "layer_tune" for l in tuned.layers)
-    # the report's residuals are those of the tuned weights, measured again
-    assert sum(l.residual_after for l in tuned.layers) < sum(l.residual_after for l in plain.layers)
+    # the report's residuals are those of the tuned weights, measured again: layer 0's solve (same inputs,
+    # same solve) reports exactly the plain merge's residuals, so each differs only if it was re-measured
+    # (tuning lowers the layer's output error; a linear's own residual may go either way)
+    first = [(a, b) for a, b in zip(plain.layers, tuned.layers) if a.name.startswith("model.layers.0.")]
+    assert len(first) == len(names) and all(a.name == b.name for a, b in first)
+    assert all(a.residual_after != b.residual_after for a, b in first)
 
 
 def test_tuning_that_does_not_help_on_held_out_rows_leaves_the_solve(monkeypatch, tiny_gptq_dir, tmp_path):
