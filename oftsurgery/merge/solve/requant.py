@@ -25,7 +25,7 @@ DAMP = 0.01  # Tikhonov damping of H: DAMP · mean(diag H), as in GPTQ
 RETRY_DAMPS = (0.1, 1.0)  # larger dampings tried, in order, when H + DAMP·… is not positive definite
 BLOCK = 128  # columns per lazy-batch block
 ACCEPT = 1e-6  # a later stage must lower the output error by more than this relative amount
-REFINE_SWEEPS = (1, 1)  # sweeps of the code polish before and after the scale refit (docs/merge-methods.md)
+REFINE_SWEEPS = (2, 1)  # sweeps of the code polish before and after the scale refit (docs/merge-methods.md)
 
 
 class SolverError(RuntimeError):
