@@ -59,3 +59,15 @@ def assert_identity_merge(report, source_dir, out_dir) -> None:
     assert src.keys() == out.keys()
     for name in src:
         assert_bytes_equal(src[name], out[name], name)
+
+
+def heldout_ids(checkpoint, rows: int, length: int) -> torch.Tensor:
+    """Token ids [rows, length] of built-in English text the calibration never sees (the "heldout"
+    split): what a calibrated merge is judged on, text from the distribution it calibrated on."""
+    from transformers import AutoTokenizer
+
+    from oftsurgery.texts import builtin_text
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    ids = tokenizer(builtin_text("english", "heldout", max_chars=20 * rows * length), return_tensors="pt").input_ids
+    return ids[0, : rows * length].reshape(rows, length)

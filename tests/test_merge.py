@@ -8,7 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from merge_helpers import all_tensors, assert_bytes_equal, assert_identity_merge, identity_rotations, random_rotations
+from merge_helpers import (all_tensors, assert_bytes_equal, assert_identity_merge, heldout_ids, identity_rotations,
+                           random_rotations)
 from oftsurgery.cli import cli
 from oftsurgery.errors import InvalidAdapterError, OutputPathError, UnsupportedFormatError
 from oftsurgery.evaluation.evaluate import load_dequantized_model, load_quantized_model
@@ -88,7 +89,7 @@ def test_calibrated_merge_tracks_the_adapted_model_better_than_rounding(tiny_gpt
     for method in ("rtn", "calibrated"):
         reports[method] = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / method,
                                            MergeOptions(method=method, calib_tokens=2048, seq_len=64, progress=False))
-    ids = torch.randint(3, 400, (2, 64), generator=torch.Generator().manual_seed(1))
+    ids = heldout_ids(tiny_gptq_dir, 2, 64)
     base_gap = _logits_gap(tiny_gptq_dir, attached, ids)
     rtn_gap = _logits_gap(tmp_path / "rtn", attached, ids)
     cal_gap = _logits_gap(tmp_path / "calibrated", attached, ids)

@@ -120,11 +120,20 @@ def test_calibrated_reads_the_next_decoder_layer_ahead_and_queues_a_whole_layer(
     import oftsurgery.merge.merger as merger
 
     reads: list[tuple[str, str]] = []
-    original = merger._layer_tensors_on
+    checks: list[tuple[str, str]] = []  # the runner's self-check reads every layer once more, before the loop
+    original, original_float = merger._layer_tensors_on, merger.Merger.source_weight_float
+    checking = threading.local()
 
     def recording(reader, prefix, device):
-        reads.append((prefix, threading.current_thread().name))
+        (checks if getattr(checking, "on", False) else reads).append((prefix, threading.current_thread().name))
         return original(reader, prefix, device)
+
+    def checked(self, prefix):
+        checking.on = True
+        try:
+            return original_float(self, prefix)
+        finally:
+            checking.on = False
 
     depths: list[int] = []
     real_writer = engine.BackgroundWriter
@@ -134,11 +143,13 @@ def test_calibrated_reads_the_next_decoder_layer_ahead_and_queues_a_whole_layer(
         return real_writer(sink, depth)
 
     monkeypatch.setattr(merger, "_layer_tensors_on", recording)
+    monkeypatch.setattr(merger.Merger, "source_weight_float", checked)
     monkeypatch.setattr(engine, "BackgroundWriter", writer)
     rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.03)
     merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "out", MergeOptions(calib_tokens=512, seq_len=64, progress=False))
     assert depths == [engine.CALIBRATED_PIPELINE_DEPTH]
     assert sorted(prefix for prefix, _ in reads) == sorted({p for p, _ in reads}) and len(reads) == 14  # each once
+    assert sorted(checks) == sorted((p, threading.main_thread().name) for p, _ in reads)
     for prefix, thread in reads:
         assert thread.startswith("oftsurgery-read") == prefix.startswith("model.layers.1."), (prefix, thread)
 

@@ -111,7 +111,7 @@ def test_merge_writes_a_peft_lora_that_brings_the_merged_model_closer(tiny_gptq_
 
     from peft import PeftModel
 
-    from merge_helpers import random_rotations
+    from merge_helpers import heldout_ids, random_rotations
     from oftsurgery.evaluation.evaluate import load_dequantized_model, load_quantized_model
     from oftsurgery.merge import MergeOptions, merge_checkpoint
     from oftsurgery.oft.adapter_io import load_rotations
@@ -131,7 +131,7 @@ def test_merge_writes_a_peft_lora_that_brings_the_merged_model_closer(tiny_gptq_
     card = (out / "README.md").read_text()
     assert 'subfolder="residual-lora"' in card and "--enable-lora --max-lora-rank 4" in card
 
-    ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(1))
+    ids = heldout_ids(tiny_gptq_dir, 1, 24)
     merged_float = load_dequantized_model(out)
     adapted = load_dequantized_model(tiny_gptq_dir, rotations=load_rotations(rot))
     with_lora = _plus_lora(load_dequantized_model(out), weights)
