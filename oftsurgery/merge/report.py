@@ -27,12 +27,12 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.seconds: dict[str, float] = {}
-        self.sync = os.environ.get("OFTSURGERY_PHASE_SYNC") == "1"
+        self.reset()
 
     def reset(self) -> None:
+        """Start a merge's count (and read OFTSURGERY_PHASE_SYNC again)."""
         with self._lock:
-            self.seconds = {}
+            self.seconds: dict[str, float] = {}
         self.sync = os.environ.get("OFTSURGERY_PHASE_SYNC") == "1"
 
     @contextmanager
