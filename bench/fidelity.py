@@ -175,6 +175,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["gptq", "awq"], choices=["gptq", "gptq-asym", "awq"])
     parser.add_argument("--methods", nargs="+", default=["rtn", "calibrated"], choices=["rtn", "calibrated"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--merge-devices", nargs="+", default=None,
+                        help="merge on each of these devices (default: --device), evaluate on --device: "
+                             "e.g. `--device cuda --merge-devices cuda cpu` puts the GPU and CPU paths side by side")
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch x 256 tokens)")
     parser.add_argument("--batch-size", type=int, default=2, help="fine-tuning rows of 256 tokens per step")
     parser.add_argument("--fp-model", default=None,
@@ -209,6 +212,8 @@ def main() -> None:
     windows = token_windows(builtin_text("code", "heldout", max_chars=args.eval_tokens * 8), tokenizer,
                             args.eval_tokens, 256)
     tables, results = [], []
+    merge_devices = args.merge_devices or [args.device]
+    multi = len(merge_devices) > 1
     for fmt in args.formats:
         ckpt, adapter = paths[fmt], paths[f"adapter-{fmt}"]
         nll_base = evaluate(ckpt, windows, device=args.device)
@@ -224,22 +229,24 @@ def main() -> None:
         for method in args.methods:
             calibs = args.calib if method == "calibrated" else [args.calib[0]]
             budgets = args.calib_tokens if method == "calibrated" else args.calib_tokens[:1]
-            for calib in calibs:
-                for tokens, tune in [(t, s) for t in budgets for s in (args.tune_steps if method == "calibrated" else [0])]:
-                    rank = max(args.residual_ranks, default=0) if method == "calibrated" else 0
-                    tag = f"{calib.replace('builtin:', '')}-{tokens}" + (f"-tune{tune}" if tune else "")
-                    out = work / f"merged-{fmt}-{method}-{tag}-{args.device.split(':')[0]}"
-                    stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, args.device, calib,
-                                      str(tokens), "", str(rank), str(tune))
-                    label = f"merge --method {method}" + (f" --calib {calib} --calib-tokens {tokens}"
-                                                          if method == "calibrated" else "")
-                    label += f" --tune-steps {tune}" if tune else ""
-                    add(label, evaluate(out, windows, device=args.device), stats)
-                    for r in sorted(args.residual_ranks) if rank else []:
-                        lora = lora_slice(out / "residual-lora", r, work / f"lora-{fmt}-{tag}-r{r}")
-                        size = sum(f.stat().st_size for f in lora.iterdir()) / 1e6
-                        add(f"  + residual LoRA rank {r} ({size:.1f} MB)",
-                            evaluate(out, windows, device=args.device, lora=lora), None)
+            tunes = args.tune_steps if method == "calibrated" else [0]
+            for calib, tokens, tune, device in [(c, t, s, d) for c in calibs for t in budgets for s in tunes
+                                                for d in merge_devices]:
+                rank = max(args.residual_ranks, default=0) if method == "calibrated" else 0
+                tag = f"{calib.replace('builtin:', '')}-{tokens}" + (f"-tune{tune}" if tune else "") \
+                    + f"-{device.split(':')[0]}"
+                out = work / f"merged-{fmt}-{method}-{tag}"
+                stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, device, calib,
+                                  str(tokens), "", str(rank), str(tune))
+                label = f"merge --method {method}" + (f" --calib {calib} --calib-tokens {tokens}"
+                                                      if method == "calibrated" else "")
+                label += (f" --tune-steps {tune}" if tune else "") + (f" --device {device}" if multi else "")
+                add(label, evaluate(out, windows, device=args.device), stats)
+                for r in sorted(args.residual_ranks) if rank else []:
+                    lora = lora_slice(out / "residual-lora", r, work / f"lora-{fmt}-{tag}-r{r}")
+                    size = sum(f.stat().st_size for f in lora.iterdir()) / 1e6
+                    add(f"  + residual LoRA rank {r} ({size:.1f} MB)",
+                        evaluate(out, windows, device=args.device, lora=lora), None)
         if fmt == "gptq" and not args.no_full_requant:
             stats = run_child(REQUANT_CHILD, str(ckpt), str(adapter), str(work / "merged-fp16"),
                               str(work / "requant-gptqmodel"), str(args.calib_tokens[0]), "256", args.calib[-1])

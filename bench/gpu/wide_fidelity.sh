@@ -4,15 +4,16 @@
 # with OFT on code, merged and evaluated on held-out code. 4096 calibration tokens are 2 per input, what a 7B
 # gets at the default 8192. Set any of these to vary the grid (each value is one more merge, ~30 s):
 #   CALIB="english code"  TOKENS="4096 16384"  TUNE="0 20"  RANKS="16"  METHODS="rtn calibrated"
+#   MERGE_DEVICES="cuda cpu": each merge also on the machine's CPU cores (the CPU path, same model; slower)
 source bench/gpu/_setup.sh
 CALIB=${CALIB:-english code}; TOKENS=${TOKENS:-4096 16384}; TUNE=${TUNE:-0 20}; RANKS=${RANKS:-16}
-METHODS=${METHODS:-rtn calibrated}
+METHODS=${METHODS:-rtn calibrated}; MERGE_DEVICES=${MERGE_DEVICES:-cuda}
 timeout 230 python3 bench/wide_model.py --out /tmp/wide --minutes 1.7 --device cuda > "$OUT/wide.log" 2>&1
 tail -1 "$OUT/wide.log"
 # a freshly trained model invalidates the bench's quantized checkpoint and adapter built from the last one
 tail -1 "$OUT/wide.log" | grep -q '"cached": true' || rm -rf /tmp/fidw
 timeout $((LIMIT - SECONDS)) python3 bench/fidelity.py --workdir /tmp/fidw --fp-model /tmp/wide --device cuda \
-    --formats gptq --methods $METHODS --calib $(printf 'builtin:%s ' $CALIB) --calib-tokens $TOKENS \
+    --merge-devices $MERGE_DEVICES --formats gptq --methods $METHODS --calib $(printf 'builtin:%s ' $CALIB) --calib-tokens $TOKENS \
     --tune-steps $TUNE --residual-ranks $RANKS --steps 40 --batch-size 4 --eval-tokens 8192 --no-full-requant \
     > "$OUT/fid-wide.log" 2>&1
 grep '^\[fidelity\]' "$OUT/fid-wide.log" | head -40
