@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU path's fidelity on SmolLM2 (issue 20), on the same checkpoint and trained adapter as the README's
+# CPU rows (bench/gpu/make_stash.sh packs them here; stash.sh collects the parts over consecutive calls).
+# Merges on the GPU and on the machine's CPU cores side by side, evaluated alike on the GPU.
+#   TOKENS="8192 1024"  TUNE="0 20"  RANKS="1 16"  MERGE_DEVICES="cuda cpu"
+source bench/gpu/_setup.sh
+bash bench/gpu/stash.sh | grep -q "stash complete" || { echo "stash incomplete: send every part first"; exit 1; }
+TOKENS=${TOKENS:-8192 1024}; TUNE=${TUNE:-0 20}; RANKS=${RANKS:-1 16}; MERGE_DEVICES=${MERGE_DEVICES:-cuda cpu}
+mkdir -p /tmp/smol /tmp/fids
+[ -d /tmp/smol/done ] || { cat /tmp/stash/part-* | tar -C /tmp/smol -xf - && mkdir /tmp/smol/done; }
+CKPT=/tmp/smol/$(awk '/^checkpoint /{print $2}' /tmp/stash/manifest)
+ADAPTER=$(awk '/^adapter /{print $2}' /tmp/stash/manifest)
+[ -d /tmp/fids/$ADAPTER ] || cp -r /tmp/smol/$ADAPTER /tmp/fids/
+timeout $((LIMIT - SECONDS)) python3 bench/fidelity.py --workdir /tmp/fids --gptq-checkpoint "$CKPT" --device cuda \
+    --merge-devices $MERGE_DEVICES --formats gptq --methods calibrated --calib builtin:english \
+    --calib-tokens $TOKENS --tune-steps $TUNE --residual-ranks $RANKS --no-full-requant > "$OUT/fid-smol.log" 2>&1
+grep '^\[fidelity\]' "$OUT/fid-smol.log" | head -40
+cp /tmp/fids/fidelity.json "$OUT/fidelity-smol.json" 2>/dev/null || true
