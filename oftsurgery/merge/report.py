@@ -27,6 +27,7 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._open = threading.local()  # each thread's stack of phases entered and not yet left
         self.reset()
 
     def reset(self) -> None:
@@ -38,9 +39,12 @@ class PhaseClock:
     @contextmanager
     def phase(self, name: str):
         start = time.perf_counter()
+        stack = self._open.__dict__.setdefault("stack", [])
+        stack.append(name)
         try:
             yield
         finally:
+            stack.pop()
             if self.sync:
                 import torch
 
@@ -49,6 +53,11 @@ class PhaseClock:
             elapsed = time.perf_counter() - start
             with self._lock:
                 self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+
+    def current(self) -> str:
+        """The innermost phase this thread is in ("" outside every phase)."""
+        stack = getattr(self._open, "stack", None)
+        return stack[-1] if stack else ""
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:

@@ -1,0 +1,88 @@
+"""What TF32 matrix products in the solver would cost in fidelity, measured on the CPU: the default
+calibrated merge of `bench/fidelity.py`'s checkpoints and trained adapters with the float32 inputs of
+every matrix product rounded to TF32 inside the chosen merge phases (`oftsurgery.testing.tf32`), at
+each calibration budget. On an H100 TF32 runs float32 products several times faster; the merge keeps
+it off until this says what it costs.
+
+    python bench/tf32_fidelity.py                                         # none, the polish and refit, the whole solve
+    python bench/tf32_fidelity.py --stages none solve/refine_codes --calib-tokens 8192
+
+Each `--stages` value is a comma-separated list of phase-name prefixes (merge_report.json
+`phase_seconds`: solve/gptq, solve/refine_codes, solve/refit_scales, solve/errors, statistics, ...),
+`none` for the merge as it is. The merges run in this process; evaluation as in bench/fidelity.py
+(gptqmodel's torch kernel, float32 on the CPU, held-out code text). Prints one line per merge as it
+is measured (with how many products were rounded per phase), then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fidelity  # noqa: E402  (bench/fidelity.py: inputs and evaluation)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/oftsurgery/bench-fidelity"))
+    parser.add_argument("--formats", nargs="+", default=["gptq"], choices=["gptq", "gptq-asym", "awq"])
+    parser.add_argument("--stages", nargs="+", default=["none", "solve/refine_codes,solve/refit_scales", "solve/"])
+    parser.add_argument("--calib-tokens", type=int, nargs="+", default=[8192, 1024])
+    parser.add_argument("--calib", default="builtin:english")
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    args = parser.parse_args()
+    # what fidelity.build_inputs reads: SmolLM2's checkpoints and the bench's trained adapters
+    inputs = argparse.Namespace(formats=args.formats, fp_model=None, gptq_checkpoint=None, device="cpu",
+                                steps=20, batch_size=2, lr=3e-4)
+
+    from transformers import AutoTokenizer
+
+    from oftsurgery.evaluation.evaluate import retention, token_windows
+    from oftsurgery.merge import MergeOptions, merge_checkpoint
+    from oftsurgery.testing.tf32 import EmulatedTF32
+    from oftsurgery.texts import builtin_text
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = fidelity.build_inputs(work, inputs)
+    tokenizer = AutoTokenizer.from_pretrained(str(paths[args.formats[0]]))
+    windows = token_windows(builtin_text("code", "heldout", max_chars=args.eval_tokens * 8), tokenizer,
+                            args.eval_tokens, 256)
+    rows = []
+    for fmt in args.formats:
+        ckpt, adapter = paths[fmt], paths[f"adapter-{fmt}"]
+        base = fidelity.evaluate(ckpt, windows)
+        attached = fidelity.evaluate(ckpt, windows, adapter)
+        for stages in args.stages:
+            prefixes = () if stages == "none" else tuple(p for p in stages.split(",") if p)
+            for tokens in args.calib_tokens:
+                tag = "none" if not prefixes else "-".join(p.strip("/").replace("/", "_") for p in prefixes)
+                out = work / f"tf32-{fmt}-{tag}-{tokens}"
+                mode = EmulatedTF32(prefixes)
+                started = time.perf_counter()
+                with mode:
+                    report = merge_checkpoint(ckpt, adapter, out, MergeOptions(
+                        method="calibrated", device="cpu", calib=args.calib, calib_tokens=tokens,
+                        overwrite=True, progress=False))
+                seconds = time.perf_counter() - started
+                nll = fidelity.evaluate(out, windows)
+                row = (fmt, stages, tokens, math.exp(nll), retention(base, attached, nll), report.codes_changed,
+                       seconds)
+                rows.append(row)
+                rounded = ", ".join(f"{k} {v}" for k, v in sorted(mode.counts.items())) or "none"
+                print(f"[tf32] {fmt} stages {stages} tokens {tokens}: ppl {row[3]:.3f}, retention {row[4]:.1%}, "
+                      f"codes changed {row[5]:.2%}, merge {seconds:.0f} s; products rounded: {rounded}", flush=True)
+    print("\n| format | TF32 in | calib tokens | ppl | retention | codes changed | merge s |")
+    print("|---|---|---|---|---|---|---|")
+    for fmt, stages, tokens, ppl, ret, changed, seconds in rows:
+        print(f"| {fmt} | {stages} | {tokens} | {ppl:.2f} | {ret:.1%} | {changed:.2%} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
