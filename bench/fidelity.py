@@ -49,11 +49,11 @@ def run_child(code: str, *args: str) -> dict:
 MERGE_CHILD = """
 import json, resource, sys, time
 from oftsurgery.merge import MergeOptions, merge_checkpoint
-ckpt, adapter, out, method, device, calib, tokens, requant, rank, tune = sys.argv[1:11]
+ckpt, adapter, out, method, device, calib, tokens, requant, rank, tune, forward_dtype = sys.argv[1:12]
 t = time.perf_counter()
 report = merge_checkpoint(ckpt, adapter, out, MergeOptions(method=method, device=device,
     calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None, calib=calib or None,
-    residual_rank=int(rank), tune_steps=int(tune)))
+    residual_rank=int(rank), tune_steps=int(tune), forward_dtype=forward_dtype))
 print(json.dumps({"seconds": time.perf_counter() - t, "codes_changed": report.codes_changed,
     "residual_lora_mb": report.residual_lora_bytes / 1e6,
     "residual_before": report.mean_residual_before, "residual_after": report.mean_residual_after,
@@ -178,6 +178,9 @@ def main() -> None:
     parser.add_argument("--merge-devices", nargs="+", default=None,
                         help="merge on each of these devices (default: --device), evaluate on --device: "
                              "e.g. `--device cuda --merge-devices cuda cpu` puts the GPU and CPU paths side by side")
+    parser.add_argument("--forward-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="the calibration forward's dtype in every merge (auto: float32 on the CPU, the "
+                             "checkpoint's half precision on a GPU)")
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps (batch x 256 tokens)")
     parser.add_argument("--batch-size", type=int, default=2, help="fine-tuning rows of 256 tokens per step")
     parser.add_argument("--fp-model", default=None,
@@ -234,13 +237,14 @@ def main() -> None:
                                                 for d in merge_devices]:
                 rank = max(args.residual_ranks, default=0) if method == "calibrated" else 0
                 tag = f"{calib.replace('builtin:', '')}-{tokens}" + (f"-tune{tune}" if tune else "") \
-                    + f"-{device.split(':')[0]}"
+                    + f"-{device.split(':')[0]}" + ("" if args.forward_dtype == "auto" else f"-{args.forward_dtype}")
                 out = work / f"merged-{fmt}-{method}-{tag}"
                 stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, device, calib,
-                                  str(tokens), "", str(rank), str(tune))
+                                  str(tokens), "", str(rank), str(tune), args.forward_dtype)
                 label = f"merge --method {method}" + (f" --calib {calib} --calib-tokens {tokens}"
                                                       if method == "calibrated" else "")
                 label += (f" --tune-steps {tune}" if tune else "") + (f" --device {device}" if multi else "")
+                label += f" --forward-dtype {args.forward_dtype}" if args.forward_dtype != "auto" else ""
                 add(label, evaluate(out, windows, device=args.device), stats)
                 for r in sorted(args.residual_ranks) if rank else []:
                     lora = lora_slice(out / "residual-lora", r, work / f"lora-{fmt}-{tag}-r{r}")
