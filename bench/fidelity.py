@@ -132,6 +132,36 @@ def build_inputs(work: Path, args) -> dict[str, Path]:
     return paths
 
 
+def heldout_windows(checkpoint: Path, eval_tokens: int):
+    """The evaluation text: `eval_tokens` held-out code tokens in rows of 256, in the checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from oftsurgery.evaluation.evaluate import token_windows
+    from oftsurgery.texts import builtin_text
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    return token_windows(builtin_text("code", "heldout", max_chars=eval_tokens * 8), tokenizer, eval_tokens, 256)
+
+
+def smollm2_readme_inputs(workdir: str, formats: list[str], eval_tokens: int, device: str = "cpu"):
+    """The README's SmolLM2 rows' inputs, for benches that vary the merge: (work dir, {format: (checkpoint,
+    trained adapter, base NLL, attached NLL)}, evaluation windows). Built once (as bench/fidelity.py
+    builds them: 20 steps x 2 x 256 code tokens at lr 3e-4), then read from `workdir`."""
+    import argparse
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = build_inputs(work, argparse.Namespace(formats=formats, fp_model=None, gptq_checkpoint=None,
+                                                  device=device, steps=20, batch_size=2, lr=3e-4))
+    windows = heldout_windows(paths[formats[0]], eval_tokens)
+    per_format = {}
+    for fmt in formats:
+        ckpt, adapter = paths[fmt], paths[f"adapter-{fmt}"]
+        per_format[fmt] = (ckpt, adapter, evaluate(ckpt, windows, device=device),
+                           evaluate(ckpt, windows, adapter, device=device))
+    return work, per_format, windows
+
+
 def lora_slice(folder: Path, rank: int, out: Path) -> Path:
     """The first `rank` components of a residual LoRA folder, as an adapter folder of its own."""
     import shutil
@@ -203,17 +233,12 @@ def main() -> None:
 
     import math
 
-    from transformers import AutoTokenizer
-
-    from oftsurgery.evaluation.evaluate import retention, token_windows
-    from oftsurgery.texts import builtin_text
+    from oftsurgery.evaluation.evaluate import retention
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     paths = build_inputs(work, args)
-    tokenizer = AutoTokenizer.from_pretrained(str(paths[args.formats[0]]))
-    windows = token_windows(builtin_text("code", "heldout", max_chars=args.eval_tokens * 8), tokenizer,
-                            args.eval_tokens, 256)
+    windows = heldout_windows(paths[args.formats[0]], args.eval_tokens)
     tables, results = [], []
     merge_devices = args.merge_devices or [args.device]
     multi = len(merge_devices) > 1

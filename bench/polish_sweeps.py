@@ -36,28 +36,15 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    # what fidelity.build_inputs reads: SmolLM2's checkpoints and the bench's trained adapters
-    inputs = argparse.Namespace(formats=args.formats, fp_model=None, gptq_checkpoint=None, device=args.device,
-                                steps=20, batch_size=2, lr=3e-4)
 
-    from transformers import AutoTokenizer
-
-    from oftsurgery.evaluation.evaluate import retention, token_windows
+    from oftsurgery.evaluation.evaluate import retention
     from oftsurgery.merge import MergeOptions, merge_checkpoint
     from oftsurgery.merge.solve import requant
-    from oftsurgery.texts import builtin_text
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    paths = fidelity.build_inputs(work, inputs)
-    tokenizer = AutoTokenizer.from_pretrained(str(paths[args.formats[0]]))
-    windows = token_windows(builtin_text("code", "heldout", max_chars=args.eval_tokens * 8), tokenizer,
-                            args.eval_tokens, 256)
+    work, inputs, windows = fidelity.smollm2_readme_inputs(args.workdir, args.formats, args.eval_tokens,
+                                                           args.device)
     rows = []
-    for fmt in args.formats:
-        ckpt, adapter = paths[fmt], paths[f"adapter-{fmt}"]
-        base = fidelity.evaluate(ckpt, windows, device=args.device)
-        attached = fidelity.evaluate(ckpt, windows, adapter, device=args.device)
+    for fmt, (ckpt, adapter, base, attached) in inputs.items():
         for sweeps in args.sweeps:
             requant.REFINE_SWEEPS = tuple(int(x) for x in sweeps.split(","))
             for tokens in args.calib_tokens:

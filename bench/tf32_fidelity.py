@@ -37,28 +37,14 @@ def main() -> None:
     parser.add_argument("--calib", default="builtin:english")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     args = parser.parse_args()
-    # what fidelity.build_inputs reads: SmolLM2's checkpoints and the bench's trained adapters
-    inputs = argparse.Namespace(formats=args.formats, fp_model=None, gptq_checkpoint=None, device="cpu",
-                                steps=20, batch_size=2, lr=3e-4)
 
-    from transformers import AutoTokenizer
-
-    from oftsurgery.evaluation.evaluate import retention, token_windows
+    from oftsurgery.evaluation.evaluate import retention
     from oftsurgery.merge import MergeOptions, merge_checkpoint
     from oftsurgery.testing.tf32 import EmulatedTF32
-    from oftsurgery.texts import builtin_text
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    paths = fidelity.build_inputs(work, inputs)
-    tokenizer = AutoTokenizer.from_pretrained(str(paths[args.formats[0]]))
-    windows = token_windows(builtin_text("code", "heldout", max_chars=args.eval_tokens * 8), tokenizer,
-                            args.eval_tokens, 256)
+    work, inputs, windows = fidelity.smollm2_readme_inputs(args.workdir, args.formats, args.eval_tokens)
     rows = []
-    for fmt in args.formats:
-        ckpt, adapter = paths[fmt], paths[f"adapter-{fmt}"]
-        base = fidelity.evaluate(ckpt, windows)
-        attached = fidelity.evaluate(ckpt, windows, adapter)
+    for fmt, (ckpt, adapter, base, attached) in inputs.items():
         for stages in args.stages:
             prefixes = () if stages == "none" else tuple(p for p in stages.split(",") if p)
             for tokens in args.calib_tokens:
