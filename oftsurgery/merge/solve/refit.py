@@ -48,6 +48,17 @@ class _Groups:
             return torch.cat([head, values[self.full * self.size:].sum(0, keepdim=True)])
         return torch.einsum("gko,gk->go", values[self.index], self.mask.to(values.dtype))
 
+    def sum_from(self, values: "torch.Tensor", first: int) -> "torch.Tensor":
+        """Uniform groups only: [in − group `first`'s start, out] → [G − first, out], the sums over
+        groups first, first + 1, … (the rows of `values` start at group `first`'s first input)."""
+        import torch
+
+        full = max(self.full - first, 0)
+        head = values[: full * self.size].reshape(full, self.size, values.shape[1]).sum(1)
+        if self.full == len(self.members):
+            return head
+        return torch.cat([head, values[full * self.size:].sum(0, keepdim=True)])
+
 
 def _refit_solution(layer: "_Layer", codes_t: "torch.Tensor", *, damp: float) -> tuple:
     """The least-squares scales [G, out] (float64) for fixed codes, and which rows solved (bool [out]).
@@ -56,6 +67,8 @@ def _refit_solution(layer: "_Layer", codes_t: "torch.Tensor", *, damp: float) ->
     best scales solve the G×G normal equations
         A[o, g, h] = Σ_{i∈g, j∈h} D[o, i] H̃[i, j] D[o, j],   b[o, g] = Σ_{i∈g} D[o, i] (T H̃)[o, i]
     with H̃ = H + λI. A is assembled group by group from (H̃ D)'s rows: memory O(out·in + in² + out·G²).
+    A is symmetric: with contiguous groups each group's row is built from its own inputs on (half the
+    products and memory traffic of the whole rows) and mirrored; other layouts build whole rows.
     """
     import torch
 
@@ -76,10 +89,19 @@ def _refit_solution(layer: "_Layer", codes_t: "torch.Tensor", *, damp: float) ->
     del HT
     out_f, G = D.shape[1], layer.num_groups
     A = torch.empty(out_f, G, G, dtype=f64, device=D.device)
-    for g, members in enumerate(groups.members):
-        P = hessian[members].to(f64).T @ D[members]  # (H̃ D_g) for D restricted to group g's inputs: [in, out]
-        P[members] += lam * D[members]
-        A[:, g, :] = groups.sum(P.mul_(D)).T
+    if groups.uniform:  # A is symmetric: group g's products with itself and the groups after it, mirrored
+        for g, members in enumerate(groups.members):
+            tail = slice(members.start, None)
+            P = hessian[members, tail].to(f64).T @ D[members]  # (H̃ D_g) on the inputs from group g on
+            P[: members.stop - members.start] += lam * D[members]
+            A[:, g, g:] = groups.sum_from(P.mul_(D[tail]), g).T
+        upper = torch.triu_indices(G, G, 1, device=A.device)
+        A[:, upper[1], upper[0]] = A[:, upper[0], upper[1]]
+    else:
+        for g, members in enumerate(groups.members):
+            P = hessian[members].to(f64).T @ D[members]  # (H̃ D_g) for D restricted to group g's inputs: [in, out]
+            P[members] += lam * D[members]
+            A[:, g, :] = groups.sum(P.mul_(D)).T
     del P, D
     ridge = 1e-9 * A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # keeps empty groups solvable
     A.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
