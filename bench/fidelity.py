@@ -269,7 +269,8 @@ def main() -> None:
                 label = f"merge --method {method}" + (f" --calib {calib} --calib-tokens {tokens}"
                                                       if method == "calibrated" else "")
                 label += (f" --tune-steps {tune}" if tune else "") + (f" --device {device}" if multi else "")
-                label += f" --forward-dtype {args.forward_dtype}" if args.forward_dtype != "auto" else ""
+                label += f" --forward-dtype {args.forward_dtype}" if args.forward_dtype != "auto" and \
+                    method == "calibrated" else ""
                 add(label, evaluate(out, windows, device=args.device), stats)
                 for r in sorted(args.residual_ranks) if rank else []:
                     lora = lora_slice(out / "residual-lora", r, work / f"lora-{fmt}-{tag}-r{r}")

@@ -86,8 +86,10 @@ def main() -> None:
     if is_complete(out) and recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
         print(json.dumps({"out": str(out), "cached": True}))
         return
-    if out.exists():
-        shutil.rmtree(out)  # unfinished, or built from another recipe
+    if out.exists():  # unfinished, or built from another recipe: rebuilt; anything else is not ours to delete
+        if not (is_complete(out) or recipe_file.is_file()) and any(out.iterdir()):
+            raise SystemExit(f"{out} holds files this script did not write; choose another --out.")
+        shutil.rmtree(out)
     started = time.perf_counter()
     english = builtin_text("english", "train", max_chars=None)
     code = library_code(args.code_chars)

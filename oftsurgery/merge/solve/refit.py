@@ -42,10 +42,7 @@ class _Groups:
         import torch
 
         if self.uniform:
-            head = values[: self.full * self.size].reshape(self.full, self.size, -1).sum(1)
-            if self.full == len(self.members):
-                return head
-            return torch.cat([head, values[self.full * self.size:].sum(0, keepdim=True)])
+            return self.sum_from(values, 0)
         return torch.einsum("gko,gk->go", values[self.index], self.mask.to(values.dtype))
 
     def sum_from(self, values: "torch.Tensor", first: int) -> "torch.Tensor":
