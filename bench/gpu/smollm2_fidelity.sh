@@ -7,7 +7,8 @@ source bench/gpu/_setup.sh
 bash bench/gpu/stash.sh | grep -q "stash complete" || { echo "stash incomplete: send every part first"; exit 1; }
 TOKENS=${TOKENS:-8192 1024}; TUNE=${TUNE:-0 20}; RANKS=${RANKS:-1 16}; MERGE_DEVICES=${MERGE_DEVICES:-cuda cpu}
 mkdir -p /tmp/smol /tmp/fids
-[ -d /tmp/smol/done ] || { cat /tmp/stash/part-* | tar -C /tmp/smol -xf - && mkdir /tmp/smol/done; }
+unxz() { if command -v xz >/dev/null; then xz -dc; else python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)"; fi; }
+[ -d /tmp/smol/done ] || { cat /tmp/stash/part-* | unxz | tar -C /tmp/smol -xf - && mkdir /tmp/smol/done; }
 CKPT=/tmp/smol/$(awk '/^checkpoint /{print $2}' /tmp/stash/manifest)
 ADAPTER=$(awk '/^adapter /{print $2}' /tmp/stash/manifest)
 [ -d /tmp/fids/$ADAPTER ] || cp -r /tmp/smol/$ADAPTER /tmp/fids/
