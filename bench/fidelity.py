@@ -119,16 +119,18 @@ def build_inputs(work: Path, args) -> dict[str, Path]:
         paths["awq"] = awq
     for fmt in args.formats:
         identity = work / f"adapter-identity-{fmt}"
-        trained = work / f"adapter-trained-{fmt}-{args.steps}x{args.batch_size}-lr{args.lr:g}"
-        if not (trained / "adapter_config.json").exists():
-            attach_adapter(paths[fmt], identity, block_size=32, use_cayley_neumann=False, overwrite=True)
-            t = time.perf_counter()
-            result = train_oft_adapter(paths[fmt], identity, trained, text_kind="code", steps=args.steps,
-                                       batch_size=args.batch_size, seq_len=256, lr=args.lr, progress=True,
-                                       device=args.device)
-            print(f"[{fmt}] trained {args.steps} steps in {time.perf_counter() - t:.0f}s, "
-                  f"loss {result.losses[0]:.3f} -> {sum(result.losses[-5:]) / 5:.3f}", flush=True)
-        paths[f"adapter-{fmt}"] = trained
+        for seed in getattr(args, "seeds", [0]):
+            trained = work / (f"adapter-trained-{fmt}-{args.steps}x{args.batch_size}-lr{args.lr:g}"
+                              + (f"-seed{seed}" if seed else ""))
+            if not (trained / "adapter_config.json").exists():
+                attach_adapter(paths[fmt], identity, block_size=32, use_cayley_neumann=False, overwrite=True)
+                t = time.perf_counter()
+                result = train_oft_adapter(paths[fmt], identity, trained, text_kind="code", steps=args.steps,
+                                           batch_size=args.batch_size, seq_len=256, lr=args.lr, progress=True,
+                                           device=args.device, seed=seed)
+                print(f"[{fmt}] trained {args.steps} steps (seed {seed}) in {time.perf_counter() - t:.0f}s, "
+                      f"loss {result.losses[0]:.3f} -> {sum(result.losses[-5:]) / 5:.3f}", flush=True)
+            paths[f"adapter-{fmt}" + (f"-seed{seed}" if seed else "")] = trained
     return paths
 
 
@@ -216,6 +218,9 @@ def main() -> None:
     parser.add_argument("--fp-model", default=None,
                         help="an fp16 checkpoint to quantize and fine-tune instead of SmolLM2-135M (bench/wide_model.py)")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="fine-tune one adapter per seed and merge each (one instance's retention varies by "
+                             "points: several seeds give the spread; a summary table averages them)")
     parser.add_argument("--calib-tokens", type=int, nargs="+", default=[8192],
                         help="calibration budgets of the calibrated merge, a row each (rtn and the full requant use the first)")
     parser.add_argument("--tune-steps", type=int, nargs="+", default=[0],
@@ -242,16 +247,18 @@ def main() -> None:
     tables, results = [], []
     merge_devices = args.merge_devices or [args.device]
     multi = len(merge_devices) > 1
-    for fmt in args.formats:
-        ckpt, adapter = paths[fmt], paths[f"adapter-{fmt}"]
+    seeded = len(args.seeds) > 1
+    for fmt, seed in [(f, s) for f in args.formats for s in args.seeds]:
+        ckpt, adapter = paths[fmt], paths[f"adapter-{fmt}" + (f"-seed{seed}" if seed else "")]
         nll_base = evaluate(ckpt, windows, device=args.device)
         nll_att = evaluate(ckpt, windows, adapter, device=args.device)
         rows = [("quantized base", nll_base, None), ("attached (OFT wrappers)", nll_att, None)]
-        print(f"[fidelity] {fmt}: base ppl {math.exp(nll_base):.3f}, attached ppl {math.exp(nll_att):.3f}", flush=True)
+        print(f"[fidelity] {fmt}{f' seed {seed}' if seeded else ''}: base ppl {math.exp(nll_base):.3f}, "
+              f"attached ppl {math.exp(nll_att):.3f}", flush=True)
 
         def add(label: str, nll: float, stats) -> None:  # each row printed as measured: a stopped run keeps them
             rows.append((label, nll, stats))
-            print(f"[fidelity] {fmt}: {label.strip()}: ppl {math.exp(nll):.3f}, retention "
+            print(f"[fidelity] {fmt}{f' seed {seed}' if seeded else ''}: {label.strip()}: ppl {math.exp(nll):.3f}, retention "
                   f"{retention(nll_base, nll_att, nll):.1%}" + (f", {stats['seconds']:.1f} s" if stats else ""), flush=True)
 
         for method in args.methods:
@@ -262,7 +269,8 @@ def main() -> None:
                                                 for d in merge_devices]:
                 rank = max(args.residual_ranks, default=0) if method == "calibrated" else 0
                 tag = f"{calib.replace('builtin:', '')}-{tokens}" + (f"-tune{tune}" if tune else "") \
-                    + f"-{device.split(':')[0]}" + ("" if args.forward_dtype == "auto" else f"-{args.forward_dtype}")
+                    + f"-{device.split(':')[0]}" + ("" if args.forward_dtype == "auto" else f"-{args.forward_dtype}") \
+                    + (f"-seed{seed}" if seed else "")
                 out = work / f"merged-{fmt}-{method}-{tag}"
                 stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, device, calib,
                                   str(tokens), "", str(rank), str(tune), args.forward_dtype)
@@ -277,18 +285,20 @@ def main() -> None:
                     size = sum(f.stat().st_size for f in lora.iterdir()) / 1e6
                     add(f"  + residual LoRA rank {r} ({size:.1f} MB)",
                         evaluate(out, windows, device=args.device, lora=lora), None)
-        if fmt == "gptq" and not args.no_full_requant:
+        if fmt == "gptq" and not args.no_full_requant and not seed:
             stats = run_child(REQUANT_CHILD, str(ckpt), str(adapter), str(work / "merged-fp16"),
                               str(work / "requant-gptqmodel"), str(args.calib_tokens[0]), "256", args.calib[-1])
             add(f"GPTQModel full requant --calib {args.calib[-1]}",
                 evaluate(work / "requant-gptqmodel", windows, device=args.device), stats)
         title = {"gptq": "GPTQ 4-bit g128 sym", "gptq-asym": "GPTQ 4-bit g128 asym act-order", "awq": "AWQ 4-bit g64"}[fmt]
-        lines = [f"\n{title} - eval {windows.numel()} held-out code tokens, device {args.device}",
+        lines = [f"\n{title}{f' (adapter seed {seed})' if seeded else ''} - eval {windows.numel()} held-out code "
+                 f"tokens, device {args.device}",
                  "| model | perplexity | retention | codes changed | merge time | peak RSS |",
                  "|---|---|---|---|---|---|"]
         for name, nll, stats in rows:
             ret = retention(nll_base, nll_att, nll)
-            results.append({"format": fmt, "row": name.strip(), "nll": nll, "retention": ret, **(stats or {})})
+            results.append({"format": fmt, "seed": seed, "row": name.strip(), "nll": nll, "retention": ret,
+                            **(stats or {})})
             cells = [name, f"{math.exp(nll):.3f}", f"{ret:.1%}" if name != "quantized base" else "0%"]
             if stats:
                 cells += [f"{stats.get('codes_changed', float('nan')):.2%}" if "codes_changed" in stats else "-",
@@ -298,8 +308,24 @@ def main() -> None:
             lines.append("| " + " | ".join(cells) + " |")
         tables.append("\n".join(lines))
         print(tables[-1], flush=True)
+    if seeded:
+        tables.append(seed_summary(results, args.formats))
     print("\n".join(tables))
     (work / "fidelity.json").write_text(json.dumps(results, indent=1))
+
+
+def seed_summary(results: list[dict], formats: list[str]) -> str:
+    """Each merge row's retention over the adapters of several seeds: mean, min and max."""
+    lines = ["\nRetention over adapter seeds", "| format | merge | seeds | mean | min | max |", "|---|---|---|---|---|---|"]
+    for fmt in formats:
+        rows: dict[str, list[float]] = {}
+        for r in results:
+            if r["format"] == fmt and r["row"] not in ("quantized base", "attached (OFT wrappers)"):
+                rows.setdefault(r["row"], []).append(r["retention"])
+        for row, values in rows.items():
+            lines.append(f"| {fmt} | {row} | {len(values)} | {sum(values) / len(values):.1%} | {min(values):.1%} | "
+                         f"{max(values):.1%} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -7,19 +7,22 @@
 #   MERGE_DEVICES="cuda cpu": each merge also on the machine's CPU cores (the CPU path, same model; slower)
 #   EVAL_TOKENS=8192: held-out code tokens the perplexities are measured on
 #   FORWARD_DTYPE=float32: the calibration forward in float32 on the GPU too (auto: the checkpoint's fp16)
+#   TAG=b: suffix of the log and table under $OUT (several runs in one call)
+#   SEEDS="0 1 2": one fine-tuned adapter per seed (a single instance's retention varies by points)
 #   STEPS=20 BATCH=2: the OFT fine-tune, steps x rows of 256 code tokens (SmolLM2's recipe in the README;
 #   the first wide run used STEPS=40 BATCH=4, which moves 2.7% of the codes where SmolLM2's moves ~1%)
 source bench/gpu/_setup.sh
 CALIB=${CALIB:-english code}; TOKENS=${TOKENS:-4096 16384}; TUNE=${TUNE:-0 20}; RANKS=${RANKS:-16}
 METHODS=${METHODS:-rtn calibrated}; MERGE_DEVICES=${MERGE_DEVICES:-cuda}; EVAL_TOKENS=${EVAL_TOKENS:-8192}
-STEPS=${STEPS:-20}; BATCH=${BATCH:-2}; FORWARD_DTYPE=${FORWARD_DTYPE:-auto}
+STEPS=${STEPS:-20}; BATCH=${BATCH:-2}; SEEDS=${SEEDS:-0}; FORWARD_DTYPE=${FORWARD_DTYPE:-auto}
 timeout 230 python3 bench/wide_model.py --out /tmp/wide --minutes 1.7 --device cuda > "$OUT/wide.log" 2>&1
 tail -1 "$OUT/wide.log"
 # a freshly trained model invalidates the bench's quantized checkpoint and adapter built from the last one
 tail -1 "$OUT/wide.log" | grep -q '"cached": true' || rm -rf /tmp/fidw
 timeout $((LIMIT - SECONDS)) python3 bench/fidelity.py --workdir /tmp/fidw --fp-model /tmp/wide --device cuda \
     --merge-devices $MERGE_DEVICES --forward-dtype $FORWARD_DTYPE --formats gptq --methods $METHODS --calib $(printf 'builtin:%s ' $CALIB) --calib-tokens $TOKENS \
-    --tune-steps $TUNE --residual-ranks $RANKS --steps $STEPS --batch-size $BATCH --eval-tokens $EVAL_TOKENS --no-full-requant \
-    > "$OUT/fid-wide.log" 2>&1
-grep '^\[fidelity\]' "$OUT/fid-wide.log" | head -40
-cp /tmp/fidw/fidelity.json "$OUT/" 2>/dev/null || true
+    --tune-steps $TUNE --residual-ranks $RANKS --steps $STEPS --batch-size $BATCH --seeds $SEEDS --eval-tokens $EVAL_TOKENS --no-full-requant \
+    > "$OUT/fid-wide$TAG.log" 2>&1
+grep '^\[fidelity\]' "$OUT/fid-wide$TAG.log" | head -40
+sed -n "/Retention over adapter seeds/,\$p" "$OUT/fid-wide$TAG.log"
+cp /tmp/fidw/fidelity.json "$OUT/fidelity-wide$TAG.json" 2>/dev/null || true
