@@ -49,7 +49,10 @@ def run_child(code: str, *args: str) -> dict:
 MERGE_CHILD = """
 import json, resource, sys, time
 from oftsurgery.merge import MergeOptions, merge_checkpoint
-ckpt, adapter, out, method, device, calib, tokens, requant, rank, tune, forward_dtype = sys.argv[1:12]
+ckpt, adapter, out, method, device, calib, tokens, requant, rank, tune, forward_dtype, damp = sys.argv[1:13]
+if damp:  # a research knob, not a merge option: the solver's Tikhonov damping (default requant.DAMP)
+    from oftsurgery.merge.solve import requant
+    requant.requantize_calibrated_group.__kwdefaults__["damp"] = float(damp)
 t = time.perf_counter()
 report = merge_checkpoint(ckpt, adapter, out, MergeOptions(method=method, device=device,
     calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None, calib=calib or None,
@@ -121,7 +124,7 @@ def build_inputs(work: Path, args) -> dict[str, Path]:
         identity = work / f"adapter-identity-{fmt}"
         for seed in getattr(args, "seeds", [0]):
             trained = work / (f"adapter-trained-{fmt}-{args.steps}x{args.batch_size}-lr{args.lr:g}"
-                              + (f"-seed{seed}" if seed else ""))
+                              + (f"-seed{seed}" if seed else "") + (f"-damp{damp:g}" if damp is not None else ""))
             if not (trained / "adapter_config.json").exists():
                 attach_adapter(paths[fmt], identity, block_size=32, use_cayley_neumann=False, overwrite=True)
                 t = time.perf_counter()
@@ -225,6 +228,9 @@ def main() -> None:
                         help="calibration budgets of the calibrated merge, a row each (rtn and the full requant use the first)")
     parser.add_argument("--tune-steps", type=int, nargs="+", default=[0],
                         help="merge --tune-steps values for the calibrated merges, a row each (0: off)")
+    parser.add_argument("--damps", type=float, nargs="+", default=[None],
+                        help="the calibrated solver's damping λ/mean(diag H), a row each (default: the merge's, 0.01); "
+                             "a bench knob to see whether the solve overfits few calibration tokens per input")
     parser.add_argument("--residual-ranks", type=int, nargs="*", default=[],
                         help="ranks of the residual LoRA to evaluate with each calibrated merge (merge --residual-rank)")
     parser.add_argument("--calib", nargs="+", default=["builtin:code", "builtin:english"],
@@ -265,18 +271,21 @@ def main() -> None:
             calibs = args.calib if method == "calibrated" else [args.calib[0]]
             budgets = args.calib_tokens if method == "calibrated" else args.calib_tokens[:1]
             tunes = args.tune_steps if method == "calibrated" else [0]
-            for calib, tokens, tune, device in [(c, t, s, d) for c in calibs for t in budgets for s in tunes
-                                                for d in merge_devices]:
+            damps = args.damps if method == "calibrated" else [None]
+            for calib, tokens, tune, damp, device in [(c, t, s, dp, d) for c in calibs for t in budgets for s in tunes
+                                                      for dp in damps for d in merge_devices]:
                 rank = max(args.residual_ranks, default=0) if method == "calibrated" else 0
                 tag = f"{calib.replace('builtin:', '')}-{tokens}" + (f"-tune{tune}" if tune else "") \
                     + f"-{device.split(':')[0]}" + ("" if args.forward_dtype == "auto" else f"-{args.forward_dtype}") \
-                    + (f"-seed{seed}" if seed else "")
+                    + (f"-seed{seed}" if seed else "") + (f"-damp{damp:g}" if damp is not None else "")
                 out = work / f"merged-{fmt}-{method}-{tag}"
                 stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, device, calib,
-                                  str(tokens), "", str(rank), str(tune), args.forward_dtype)
+                                  str(tokens), "", str(rank), str(tune), args.forward_dtype,
+                                  "" if damp is None else str(damp))
                 label = f"merge --method {method}" + (f" --calib {calib} --calib-tokens {tokens}"
                                                       if method == "calibrated" else "")
                 label += (f" --tune-steps {tune}" if tune else "") + (f" --device {device}" if multi else "")
+                label += f" (damp {damp:g})" if damp is not None else ""
                 label += f" --forward-dtype {args.forward_dtype}" if args.forward_dtype != "auto" and \
                     method == "calibrated" else ""
                 add(label, evaluate(out, windows, device=args.device), stats)

@@ -7,6 +7,7 @@
 #   MERGE_DEVICES="cuda cpu": each merge also on the machine's CPU cores (the CPU path, same model; slower)
 #   EVAL_TOKENS=8192: held-out code tokens the perplexities are measured on
 #   FORWARD_DTYPE=float32: the calibration forward in float32 on the GPU too (auto: the checkpoint's fp16)
+#   DAMPS="0.01 0.1": the solver's damping, a row each (a bench knob; the merge uses 0.01)
 #   TAG=b: suffix of the log and table under $OUT (several runs in one call)
 #   SEEDS="0 1 2": one fine-tuned adapter per seed (a single instance's retention varies by points)
 #   STEPS=20 BATCH=2: the OFT fine-tune, steps x rows of 256 code tokens (SmolLM2's recipe in the README;
@@ -21,7 +22,7 @@ tail -1 "$OUT/wide.log"
 tail -1 "$OUT/wide.log" | grep -q '"cached": true' || rm -rf /tmp/fidw
 timeout $((LIMIT - SECONDS)) python3 bench/fidelity.py --workdir /tmp/fidw --fp-model /tmp/wide --device cuda \
     --merge-devices $MERGE_DEVICES --forward-dtype $FORWARD_DTYPE --formats gptq --methods $METHODS --calib $(printf 'builtin:%s ' $CALIB) --calib-tokens $TOKENS \
-    --tune-steps $TUNE --residual-ranks $RANKS --steps $STEPS --batch-size $BATCH --seeds $SEEDS --eval-tokens $EVAL_TOKENS --no-full-requant \
+    --tune-steps $TUNE --residual-ranks $RANKS --steps $STEPS --batch-size $BATCH --seeds $SEEDS ${DAMPS:+--damps $DAMPS} --eval-tokens $EVAL_TOKENS --no-full-requant \
     > "$OUT/fid-wide$TAG.log" 2>&1
 grep '^\[fidelity\]' "$OUT/fid-wide$TAG.log" | head -40
 sed -n "/Retention over adapter seeds/,\$p" "$OUT/fid-wide$TAG.log"
