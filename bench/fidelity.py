@@ -124,7 +124,7 @@ def build_inputs(work: Path, args) -> dict[str, Path]:
         identity = work / f"adapter-identity-{fmt}"
         for seed in getattr(args, "seeds", [0]):
             trained = work / (f"adapter-trained-{fmt}-{args.steps}x{args.batch_size}-lr{args.lr:g}"
-                              + (f"-seed{seed}" if seed else "") + (f"-damp{damp:g}" if damp is not None else ""))
+                              + (f"-seed{seed}" if seed else ""))
             if not (trained / "adapter_config.json").exists():
                 attach_adapter(paths[fmt], identity, block_size=32, use_cayley_neumann=False, overwrite=True)
                 t = time.perf_counter()
