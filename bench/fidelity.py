@@ -51,8 +51,9 @@ import json, resource, sys, time
 from oftsurgery.merge import MergeOptions, merge_checkpoint
 ckpt, adapter, out, method, device, calib, tokens, requant, rank, tune, forward_dtype, damp = sys.argv[1:13]
 if damp:  # a research knob, not a merge option: the solver's Tikhonov damping (default requant.DAMP)
-    from oftsurgery.merge.solve import requant
-    requant.requantize_calibrated_group.__kwdefaults__["damp"] = float(damp)
+    from oftsurgery.merge.solve import requant as solver
+    for solve in (solver.requantize_calibrated, solver.requantize_calibrated_group):
+        solve.__kwdefaults__["damp"] = float(damp)
 t = time.perf_counter()
 report = merge_checkpoint(ckpt, adapter, out, MergeOptions(method=method, device=device,
     calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None, calib=calib or None,
