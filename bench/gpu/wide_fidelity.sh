@@ -8,6 +8,7 @@
 #   EVAL_TOKENS=8192: held-out code tokens the perplexities are measured on
 #   FORWARD_DTYPE=float32: the calibration forward in float32 on the GPU too (auto: the checkpoint's fp16)
 #   DAMPS="0.01 0.1": the solver's damping, a row each (a bench knob; the merge uses 0.01)
+#   SPREAD=0: skip the activation-spread table (bench/activation_spread.py, ~20 s)
 #   TAG=b: suffix of the log and table under $OUT (several runs in one call)
 #   SEEDS="0 1 2": one fine-tuned adapter per seed (a single instance's retention varies by points)
 #   STEPS=20 BATCH=2: the OFT fine-tune, steps x rows of 256 code tokens (SmolLM2's recipe in the README;
@@ -20,6 +21,9 @@ timeout 230 python3 bench/wide_model.py --out /tmp/wide --minutes 1.7 --device c
 tail -1 "$OUT/wide.log"
 # a freshly trained model invalidates the bench's quantized checkpoint and adapter built from the last one
 tail -1 "$OUT/wide.log" | grep -q '"cached": true' || rm -rf /tmp/fidw
+# how anisotropic its inputs are beside SmolLM2's (bench/activation_spread.py; SPREAD=0 skips it)
+[ "${SPREAD:-1}" = 0 ] || { timeout 90 python3 bench/activation_spread.py --model /tmp/wide --device cuda --tokens 4096 \
+    --json "$OUT/spread-wide.json" > "$OUT/spread-wide$TAG.txt" 2>&1; grep '^|\|tokens of' "$OUT/spread-wide$TAG.txt"; }
 timeout $((LIMIT - SECONDS)) python3 bench/fidelity.py --workdir /tmp/fidw --fp-model /tmp/wide --device cuda \
     --merge-devices $MERGE_DEVICES --forward-dtype $FORWARD_DTYPE --formats gptq --methods $METHODS --calib $(printf 'builtin:%s ' $CALIB) --calib-tokens $TOKENS \
     --tune-steps $TUNE --residual-ranks $RANKS --steps $STEPS --batch-size $BATCH --seeds $SEEDS ${DAMPS:+--damps $DAMPS} --eval-tokens $EVAL_TOKENS --no-full-requant \
