@@ -128,7 +128,7 @@ def build_inputs(work: Path, args) -> dict[str, Path]:
         paths["awq"] = awq
     for fmt in args.formats:
         identity = work / f"adapter-identity-{fmt}"
-        for seed in getattr(args, "seeds", [0]):
+        for seed in args.seeds:
             trained = work / (f"adapter-trained-{fmt}-{args.steps}x{args.batch_size}-lr{args.lr:g}"
                               + (f"-seed{seed}" if seed else ""))
             if not (trained / "adapter_config.json").exists():
@@ -163,7 +163,7 @@ def smollm2_readme_inputs(workdir: str, formats: list[str], eval_tokens: int, de
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     paths = build_inputs(work, argparse.Namespace(formats=formats, fp_model=None, gptq_checkpoint=None,
-                                                  device=device, steps=20, batch_size=2, lr=3e-4))
+                                                  device=device, steps=20, batch_size=2, lr=3e-4, seeds=[0]))
     windows = heldout_windows(paths[formats[0]], eval_tokens)
     per_format = {}
     for fmt in formats:
