@@ -21,6 +21,8 @@ from typing import Any, Callable
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from oftsurgery.merge.solve.products import CHUNK_ELEMENTS
+
 
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of live tensor storages made by operators while it is active (see module doc)."""
@@ -124,8 +126,9 @@ def _group_stages(n: int, m: int, parts: list[int], t: int, s: int) -> dict[str,
         # two float64 copies of H (the permuted one and its factor, in turn)
         "solve: factor": h + rows + targets + 16 * n * n,
         "solve: gptq pass": 2 * h + rows + targets + 8 * m * n,
-        # codes in and out, the gradient, and the error's temporaries (scales, zeros, differences)
-        "solve: refine": h + rows + targets + 20 * m * n,
+        # codes in and out, the gradient, and the error's temporaries (scales, zeros, differences); on a
+        # GPU the first gradient's split products add the error's two halves and two chunks of H's rows
+        "solve: refine": h + rows + targets + 24 * m * n + 8 * min(n * n, CHUNK_ELEMENTS),
         # the current codes and, in turn: float64 H for H·T with T and H·T in float64; H·T, D and the
         # zeros gathered in float64; D, the group products P and the G×G systems A
         "solve: refit": h + rows + targets + max(8 * n * n + 20 * m * n, 28 * m * n,

@@ -2,7 +2,8 @@
 
 `collect_group_inputs` builds what the solver needs about the input X of a group of linears
 (`solve/hessian.py`): H over the fitted rows, X itself while it has at most `in_features` rows, and
-the same for the held-out rows. Each shard is accumulated alone and the shards are added in the fixed
+the same for the held-out rows. H's products run in TF32 on a GPU when the layer computes in float16 or
+bfloat16, whose values TF32 holds exactly (`solve/products.py`): float32's result, faster. Each shard is accumulated alone and the shards are added in the fixed
 tree of `runtime/shards.py`, so one process and any number of ranks agree bit for bit
 (docs/distributed.md).
 """
@@ -36,6 +37,7 @@ def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str],
     """
     import torch
 
+    from oftsurgery.merge.solve import products
     from oftsurgery.merge.solve.hessian import CalibrationInputs, InputHessian, holdout_rows
 
     in_features = layer_module.get_submodule(names[0]).in_features
@@ -84,12 +86,13 @@ def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str],
                     raise RuntimeError(f"{', '.join(names)} do not read one input")
                 if not seen:  # routed elsewhere (an MoE expert)
                     continue
+                exact = seen[0].dtype in (torch.float16, torch.bfloat16)  # TF32 holds these values exactly
                 x = seen[0].reshape(-1, in_features).to(device, torch.float32)
                 if part == "holdout":
-                    holdout.append(x)
+                    holdout.append((x, exact))
                     holdout_tokens += x.shape[0]
                     continue
-                fit.addmm_(x.T, x)
+                products.addmm_(fit, x.T, x, exact=exact)
                 fit_tokens += x.shape[0]
                 if kept_fit is not None:
                     kept_fit.append(x)
@@ -112,14 +115,14 @@ def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str],
     holdout = None
     if held_out:
         if holdout_tokens <= in_features:  # X is the cheaper form: H is made from it when asked
-            rows = [x for shard in sorted(holdout_by_shard) for x in holdout_by_shard[shard]]
+            rows = [x for shard in sorted(holdout_by_shard) for x, _ in holdout_by_shard[shard]]
             holdout = InputHessian.assembled(in_features, device, tokens=holdout_tokens,
                                              rows=ranks.gather_rows(_rows(rows, in_features, device)))
         else:
             def holdout_sums(rows: range) -> dict[str, torch.Tensor]:
                 matrix = torch.zeros(in_features, in_features, device=device)
-                for x in holdout_by_shard.pop(rows.start, []):
-                    matrix.addmm_(x.T, x)
+                for x, exact in holdout_by_shard.pop(rows.start, []):
+                    products.addmm_(matrix, x.T, x, exact=exact)
                 return {"holdout": matrix}
 
             holdout = InputHessian.assembled(in_features, device, tokens=holdout_tokens,

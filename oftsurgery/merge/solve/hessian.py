@@ -60,11 +60,14 @@ class InputHessian:
         """Accumulate inputs x [..., in] (any float dtype) in float32 on this statistic's device."""
         import torch
 
+        from oftsurgery.merge.solve import products
+
+        exact = x.dtype in (torch.float16, torch.bfloat16)  # values TF32 holds exactly (products.py)
         x = x.reshape(-1, x.shape[-1]).to(self.device, torch.float32)
         if self._need_matrix:
             if self._matrix is None:
                 self._matrix = torch.zeros(self.in_features, self.in_features, device=self.device)
-            self._matrix.addmm_(x.T, x)
+            products.addmm_(self._matrix, x.T, x, exact=exact)
         self.tokens += x.shape[0]
         if self._rows is not None:
             self._rows.append(x)

@@ -3,7 +3,8 @@
 `requantize_rtn` rounds W·Rᵀ to the nearest code. `requantize_calibrated` minimises the layer's output
 error tr(E H Eᵀ) (E = Ŵ − W·Rᵀ) with the grid kept, chaining `requantize_compensated` (GPTQ's pass),
 `refine_codes`, `refit_scales` and `refine_codes` again, each later stage kept only if it lowers the
-error. Everything runs on the Hessian's device, weights held transposed ([in, out]). Why, and how the
+error. Everything runs on the Hessian's device, weights held transposed ([in, out]); the float32 matrix
+products go through `products.py` (TF32 tensor cores on a GPU, at float32's accuracy). Why, and how the
 stages are blocked and which precision each uses: docs/merge-methods.md ("How the solver runs").
 """
 
@@ -211,7 +212,7 @@ def _gptq_pass(layer: _Layer, perm: "torch.Tensor", U: "torch.Tensor", block_siz
     """Codes [in, out] (in the layer's dtype) from GPTQ's lazy-batch pass in the order `perm`."""
     import torch
 
-    from oftsurgery.merge.solve import kernels
+    from oftsurgery.merge.solve import kernels, products
 
     w = layer.target_t[perm]  # a copy, rows in visiting order; updated with the compensations
     groups = layer.g_idx[perm]  # each visited column's group: its scales and zeros, a block at a time
@@ -233,8 +234,8 @@ def _gptq_pass(layer: _Layer, perm: "torch.Tensor", U: "torch.Tensor", block_siz
             torch.sub(wb[j], sb[j] * (q - zb[j]), out=e)
             e.div_(ub[j, j])
             wb[j + 1:].addr_(ub[j, j + 1:], e, alpha=-1)  # later columns of the block absorb the error
-        if b1 < n:
-            w[b1:].addmm_(U[b0:b1, b1:].T, errb, alpha=-1)  # the rest of the matrix, once per block
+        if b1 < n:  # the rest of the matrix, once per block
+            products.addmm_(w[b1:], U[b0:b1, b1:].T, errb, alpha=-1)
     return codes[torch.argsort(perm)]
 
 
@@ -270,7 +271,7 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
     """Blocked coordinate descent on the codes [in, out] for tr(E (H + λI) Eᵀ); returns new codes."""
     import torch
 
-    from oftsurgery.merge.solve import kernels
+    from oftsurgery.merge.solve import kernels, products
 
     dt = layer.dtype
     H = layer.hessian.matrix_as(dt)
@@ -279,7 +280,7 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
     codes = codes_t.to(dt, memory_format=torch.contiguous_format, copy=True)
     err = s * (codes - layer.zeros_t) - layer.target_t  # Eᵀ
     del s  # [in, out]: the loop takes each block's rows of s and of the curvature as it goes
-    grad = (H @ err).add_(err * lam)  # ((H + λI) Eᵀ)[i, o]: half the objective's gradient in Ŵ[o, i]
+    grad = products.mm(H, err).add_(err * lam)  # ((H + λI) Eᵀ)[i, o]: half the objective's gradient in Ŵ[o, i]
     del err
     diag = H.diagonal() + lam
     # minimiser of the 1-D quadratic along one code: step = round(−grad / (s · diag)); an input with
@@ -305,7 +306,7 @@ def _refine(layer: _Layer, codes_t: "torch.Tensor", scales: "torch.Tensor", *, s
                 cb[j] = new
                 gb[j + 1:].addr_(hb[j, j + 1:], d)  # later columns see this change (off-diagonal H)
             rows = slice(b1 if last else 0, n)  # every row (the later ones in the last sweep) sees the
-            grad[rows].addmm_(H[rows, b0:b1], delta)  # block's changes, once per block
+            products.addmm_(grad[rows], H[rows, b0:b1], delta)  # block's changes, once per block
             if not last:
                 grad[b0:b1].add_(delta * lam)
             moved += torch.count_nonzero(delta)
