@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from oftsurgery.merge.solve.products import CHUNK_ELEMENTS
+from oftsurgery.merge.solve.requant import TRIANGLE_BASE, TRIANGLE_CHUNK
 
 
 class LiveBytes(TorchDispatchMode):
@@ -123,8 +124,10 @@ def _group_stages(n: int, m: int, parts: list[int], t: int, s: int) -> dict[str,
         # the fixed tree of shard sums: one partial H per level (3) and the shard being summed
         "statistics": 4 * h + 4 * n * min(t, n) + 4 * n * min(s, n),
         "solve: problem": h + rows + targets,
-        # two float64 copies of H (the permuted one and its factor, in turn)
-        "solve: factor": h + rows + targets + 16 * n * n,
+        # two float64 in×in matrices (the reversed, permuted H and its factor; the factor and its
+        # inverse), and the triangular inverse's temporaries (one diagonal block, two chunks)
+        "solve: factor": h + rows + targets + 16 * n * n + 8 * min(n, TRIANGLE_BASE) ** 2
+                         + 16 * min(TRIANGLE_CHUNK, n * n // 4),
         "solve: gptq pass": 2 * h + rows + targets + 8 * m * n,
         # codes in and out, the gradient, and the error's temporaries (scales, zeros, differences); on a
         # GPU the first gradient's split products add the error's two halves and two chunks of H's rows
