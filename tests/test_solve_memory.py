@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oftsurgery.merge.solve import requant
+from oftsurgery.merge.solve import factor, requant
 from oftsurgery.merge.solve.hessian import InputHessian
 from oftsurgery.testing.memory import LiveBytes, instrument, predict_peak
 
@@ -54,8 +54,8 @@ def test_the_gptq_factor_holds_two_float64_copies_of_h_as_the_formula_says(monke
     n = 384
     chunk = 0
     if blocks:  # the triangular inverse by blocks, as at real widths: its corner products add two chunks
-        monkeypatch.setattr(requant, "TRIANGLE_BASE", 64)
-        monkeypatch.setattr(requant, "TRIANGLE_CHUNK", chunk := 64 * 48)
+        monkeypatch.setattr(factor, "TRIANGLE_BASE", 64)
+        monkeypatch.setattr(factor, "TRIANGLE_CHUNK", chunk := 64 * 48)
     x = torch.randn(2 * n, n, generator=torch.Generator().manual_seed(0))
     hessian = InputHessian.from_matrix(x.T @ x)
     tracker = LiveBytes()
@@ -66,7 +66,7 @@ def test_the_gptq_factor_holds_two_float64_copies_of_h_as_the_formula_says(monke
     # the formula's factor term is 16·n² above the group's problem (two float64 in×in matrices);
     # the rest is O(n) (the permutation, the diagonal, the info flags) and the triangular inverse's
     # temporaries: one diagonal block's solve and two chunks of its corner products
-    block = min(n, requant.TRIANGLE_BASE)
+    block = min(n, factor.TRIANGLE_BASE)
     assert 16 * n * n <= extra <= 16 * n * n + 64 * n + 8 * block * block + 2 * 8 * chunk
 
 

@@ -21,7 +21,7 @@ from merge_helpers import all_tensors, assert_bytes_equal, assert_identity_merge
 from oftsurgery.cli import cli
 from oftsurgery.errors import MergeError
 from oftsurgery.merge import MergeOptions, merge_checkpoint
-from oftsurgery.merge.solve import requant
+from oftsurgery.merge.solve import factor, requant
 from oftsurgery.merge.solve.hessian import CalibrationInputs, InputHessian, holdout_rows
 from oftsurgery.quant.grid import QuantizedWeight, default_g_idx, quantize_weight
 
@@ -137,18 +137,18 @@ def test_cholesky_failure_is_not_silent():
 @pytest.mark.parametrize("n", [5, 13, 37])
 def test_lower_inverse_by_blocks_is_the_inverse(monkeypatch, n):
     # blocks of at most 4 and corner products of 7 elements: every level of the recursion and chunking
-    monkeypatch.setattr(requant, "TRIANGLE_BASE", 4)
-    monkeypatch.setattr(requant, "TRIANGLE_CHUNK", 7)
+    monkeypatch.setattr(factor, "TRIANGLE_BASE", 4)
+    monkeypatch.setattr(factor, "TRIANGLE_CHUNK", 7)
     g = torch.Generator().manual_seed(n)
     L = torch.tril(torch.randn(n, n, generator=g, dtype=F64)) + 4 * torch.eye(n, dtype=F64)
-    got = requant.lower_inverse(L)
+    got = factor.lower_inverse(L)
     torch.testing.assert_close(got, torch.linalg.inv(L), rtol=1e-12, atol=1e-12)
     assert torch.equal(got, torch.tril(got))
 
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_factor_is_the_upper_cholesky_factor_of_the_inverse(monkeypatch, act_order):
-    monkeypatch.setattr(requant, "TRIANGLE_BASE", 16)  # the block path, as at real widths
+    monkeypatch.setattr(factor, "TRIANGLE_BASE", 16)  # the block path, as at real widths
     qw, target, H = _problem(3, in_f=72, group_size=24)
     perm, U = requant._gptq_factor(InputHessian.from_matrix(H), requant.DAMP, act_order, F64)
     Hd = _damped(H)

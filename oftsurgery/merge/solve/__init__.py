@@ -1,1 +1,1 @@
-"""One linear's math on one device: no files, no ranks, no model (requant, rtn, hessian, kernels)."""
+"""One linear's math on one device: no files, no ranks, no model (requant, factor, refit, products, rtn, residual, hessian, kernels)."""

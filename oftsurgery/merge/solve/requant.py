@@ -166,86 +166,19 @@ def requantize_rtn(qw: "QuantizedWeight", target: "torch.Tensor") -> "QuantizedW
 # ------------------------------------------------------------------------------------------------
 
 def _gptq_factor(hessian: "InputHessian", damp: float, act_order: bool, dtype) -> tuple:
-    """(visiting order, upper Cholesky factor U of (H + λI)⁻¹ in that order), once per input.
-
-    U comes from one Cholesky factorisation and one triangular inverse: with J the reversal of the
-    visiting order, J H J = L Lᵀ gives H = V Vᵀ for the upper triangular V = J L J, so H⁻¹ = (V⁻¹)ᵀ V⁻¹
-    and U = V⁻¹ = J L⁻¹ J. (Factorising, inverting and factorising the inverse, as GPTQ implementations
-    do, costs about three times the arithmetic: on CUDA torch's cholesky_inverse solves against an
-    identity.) A failure is cached too, so q, k and v do not each retry a factorisation that cannot
-    succeed.
-    """
-    import torch
+    """(visiting order, upper Cholesky factor U of (H + λI)⁻¹ in that order), once per input
+    (`factor.inverse_factor`). A failure is cached too, so q, k and v do not each retry a
+    factorisation that cannot succeed."""
+    from oftsurgery.merge.solve.factor import inverse_factor
 
     key = ("gptq", damp, act_order, dtype)
     if key not in hessian.cache:
-        H = hessian.matrix.to(torch.float64, copy=True)
-        diag = H.diagonal()
-        diag.masked_fill_(diag == 0, 1.0)  # an input never active: any code is as good, keep H definite
-        diag.add_(diag.mean() * damp)
-        n = H.shape[0]
-        perm = (torch.argsort(diag, descending=True, stable=True) if act_order
-                else torch.arange(n, device=H.device))
-        del diag
-        # in×in float64 is 6.6 GB at in = 28672: never more than two such matrices at once (the
-        # reversed, permuted copy in one gather; L; its inverse, which starts as the identity)
-        reverse = perm.flip(0)
-        H = H[reverse.unsqueeze(1), reverse]
-        L, info = torch.linalg.cholesky_ex(H)
-        del H
-        if int(info) != 0:  # one host synchronisation per input, not per column
-            hessian.cache[key] = SolverError(f"the Hessian is not positive definite at damp {damp:g}")
-        else:
-            inverse = lower_inverse(L)
-            del L
-            # rows contiguous (the pass reads rows): U[i, j] = L⁻¹[n-1-i, n-1-j]
-            U = inverse.to(dtype).flip((0, 1))
-            del inverse
-            # every entry finite iff its min and max are (NaN propagates): isfinite(U) would hold 11 bytes per entry
-            finite = torch.isfinite(torch.stack(torch.aminmax(U))).all()
-            if not bool(finite):
-                hessian.cache[key] = SolverError(f"the inverse Hessian is not finite at damp {damp:g}")
-            else:
-                hessian.cache[key] = (perm, U)
+        found = inverse_factor(hessian.matrix, damp, act_order, dtype)
+        hessian.cache[key] = SolverError(f"the {found} at damp {damp:g}") if isinstance(found, str) else found
     factor = hessian.cache[key]
     if isinstance(factor, SolverError):
         raise factor
     return factor
-
-
-TRIANGLE_BASE = 1024  # lower_inverse: blocks up to this size are inverted by one triangular solve
-TRIANGLE_CHUNK = 1 << 23  # lower_inverse: elements of each temporary of its off-diagonal products
-
-
-def lower_inverse(L: "torch.Tensor") -> "torch.Tensor":
-    """L⁻¹ for a lower triangular L with a non-zero diagonal, by blocks: [[A, 0], [B, C]]⁻¹ =
-    [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]], the halves recursively and the corner as matrix products a
-    chunk of rows at a time (about n³/4 multiply-adds, where a triangular solve against the identity
-    takes n³/2). Memory: the result, two temporaries of TRIANGLE_CHUNK elements and one block of
-    TRIANGLE_BASE² (the solve of a diagonal block)."""
-    import torch
-
-    out = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)  # the diagonal blocks start as identities
-    _invert_lower(L, out)
-    return out
-
-
-def _invert_lower(L: "torch.Tensor", out: "torch.Tensor") -> None:
-    import torch
-
-    n = L.shape[0]
-    if n <= TRIANGLE_BASE:  # out holds an identity block here
-        out.copy_(torch.linalg.solve_triangular(L, out, upper=False))
-        return
-    k = n // 2
-    _invert_lower(L[:k, :k], out[:k, :k])
-    _invert_lower(L[k:, k:], out[k:, k:])
-    first, second, corner = out[:k, :k], out[k:, k:], L[k:, :k]
-    step = max(1, TRIANGLE_CHUNK // k)
-    for r0 in range(0, n - k, step):
-        r1 = min(r0 + step, n - k)
-        rows = second[r0:r1, :r1] @ corner[:r1]  # C⁻¹ is lower triangular: its rows end at r1
-        out[k + r0:k + r1, :k] = torch.mm(rows, first).neg_()
 
 
 def _gptq_pass(layer: _Layer, perm: "torch.Tensor", U: "torch.Tensor", block_size: int) -> "torch.Tensor":
