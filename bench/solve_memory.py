@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python bench/solve_memory.py --divide 8            # a 70B layer scaled down 8x
     OMP_NUM_THREADS=2 python bench/solve_memory.py --preset 7b --divide 4
+    OMP_NUM_THREADS=2 python bench/solve_memory.py --divide 8 --products split --tune-steps 20   # GPU products, tuning
 
 Builds (or reuses) a one-layer synthetic GPTQ checkpoint whose shape is --preset's with hidden and
 intermediate size and the head counts divided by --divide, and merges it with `--method calibrated`
@@ -30,14 +31,21 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=None, help="default: 8192 / divide (32 rows)")
     ap.add_argument("--seq-len", type=int, default=None, help="default: 256 / divide")
     ap.add_argument("--forward-dtype", default="float16", help="the calibration forward's dtype (GPU default: float16)")
+    ap.add_argument("--tune-steps", type=int, default=0, help="also tune each decoder layer (merge --tune-steps)")
+    ap.add_argument("--products", default="auto", choices=["auto", "split"],
+                    help="split: the GPU's split TF32 products (solve/products.py), whose temporaries a GPU holds")
     ap.add_argument("--workdir", default=None, help="synthetic checkpoint cache (default ~/.cache/oftsurgery/synthetic)")
     ap.add_argument("--json", default=None, help="also write the table here")
     args = ap.parse_args()
 
+    import contextlib
+    import os
+
     import torch
 
+    os.environ["OFTSURGERY_SOLVER_PRODUCTS"] = args.products
     from oftsurgery.merge import MergeOptions, merge_checkpoint
-    from oftsurgery.merge import calibrated_loop, candidates, merger
+    from oftsurgery.merge import calibrated_loop, candidates, layer_tuning, merger
     from oftsurgery.merge.calibration import runner, statistics
     from oftsurgery.merge.solve import hessian, refit, requant
     from oftsurgery.testing import synthetic
@@ -68,12 +76,14 @@ def main() -> None:
         (requant, "_refine", "solve: refine"),
         (requant, "_refit", "solve: refit"),
         (requant._Layer, "errors", "solve: errors"),
+        (layer_tuning, "tune_decoder_layer", "tune"),
     ]]
     del hessian, refit
     with tempfile.TemporaryDirectory(prefix="oftsurgery-solve-memory-") as tmp:
         options = MergeOptions(method="calibrated", device="cpu", calib_tokens=tokens, seq_len=seq_len,
-                               forward_dtype=args.forward_dtype, progress=False)
-        with torch.no_grad(), tracker:
+                               forward_dtype=args.forward_dtype, progress=False, tune_steps=args.tune_steps)
+        # the tuning computes gradients; everything else runs without them
+        with (contextlib.nullcontext() if args.tune_steps else torch.no_grad()), tracker:
             report = merge_checkpoint(ck.gptq, ck.rotations, Path(tmp) / "merged", options)
     for u in undo:
         u()
@@ -85,10 +95,11 @@ def main() -> None:
     gb = 1e9
     rows = []
     print(f"{name}: hidden {shape.hidden_size}, intermediate {shape.intermediate_size}, {report.calib_tokens} tokens "
-          f"(seq {seq_len}), forward {args.forward_dtype}")
+          f"(seq {seq_len}), forward {args.forward_dtype}, products {args.products}, tune steps {args.tune_steps}")
     print(f"{'stage':<18}{'measured MB':>13}{'formula MB':>12}{'x divide^2 GB':>15}{'7B GB':>8}{'70B GB':>8}")
     for stage in ["statistics", "solve: problem", "solve: factor", "solve: gptq pass", "solve: refine",
-                  "solve: refit", "solve: errors", "choose + report", "forward", "write", "peak"]:
+                  "solve: refit", "solve: errors", "choose + report", "forward", "write",
+                  *(["tune"] if args.tune_steps else []), "peak"]:
         measured = tracker.peak if stage == "peak" else tracker.stage_peak.get(stage, 0)
         rows.append({"stage": stage, "measured": measured, "formula": here.get(stage), "7b": at7.get(stage),
                      "70b": at70.get(stage), "scaled": measured * d * d})
