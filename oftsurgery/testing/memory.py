@@ -21,8 +21,8 @@ from typing import Any, Callable
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from oftsurgery.merge.solve.products import CHUNK_ELEMENTS
 from oftsurgery.merge.solve.factor import TRIANGLE_BASE, TRIANGLE_CHUNK
+from oftsurgery.merge.solve.products import CHUNK_ELEMENTS
 
 
 class LiveBytes(TorchDispatchMode):

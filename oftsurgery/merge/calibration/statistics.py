@@ -2,10 +2,10 @@
 
 `collect_group_inputs` builds what the solver needs about the input X of a group of linears
 (`solve/hessian.py`): H over the fitted rows, X itself while it has at most `in_features` rows, and
-the same for the held-out rows. H's products run in TF32 on a GPU when the layer computes in float16 or
-bfloat16, whose values TF32 holds exactly (`solve/products.py`): float32's result, faster. Each shard is accumulated alone and the shards are added in the fixed
+the same for the held-out rows. Each shard is accumulated alone and the shards are added in the fixed
 tree of `runtime/shards.py`, so one process and any number of ranks agree bit for bit
-(docs/distributed.md).
+(docs/distributed.md). H's products run in TF32 on a GPU when the layer computes in float16 or
+bfloat16, whose values TF32 holds exactly (`solve/products.py`): float32's result, faster.
 """
 
 from __future__ import annotations
