@@ -1,1 +1,2 @@
-"""One linear's math on one device: no files, no ranks, no model (requant, factor, refit, products, rtn, residual, hessian, kernels)."""
+"""One linear's math on one device: no files, no ranks, no model
+(requant, factor, refit, products, rtn, residual, hessian, kernels)."""
