@@ -111,3 +111,23 @@ def test_the_solver_under_split_tf32_matches_its_float32_solve(monkeypatch):
     assert changed <= 0.002 and changed < changed_tf32
     assert abs(split.error - plain.error) <= 1e-4 * plain.error
     assert split.stages == plain.stages
+
+
+def test_a_merge_with_the_gpus_products_matches_the_plain_one(tiny_gptq_dir, tmp_path, monkeypatch):
+    # the whole calibrated merge through the split and exact products (statistics of a float16 forward
+    # included), with the GPU's input rounding emulated: the same residuals as the plain merge's
+    from merge_helpers import random_rotations
+    from oftsurgery.merge import MergeOptions, merge_checkpoint
+
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
+    options = MergeOptions(method="calibrated", calib_tokens=512, seq_len=64, progress=False, forward_dtype="float16")
+    plain = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "plain", options)
+    monkeypatch.setenv("OFTSURGERY_SOLVER_PRODUCTS", "split")
+    emulated = EmulatedTF32(("solve/", "statistics"))
+    with emulated:
+        split = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "split", options)
+    assert emulated.counts["statistics"] > 0 and emulated.counts["solve/refine_codes"] > 0
+    assert len(split.layers) == len(plain.layers)
+    for a, b in zip(plain.layers, split.layers):
+        assert a.name == b.name
+        assert abs(a.residual_after - b.residual_after) <= 0.02 * a.residual_after + 1e-6, a.name
