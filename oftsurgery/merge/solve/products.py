@@ -102,13 +102,7 @@ def addmm_(out: "torch.Tensor", a: "torch.Tensor", b: "torch.Tensor", *, alpha: 
         a3, b3 = _stacked(a, b)
         with _tf32():
             return out.addmm_(a3, b3, alpha=alpha)
-    b_hi, b_lo = split(b)
-    a_hi, a_lo = split(a)
-    with _tf32():
-        out.addmm_(a_hi, b_hi, alpha=alpha)
-        out.addmm_(a_lo, b_hi, alpha=alpha)
-        out.addmm_(a_hi, b_lo, alpha=alpha)
-    return out
+    return _three_products(out, a, b, alpha=alpha)
 
 
 def mm(a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
@@ -118,14 +112,19 @@ def mm(a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
 
     if mode(a) == "plain":
         return a @ b
-    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    return _three_products(torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device), a, b, alpha=1.0)
+
+
+def _three_products(out: "torch.Tensor", a: "torch.Tensor", b: "torch.Tensor", *, alpha: float) -> "torch.Tensor":
+    """out += alpha · (a_hi·b_hi + a_lo·b_hi + a_hi·b_lo), `a` split a block of rows at a time (its two
+    copies within 2 · CHUNK_ELEMENTS floats)."""
     b_hi, b_lo = split(b)
     step = max(1, CHUNK_ELEMENTS // max(1, a.shape[1]))
     with _tf32():
         for r0 in range(0, a.shape[0], step):
             a_hi, a_lo = split(a[r0:r0 + step])
             rows = out[r0:r0 + step]
-            torch.mm(a_hi, b_hi, out=rows)
-            rows.addmm_(a_lo, b_hi)
-            rows.addmm_(a_hi, b_lo)
+            rows.addmm_(a_hi, b_hi, alpha=alpha)
+            rows.addmm_(a_lo, b_hi, alpha=alpha)
+            rows.addmm_(a_hi, b_lo, alpha=alpha)
     return out
