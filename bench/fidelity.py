@@ -62,7 +62,7 @@ if damp:  # a research knob, not a merge option: the solver's Tikhonov damping (
 t = time.perf_counter()
 report = merge_checkpoint(ckpt, adapter, out, MergeOptions(method=method, device=device,
     calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None, calib=calib or None,
-    residual_rank=int(rank), tune_steps=int(tune), forward_dtype=forward_dtype))
+    residual_rank=int(rank), tune_steps=int(tune) if tune else None, forward_dtype=forward_dtype))
 print(json.dumps({"seconds": time.perf_counter() - t, "codes_changed": report.codes_changed,
     "residual_lora_mb": report.residual_lora_bytes / 1e6,
     "residual_before": report.mean_residual_before, "residual_after": report.mean_residual_after,
@@ -232,8 +232,9 @@ def main() -> None:
                              "points: several seeds give the spread; a summary table averages them)")
     parser.add_argument("--calib-tokens", type=int, nargs="+", default=[8192],
                         help="calibration budgets of the calibrated merge, a row each (rtn and the full requant use the first)")
-    parser.add_argument("--tune-steps", type=int, nargs="+", default=[0],
-                        help="merge --tune-steps values for the calibrated merges, a row each (0: off)")
+    parser.add_argument("--tune-steps", type=int, nargs="+", default=[None],
+                        help="merge --tune-steps values for the calibrated merges, a row each (0: off; default: "
+                             "the merge's own, 20 on a GPU and off on a CPU)")
     parser.add_argument("--damps", type=float, nargs="+", default=[None],
                         help="the calibrated solver's damping λ/mean(diag H), a row each (default: the merge's, 0.01); "
                              "a bench knob to see whether the solve overfits few calibration tokens per input")
@@ -276,21 +277,22 @@ def main() -> None:
         for method in args.methods:
             calibs = args.calib if method == "calibrated" else [args.calib[0]]
             budgets = args.calib_tokens if method == "calibrated" else args.calib_tokens[:1]
-            tunes = args.tune_steps if method == "calibrated" else [0]
+            tunes = args.tune_steps if method == "calibrated" else [None]
             damps = args.damps if method == "calibrated" else [None]
             for calib, tokens, tune, damp, device in [(c, t, s, dp, d) for c in calibs for t in budgets for s in tunes
                                                       for dp in damps for d in merge_devices]:
                 rank = max(args.residual_ranks, default=0) if method == "calibrated" else 0
-                tag = f"{calib.replace('builtin:', '')}-{tokens}" + (f"-tune{tune}" if tune else "") \
+                tag = f"{calib.replace('builtin:', '')}-{tokens}" + (f"-tune{tune}" if tune is not None else "") \
                     + f"-{device.split(':')[0]}" + ("" if args.forward_dtype == "auto" else f"-{args.forward_dtype}") \
                     + (f"-seed{seed}" if seed else "") + (f"-damp{damp:g}" if damp is not None else "")
                 out = work / f"merged-{fmt}-{method}-{tag}"
                 stats = run_child(MERGE_CHILD, str(ckpt), str(adapter), str(out), method, device, calib,
-                                  str(tokens), "", str(rank), str(tune), args.forward_dtype,
+                                  str(tokens), "", str(rank), "" if tune is None else str(tune), args.forward_dtype,
                                   "" if damp is None else str(damp))
                 label = f"merge --method {method}" + (f" --calib {calib} --calib-tokens {tokens}"
                                                       if method == "calibrated" else "")
-                label += (f" --tune-steps {tune}" if tune else "") + (f" --device {device}" if multi else "")
+                label += (f" --tune-steps {tune}" if tune is not None and method == "calibrated" else "") \
+                    + (f" --device {device}" if multi else "")
                 label += f" (damp {damp:g})" if damp is not None else ""
                 label += f" --forward-dtype {args.forward_dtype}" if args.forward_dtype != "auto" and \
                     method == "calibrated" else ""

@@ -6,6 +6,7 @@ it off until this says what it costs.
 
     python bench/tf32_fidelity.py                                         # none, the polish and refit, the whole solve
     python bench/tf32_fidelity.py --stages none solve/refine_codes --calib-tokens 8192
+    python bench/tf32_fidelity.py --stages none tune/steps --tune-steps 20 --calib-tokens 8192   # the tuning's steps
 
 Each `--stages` value is a comma-separated list of phase-name prefixes (merge_report.json
 `phase_seconds`: solve/gptq, solve/refine_codes, solve/refit_scales, solve/errors, statistics, ...),
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, nargs="+", default=[8192, 1024])
     parser.add_argument("--calib", default="builtin:english")
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--tune-steps", type=int, default=0, help="merge --tune-steps (its phases: tune/...)")
     args = parser.parse_args()
 
     from oftsurgery.evaluation.evaluate import retention
@@ -49,13 +51,14 @@ def main() -> None:
             prefixes = () if stages == "none" else tuple(p for p in stages.split(",") if p)
             for tokens in args.calib_tokens:
                 tag = "none" if not prefixes else "-".join(p.strip("/").replace("/", "_") for p in prefixes)
+                tag += f"-tune{args.tune_steps}" if args.tune_steps else ""
                 out = work / f"tf32-{fmt}-{tag}-{tokens}"
                 mode = EmulatedTF32(prefixes)
                 started = time.perf_counter()
                 with mode:
                     report = merge_checkpoint(ckpt, adapter, out, MergeOptions(
                         method="calibrated", device="cpu", calib=args.calib, calib_tokens=tokens,
-                        overwrite=True, progress=False))
+                        overwrite=True, progress=False, tune_steps=args.tune_steps))
                 seconds = time.perf_counter() - started
                 nll = fidelity.evaluate(out, windows)
                 row = (fmt, stages, tokens, math.exp(nll), retention(base, attached, nll), report.codes_changed,

@@ -115,3 +115,30 @@ def test_code_moves_stay_within_one_and_are_taken_only_when_held_out_rows_improv
     same, none = tune_layer(forward, {"l": better}, x, reference, list(range(20)), list(range(20, 24)), steps=50,
                             code_lr=1.0)
     assert not none.accepted and same["l"] is better  # nothing to gain on an exact fit: the solve stays
+
+
+def test_tuning_is_on_by_default_on_a_gpu_only():
+    """`tune_steps=None` (the CLI without --tune-steps): DEFAULT_GPU_TUNE_STEPS for a calibrated merge on a
+    GPU in one process; off on a CPU, under torchrun and for rtn."""
+    from oftsurgery.merge.options import DEFAULT_GPU_TUNE_STEPS, default_tune_steps
+
+    assert DEFAULT_GPU_TUNE_STEPS > 0
+    assert default_tune_steps("calibrated", "cuda", False) == DEFAULT_GPU_TUNE_STEPS
+    assert default_tune_steps("calibrated", "cuda:1", False) == DEFAULT_GPU_TUNE_STEPS
+    assert default_tune_steps("calibrated", "cuda:0", True) == 0  # torchrun: rows spread over ranks
+    assert default_tune_steps("calibrated", "cpu", False) == 0
+    assert default_tune_steps("rtn", "cuda", False) == 0
+
+
+def test_a_cpu_merge_without_the_option_does_not_tune_and_a_tuned_one_says_so(tiny_gptq_dir, tmp_path):
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
+    plain = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "plain", MergeOptions(device="cpu", **FAST))
+    assert plain.tune_steps == 0 and plain.layer_tuning == [] and "layer tuning" not in plain.summary()
+    assert not any(k.startswith("tune") for k in plain.phase_seconds)
+    tuned = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "tuned", MergeOptions(device="cpu", tune_steps=5, **FAST))
+    saved = json.loads((tmp_path / "tuned" / "merge_report.json").read_text())
+    assert saved["tune_steps"] == 5 and len(saved["layer_tuning"]) == 2
+    kept = sum(t["accepted"] for t in saved["layer_tuning"])
+    assert f"layer tuning (5 steps): kept in {kept} of 2 decoder layers" in tuned.summary()
+    # where its time went: the reference forward, the held-out errors and the steps, each a phase
+    assert {"tune", "tune/reference", "tune/held-out", "tune/steps"} <= set(saved["phase_seconds"])

@@ -19,7 +19,7 @@ from oftsurgery.io import (MERGE_REPORT, CheckpointReader, CheckpointWriter, ato
                            copy_side_files)
 from oftsurgery.io.ownership import RESIDUAL_LORA_DIR
 from oftsurgery.merge.merger import Merger
-from oftsurgery.merge.options import FORWARD_DTYPES, METHODS, MergeOptions
+from oftsurgery.merge.options import FORWARD_DTYPES, METHODS, MergeOptions, default_tune_steps
 from oftsurgery.merge.plan import MergePlan, plan_merge
 from oftsurgery.merge.report import PHASES, MergeReport, _progress
 from oftsurgery.merge.runtime.ranks import SingleProcess, open_ranks
@@ -65,13 +65,15 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
         raise MergeError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, not {options.forward_dtype!r}.")
     if options.residual_rank < 0:
         raise MergeError(f"--residual-rank must be 0 (none) or positive, not {options.residual_rank}.")
-    if options.tune_steps < 0:
+    if options.tune_steps is not None and options.tune_steps < 0:
         raise MergeError(f"--tune-steps must be 0 (off) or positive, not {options.tune_steps}.")
     if options.tune_steps and ranks.distributed:
         raise MergeError("--tune-steps runs in one process (it needs every calibration row in one place); "
                          "drop it under torchrun.")
     ranks.check_device()  # resolved once, before any work (cuda under torchrun: each rank its own GPU)
-    options = replace(options, device=ranks.device)
+    tune_steps = options.tune_steps if options.tune_steps is not None else \
+        default_tune_steps(options.method, ranks.device, ranks.distributed)
+    options = replace(options, device=ranks.device, tune_steps=tune_steps)
     started = time.perf_counter()
     PHASES.reset()
     reader = CheckpointReader(checkpoint, allow_pickle=options.allow_pickle)
@@ -101,6 +103,7 @@ def _merge(checkpoint, adapter, out, options: MergeOptions, ranks: SingleProcess
         calib_tokens=0, residual_space="activations" if options.method == "calibrated" else "weights",
         identity_modules=plan.identity_modules, command=options.command, checkpoint_fingerprint=fingerprint,
         world_size=ranks.world_size, residual_rank=options.residual_rank,
+        tune_steps=options.tune_steps if options.method == "calibrated" else 0,
     )
     _describe_serving(plan, report)
     outside, by_layer = _group_by_decoder_layer(list(reader.tensors))

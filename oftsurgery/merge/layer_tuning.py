@@ -6,6 +6,10 @@ a straight-through estimator); both are learned with signed gradient steps so th
 layer's output on the fitted calibration rows approaches the adapted layer's (W·Rᵀ in float, same
 inputs). The result is taken only if the held-out rows' output error drops. The merge tunes scales
 only: code moves measured worse on held-out rows (docs/merge-methods.md).
+
+Only the gradients' signs are used, so on a GPU the steps' products run in plain TF32
+(`products.approximate`); the reference outputs and the held-out errors that decide are float32.
+Phases (merge_report.json `phase_seconds`): tune/reference, tune/held-out, tune/steps.
 """
 
 from __future__ import annotations
@@ -46,26 +50,28 @@ class _Tuned:
         g_idx = qw.g_idx.to(device).long()
         self.codes = qw.codes.to(device, dtype)  # [out, in]
         self.scales = qw.scales.to(device, dtype)  # [G, out]
-        self.zeros_full = qw.zeros.to(device, dtype)[g_idx].T  # [out, in]
+        zeros_full = qw.zeros.to(device, dtype)[g_idx].T  # [out, in]
         self.g_idx = g_idx
         self.maxq = float(qw.maxq)
-        # codes move by round(offset) ∈ {-1, 0, 1}
+        # codes move by round(offset) ∈ {-1, 0, 1}; with codes fixed, q − z is one tensor for every step
         self.offset = torch.zeros_like(self.codes, requires_grad=True) if codes_move else None
+        self.zeros_full = zeros_full if codes_move else None
+        self.centred = None if codes_move else self.codes - zeros_full
         self.factor = torch.zeros_like(self.scales, requires_grad=True)  # scales × (1 + factor)
 
     def weight(self, *, exact: bool = False) -> "torch.Tensor":
         """The float weight [out, in]; `exact`: rounded codes and fp16 scales, as they would be written."""
         import torch
 
-        codes = self.codes
+        centred = self.centred
         if self.offset is not None:
             offset = self.offset
             moved = torch.round(offset) if exact else offset + (torch.round(offset) - offset).detach()
-            codes = torch.clamp(codes + moved, 0, self.maxq)
+            centred = torch.clamp(self.codes + moved, 0, self.maxq) - self.zeros_full
         scales = self.scales * (1 + self.factor)
         if exact:
             scales = scales.to(torch.float16).to(self.scales.dtype)
-        return (codes - self.zeros_full) * scales[self.g_idx].T
+        return centred * scales[self.g_idx].T
 
     def step(self, code_lr: float, scale_lr: float) -> None:
         import torch
@@ -102,6 +108,9 @@ def tune_layer(forward, weights: dict[str, "QuantizedWeight"], hidden: "torch.Te
     """
     import torch
 
+    from oftsurgery.merge.report import PHASES
+    from oftsurgery.merge.solve import products
+
     start = time.perf_counter()
     device, dtype = hidden.device, torch.float32
     tuned = {name: _Tuned(qw, device, dtype, codes_move=code_lr > 0) for name, qw in weights.items()}
@@ -118,21 +127,24 @@ def tune_layer(forward, weights: dict[str, "QuantizedWeight"], hidden: "torch.Te
                 den += float(want.square().sum())
         return num / den if den > 0 else 0.0
 
-    before = error(held_rows, exact=True)
+    with PHASES.phase("tune/held-out"):
+        before = error(held_rows, exact=True)
     generator = torch.Generator().manual_seed(seed)
     order = torch.tensor(fit_rows)[torch.randperm(len(fit_rows), generator=generator)].tolist()
     code_lr = code_lr / max(1, steps)
-    for step in range(steps):
-        picks = [order[(step * ROWS_PER_STEP + i) % len(order)] for i in range(min(ROWS_PER_STEP, len(order)))]
-        index = torch.tensor(picks, device=device)
-        want = reference.index_select(0, index).to(dtype)
-        got = forward({n: t.weight() for n, t in tuned.items()}, hidden.index_select(0, index)).to(dtype)
-        loss = (got - want).square().mean()
-        loss.backward()
-        decay = 1 - step / steps
-        for t in tuned.values():
-            t.step(code_lr * decay, SCALE_LR * decay)
-    after = error(held_rows, exact=True)
+    with PHASES.phase("tune/steps"), products.approximate(hidden):  # signs only: TF32 on a GPU
+        for step in range(steps):
+            picks = [order[(step * ROWS_PER_STEP + i) % len(order)] for i in range(min(ROWS_PER_STEP, len(order)))]
+            index = torch.tensor(picks, device=device)
+            want = reference.index_select(0, index).to(dtype)
+            got = forward({n: t.weight() for n, t in tuned.items()}, hidden.index_select(0, index)).to(dtype)
+            loss = (got - want).square().mean()
+            loss.backward()
+            decay = 1 - step / steps
+            for t in tuned.values():
+                t.step(code_lr * decay, SCALE_LR * decay)
+    with PHASES.phase("tune/held-out"):
+        after = error(held_rows, exact=True)
     accepted = after < before * (1 - ACCEPT)
     result = {n: t.result() for n, t in tuned.items()} if accepted else dict(weights)
     return result, TuneResult(accepted, before, after, steps, time.perf_counter() - start)
@@ -156,10 +168,13 @@ def tune_decoder_layer(runner, merger, index: int, hidden: "torch.Tensor", steps
         weight = merger.source_weight(name).dequantize()
         return plan.layers[name].target_weight(weight) if name in plan.layers and plan.layers[name].targeted else weight
 
+    from oftsurgery.merge.report import PHASES
+
     hidden = hidden.float()  # tuned in float32, whatever the calibration forward's dtype
-    reference = runner.forward_layer(runner.build_layer(index, adapted), index, hidden)
-    module = runner.build_layer(index, lambda n: (merger.merged[n] if n in merger.merged
-                                                  else merger.source_weight(n)).dequantize())
+    with PHASES.phase("tune/reference"):
+        reference = runner.forward_layer(runner.build_layer(index, adapted), index, hidden)
+        module = runner.build_layer(index, lambda n: (merger.merged[n] if n in merger.merged
+                                                      else merger.source_weight(n)).dequantize())
     kwargs = runner.layer_kwargs(index)
 
     def forward(floats: dict[str, "torch.Tensor"], x: "torch.Tensor") -> "torch.Tensor":

@@ -13,6 +13,10 @@ METHODS = ("calibrated", "rtn")
 FORWARD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 256
+# --tune-steps when not given: this many for a calibrated merge on a GPU in one process (it pays 2–4
+# points of retention there for a fraction of the merge's time), off on a CPU (where it doubles the
+# merge) and under torchrun (it needs every calibration row in one process); docs/merge-methods.md
+DEFAULT_GPU_TUNE_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -29,9 +33,18 @@ class MergeOptions:
     progress: bool = True
     allow_pickle: bool = False  # read a pickle-only checkpoint with torch's weights-only loader
     strict: bool = False  # any per-layer fallback (see LayerReport.fallback) is a MergeError
-    tune_steps: int = 0  # > 0: tune each decoder layer's codes (±1) and scales against its output, this many steps
+    # > 0: tune each decoder layer's fp16 scales against its output, this many steps; 0: off;
+    # None: `default_tune_steps` (on a GPU, off on a CPU)
+    tune_steps: int | None = None
     residual_rank: int = 0  # > 0: also write OUT/residual-lora, a rank-R LoRA of what the grid could not hold
     forward_dtype: str = "auto"  # one of FORWARD_DTYPES: the calibration forward's matmuls (statistics stay float32)
+
+
+def default_tune_steps(method: str, device: str, distributed: bool) -> int:
+    """`tune_steps` when not given: DEFAULT_GPU_TUNE_STEPS for a calibrated merge on a GPU in one
+    process, otherwise 0 (off)."""
+    on_gpu = device.startswith("cuda")
+    return DEFAULT_GPU_TUNE_STEPS if method == "calibrated" and on_gpu and not distributed else 0
 
 
 def parse_size(text: str) -> int:

@@ -114,6 +114,7 @@ class MergeReport:
     world_size: int = 1  # processes the merge ran on (torchrun ranks)
     residual_rank: int = 0  # rank of the residual LoRA written to residual-lora/ (0: none)
     residual_lora_bytes: int = 0  # size of its weights
+    tune_steps: int = 0  # --tune-steps as run (its default resolved: on a GPU, off on a CPU)
     layer_tuning: list[dict[str, Any]] = field(default_factory=list)  # per decoder layer: --tune-steps' outcome
     calib_tokens_requested: int = 0  # --calib-tokens (calib_tokens is what the text gave, in whole rows)
     calib_text_short: bool = False  # the calibration text held fewer rows than were asked for
@@ -207,6 +208,9 @@ class MergeReport:
             lines.append(f"residual LoRA rank {self.residual_rank} ({self.residual_lora_bytes / 1e6:.1f} MB, "
                          f"residual-lora/): output residual {self.mean_residual_after:.4f} -> "
                          f"{self.mean_residual_lora or 0:.4f}; fine-tune kept per layer {self.kept_fraction_lora or 0:.1%}")
+        if self.tune_steps and self.layer_tuning:
+            kept = sum(1 for tuned in self.layer_tuning if tuned["accepted"])
+            lines.append(f"layer tuning ({self.tune_steps} steps): kept in {kept} of {len(self.layer_tuning)} decoder layers")
         if self.identity_modules:
             lines.append(f"{len(self.identity_modules)} of the rotations are exactly the identity (untrained?)")
         if self.runner_check is not None:
