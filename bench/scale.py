@@ -558,7 +558,8 @@ def _label(key: str) -> str:
     method, _, ranks = name.partition("@")
     method, *stages = method.split("+")
     text = {"rtn": "merge --method rtn", "calibrated": "merge (calibrated)"}.get(method, method)
-    text += "".join({"r": f" + residual LoRA rank {x[1:]}", "t": f" + tune {x[1:]} steps"}[x[0]] for x in stages)
+    text += "".join({"r": f" + residual LoRA rank {x[1:]}",
+                     "t": " without tune" if x[1:] == "0" else f" + tune {x[1:]} steps"}[x[0]] for x in stages)
     return text + (f" {tree}" if tree else "") + (f", {ranks} ranks" if ranks else "")
 
 
@@ -874,7 +875,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           "cuda:N, for the merges and the peer alike")
     parser.add_argument("--methods", default="rtn,calibrated",
                         help="comma-separated: rtn, calibrated; calibrated+r16 adds --residual-rank 16, "
-                             "calibrated+t100 --tune-steps 100 (both: calibrated+r16+t100; process mode only)")
+                             "calibrated+t100 --tune-steps 100 (both: calibrated+r16+t100; process mode only); calibrated+t0 "
+                             "is the merge without the tuning it runs by default on a GPU")
     parser.add_argument("--nproc", default="1", help="comma-separated rank counts, e.g. 1,2,4,8: each merge also "
                                                        "runs under torchrun with that many ranks (1: one plain process)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,

@@ -8,6 +8,6 @@ CODE=""
 PEER="--peer --warmup"; [ "${PEER_RUN:-1}" = 0 ] && PEER="--no-peer --no-warmup"
 if [ -n "$BEFORE_TREE" ] && [ -d "$BEFORE_TREE/oftsurgery" ]; then CODE="--code $BEFORE_TREE"; fi
 timeout $((LIMIT - SECONDS)) python3 bench/scale.py --preset 70b --layers 2 --depths 1,2 --vocab 4096 --device cuda \
-    --methods calibrated --modes process $PEER --gpu-budget-gb 48 $CODE --workdir /tmp/bs70 \
+    --methods "${METHODS:-calibrated+t0,calibrated}" --modes process $PEER --gpu-budget-gb 48 $CODE --workdir /tmp/bs70 \
     --json "$OUT/scale-70b.json" > "$OUT/scale-70b.log" 2>&1
 tail -30 "$OUT/scale-70b.log"

@@ -2,7 +2,7 @@
 # What the optional stages (--residual-rank 16, --tune-steps 20: 99.9% on SmolLM2) cost per 7B decoder layer (issue 20): fitted over 1 and 2 layers, warmed.
 source bench/gpu/_setup.sh
 timeout $((LIMIT - SECONDS)) python3 bench/scale.py --preset 7b --layers 2 --depths 1,2 --vocab 4096 --device cuda \
-    --methods calibrated,calibrated+r16,calibrated+t20 --modes process --no-peer --keep-outputs \
+    --methods "${METHODS:-calibrated+t0,calibrated,calibrated+r16}" --modes process --no-peer --keep-outputs \
     --workdir /tmp/bs --json "$OUT/stages.json" > "$OUT/stages.log" 2>&1
 grep -A6 '^| run' "$OUT/stages.log"
 for d in /tmp/bs/out-*; do [ -f "$d/merge_report.json" ] && cp "$d/merge_report.json" "$OUT/$(basename "$d")-report.json"; done
