@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--calib", default="builtin:english")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--tune-steps", type=int, default=0, help="merge --tune-steps (its phases: tune/...)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the adapter bench/fidelity.py --seeds N trained (already in --workdir)")
     args = parser.parse_args()
 
     from oftsurgery.evaluation.evaluate import retention
@@ -47,11 +49,16 @@ def main() -> None:
     work, inputs, windows = fidelity.smollm2_readme_inputs(args.workdir, args.formats, args.eval_tokens)
     rows = []
     for fmt, (ckpt, adapter, base, attached) in inputs.items():
+        if args.seed:
+            adapter = adapter.with_name(f"{adapter.name}-seed{args.seed}")
+            if not (adapter / "adapter_config.json").is_file():
+                raise SystemExit(f"no adapter {adapter}: train it first (bench/fidelity.py --seeds {args.seed})")
+            attached = fidelity.evaluate(ckpt, windows, adapter)
         for stages in args.stages:
             prefixes = () if stages == "none" else tuple(p for p in stages.split(",") if p)
             for tokens in args.calib_tokens:
                 tag = "none" if not prefixes else "-".join(p.strip("/").replace("/", "_") for p in prefixes)
-                tag += f"-tune{args.tune_steps}" if args.tune_steps else ""
+                tag += (f"-tune{args.tune_steps}" if args.tune_steps else "") + (f"-seed{args.seed}" if args.seed else "")
                 out = work / f"tf32-{fmt}-{tag}-{tokens}"
                 mode = EmulatedTF32(prefixes)
                 started = time.perf_counter()
@@ -65,7 +72,7 @@ def main() -> None:
                        seconds)
                 rows.append(row)
                 rounded = ", ".join(f"{k} {v}" for k, v in sorted(mode.counts.items())) or "none"
-                print(f"[tf32] {fmt} stages {stages} tokens {tokens}: ppl {row[3]:.3f}, retention {row[4]:.1%}, "
+                print(f"[tf32] {fmt} seed {args.seed} stages {stages} tokens {tokens}: ppl {row[3]:.3f}, retention {row[4]:.1%}, "
                       f"codes changed {row[5]:.2%}, merge {seconds:.0f} s; products rounded: {rounded}", flush=True)
     print("\n| format | TF32 in | calib tokens | ppl | retention | codes changed | merge s |")
     print("|---|---|---|---|---|---|---|")

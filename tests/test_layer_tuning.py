@@ -142,3 +142,28 @@ def test_a_cpu_merge_without_the_option_does_not_tune_and_a_tuned_one_says_so(ti
     assert f"layer tuning (5 steps): kept in {kept} of 2 decoder layers" in tuned.summary()
     # where its time went: the reference forward, the held-out errors and the steps, each a phase
     assert {"tune", "tune/reference", "tune/held-out", "tune/steps"} <= set(saved["phase_seconds"])
+
+
+def test_the_re_measure_after_tuning_runs_only_the_held_out_rows_and_reports_the_same(
+        monkeypatch, tiny_gptq_dir, tmp_path):
+    """Without a residual LoRA the tuned layer's residuals are measured on the held-out rows alone; the
+    report is the one a full re-collection (fitted rows too) gives, bit for bit."""
+    from oftsurgery.merge.calibration import statistics
+
+    rot = random_rotations(tiny_gptq_dir, tmp_path / "r.safetensors", strength=0.05)
+    _scales_off_by(monkeypatch, 1.01)  # so the tuning is taken and the layers are measured again
+    real, calls = statistics.collect_group_inputs, []
+
+    def counting(*args, fitted=True, **kwargs):
+        calls.append(fitted)
+        return real(*args, fitted=fitted, **kwargs)
+
+    monkeypatch.setattr(statistics, "collect_group_inputs", counting)
+    quick = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "quick", MergeOptions(tune_steps=50, **FAST))
+    assert all(t["accepted"] for t in quick.layer_tuning) and False in calls
+    monkeypatch.setattr(statistics, "collect_group_inputs", lambda *a, fitted=True, **k: real(*a, **k))
+    full = merge_checkpoint(tiny_gptq_dir, rot, tmp_path / "full", MergeOptions(tune_steps=50, **FAST))
+    assert [(l.name, l.residual_before, l.residual_after) for l in quick.layers] == \
+        [(l.name, l.residual_before, l.residual_after) for l in full.layers]
+    before, after = all_tensors(tmp_path / "quick"), all_tensors(tmp_path / "full")
+    assert all(torch.equal(before[n], after[n]) for n in before)

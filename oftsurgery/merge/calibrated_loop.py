@@ -241,7 +241,8 @@ def _calibrate_decoder_layer(runner, merger: "Merger", index: int, hidden, kwarg
 def _tune(runner, merger: Merger, index: int, hidden, num_rows: int, report: MergeReport):
     """`--tune-steps`: tune decoder layer `index` against its output. Where the tuning is taken, the
     layer's residuals (and residual LoRA) are measured again on the tuned weights, and the float
-    layer holding them (in `hidden`'s dtype) is returned for the forward to the next layer."""
+    layer holding them (in `hidden`'s dtype) is returned for the forward to the next layer. Without a
+    residual LoRA only the held-out rows are run again: the residuals are measured there."""
     from oftsurgery.merge.calibration.statistics import collect_group_inputs
     from oftsurgery.merge.layer_tuning import tune_decoder_layer
 
@@ -260,8 +261,11 @@ def _tune(runner, merger: Merger, index: int, hidden, num_rows: int, report: Mer
     groups, _ = _input_groups(runner, layer_module, index, tuned, hidden, _local_batches(runner, merger.ranks, hidden,
                                                                                            num_rows), merger.ranks)
     for group in groups:
-        inputs = collect_group_inputs(merger.ranks, layer_module, group, hidden, num_rows,
-                                      runner.layer_kwargs(index, hidden.dtype))
+        kwargs, fitted = runner.layer_kwargs(index, hidden.dtype), merger.options.residual_rank > 0
+        inputs = collect_group_inputs(merger.ranks, layer_module, group, hidden, num_rows, kwargs, fitted=fitted)
+        if not fitted and not all(inputs[n].holdout is not None and inputs[n].holdout.tokens for n in group):
+            # no held-out token reached them (an MoE expert): measured on the fitted rows, as the solve's were
+            inputs = collect_group_inputs(merger.ranks, layer_module, group, hidden, num_rows, kwargs)
         for name in group:
             merger.remeasure(prefix + name, inputs[name])
     return layer_module

@@ -26,8 +26,11 @@ class _GroupSeen(Exception):
 
 
 def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str], hidden: "torch.Tensor",
-                         num_rows: int, kwargs: dict[str, Any]) -> dict[str, "CalibrationInputs"]:
+                         num_rows: int, kwargs: dict[str, Any], *, fitted: bool = True) -> dict[str, "CalibrationInputs"]:
     """One `CalibrationInputs` shared by the linears `names` of `layer_module`, which read one input.
+
+    `fitted=False` runs only the held-out rows (where there are any): the fitted statistics then hold
+    no tokens, for a caller that only measures (`CalibrationInputs.measured`), an eighth of the work.
 
     `hidden` holds this rank's calibration rows (`ranks.local_rows(num_rows)`) entering the layer.
     Linears no calibration token reaches (an MoE expert) get statistics with no tokens. Each forward
@@ -43,6 +46,7 @@ def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str],
     in_features = layer_module.get_submodule(names[0]).in_features
     first_row = ranks.local_rows(num_rows).start
     held_out = holdout_rows(num_rows)
+    fitted = fitted or not held_out
     batch = max(1, BATCH_TOKENS // max(1, hidden.shape[1]))  # fitted rows per forward pass
     device = hidden.device if hidden.shape[0] else torch.device(ranks.device)
     kept_fit: list[torch.Tensor] = []  # this rank's fitted rows of X, while they can still be few enough
@@ -67,11 +71,11 @@ def collect_group_inputs(ranks: "SingleProcess", layer_module, names: list[str],
         fit = torch.zeros(in_features, in_features, device=device)
         fit_tokens = holdout_tokens = 0
         holdout = holdout_by_shard.setdefault(rows.start, [])
-        fitted = [r for r in rows if r not in held_out]
+        fitted_rows = [r for r in rows if r not in held_out]
         # fitted and held-out rows never share a forward pass (an MoE expert's input holds only the
         # tokens routed to it and could not be split by row afterwards), and a batch never spans two
         # shards, so every world size runs the very same batches
-        batches = [("fit", fitted[i : i + batch]) for i in range(0, len(fitted), batch)]
+        batches = [("fit", fitted_rows[i : i + batch]) for i in range(0, len(fitted_rows), batch)] if fitted else []
         batches += [("holdout", [r]) for r in rows if r in held_out]
         with torch.no_grad():
             for part, chunk in batches:
