@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What the optional stages (--residual-rank 16, --tune-steps 20: 99.9% on SmolLM2) cost per 7B decoder layer (issue 20): fitted over 1 and 2 layers, warmed.
+# What the fidelity stages cost per 7B decoder layer (issue 20): the default (20 tuning steps on a GPU) and
+# --residual-rank 16 against --tune-steps 0, fitted over 1 and 2 layers, warmed; METHODS=... chooses.
 source bench/gpu/_setup.sh
 timeout $((LIMIT - SECONDS)) python3 bench/scale.py --preset 7b --layers 2 --depths 1,2 --vocab 4096 --device cuda \
     --methods "${METHODS:-calibrated+t0,calibrated,calibrated+r16}" --modes process --no-peer --keep-outputs \
