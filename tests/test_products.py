@@ -89,15 +89,23 @@ def test_values_from_half_precision_are_exact_in_tf32(split_mode, dtype):
     assert torch.equal(fit, torch.zeros(64, 64).addmm_(wide.T, wide))
 
 
-def test_the_solver_under_split_tf32_matches_its_float32_solve(monkeypatch):
+@pytest.mark.parametrize("tokens", [2048, 384])  # H given; X kept (the stage errors by split products)
+def test_the_solver_under_split_tf32_matches_its_float32_solve(monkeypatch, tokens):
     # a layer GPTQ's pass and the polish work on: its codes under emulated split TF32 are the float32
     # solve's but for near-ties, and its output error the same to float32's accuracy
+    from oftsurgery.merge.solve.hessian import InputHessian
+
     g = torch.Generator().manual_seed(4)
     out_f, in_f = 96, 512
     weight = torch.randn(out_f, in_f, generator=g) * 0.02
     qw = quantize_weight(weight, bits=4, group_size=128, sym=True)
-    x = torch.randn(2048, in_f, generator=g) * torch.exp(torch.randn(in_f, generator=g))
-    hessian = x.T @ x
+    x = torch.randn(tokens, in_f, generator=g) * torch.exp(torch.randn(in_f, generator=g))
+    if tokens > in_f:
+        hessian = x.T @ x
+    else:
+        hessian = InputHessian(in_f, "cpu")
+        hessian.add(x)
+        assert hessian.rows is not None
     target = weight + 0.002 * torch.randn(out_f, in_f, generator=g)
     plain = requantize_calibrated(qw, target, hessian)
     monkeypatch.setenv("OFTSURGERY_SOLVER_PRODUCTS", "split")
@@ -131,3 +139,30 @@ def test_a_merge_with_the_gpus_products_matches_the_plain_one(tiny_gptq_dir, tmp
     for a, b in zip(plain.layers, split.layers):
         assert a.name == b.name
         assert abs(a.residual_after - b.residual_after) <= 0.02 * a.residual_after + 1e-6, a.name
+
+
+@pytest.mark.parametrize("tokens", [384, 4096])  # X kept (fewer rows than inputs), then H
+def test_the_stage_errors_by_split_products_are_float64s_to_far_inside_the_acceptance_margin(split_mode, tokens):
+    """`InputHessian.error_split` (the solver's stage errors on a GPU) against the float64 `error`, with
+    TF32's input rounding emulated: the solver accepts a stage that lowers the error by more than a
+    relative ACCEPT = 1e-6, and the split form of ‖X·E‖² is within a tenth of that (3.5e-8 here)."""
+    from oftsurgery.merge.solve.hessian import InputHessian
+    from oftsurgery.merge.solve.requant import ACCEPT
+
+    g = torch.Generator().manual_seed(6)
+    in_f, out_f = 512, 256
+    scale = torch.exp(2 * torch.randn(in_f, generator=g))  # uneven input channels, as real activations
+    x = (torch.randn(tokens, in_f, generator=g) * scale).half()
+    stats = InputHessian(in_f, "cpu")
+    stats.add(x)
+    assert (stats.rows is not None) == (tokens <= in_f)
+    err = 1e-3 * torch.randn(in_f, out_f, generator=g)  # a requantization's E: small, every sign
+    want = stats.error(err)
+    with PHASES.phase("solve/errors"), EmulatedTF32(("solve/",)) as mode:
+        got = stats.error_split(err)
+    assert got.dtype == torch.float64
+    if tokens > in_f:  # from H: tr(E H Eᵀ) cancels, so it stays float64
+        assert mode.counts["solve/errors"] == 0 and torch.equal(got, want)
+        return
+    assert mode.counts["solve/errors"] == 3  # the three split products, every input rounded
+    assert abs(float(got) / float(want) - 1) < ACCEPT / 10

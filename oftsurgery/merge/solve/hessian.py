@@ -127,6 +127,22 @@ class InputHessian:
             return (rows.to(torch.float64) @ err_t).square().sum()
         return (self.matrix.to(torch.float64) @ err_t).mul_(err_t).sum()
 
+    def error_split(self, err_t: "torch.Tensor") -> "torch.Tensor":
+        """`error` for a float32 E (transposed, [in, out]) on a GPU. While X is kept, ‖X·E‖² with X·E by
+        split TF32 products (float32's accuracy, products.py) and the squares summed in float64: a sum
+        of squares, so its relative error stays a few 1e-8 with TF32's rounding emulated
+        (tests/test_products.py), well inside the solver's 1e-6 acceptance margin, with no float64
+        copies of X or E. From H it stays float64 (`error`): tr(E H Eᵀ) sums terms of both signs, and
+        in float32 products it came within 2.6e-7 of the margin."""
+        import torch
+
+        from oftsurgery.merge.solve import products
+
+        rows = self.rows
+        if rows is None:
+            return self.error(err_t)
+        return products.mm(rows, err_t).square().sum(dtype=torch.float64)
+
     def matrix_as(self, dtype: "torch.dtype") -> "torch.Tensor":
         """H (undamped) in `dtype`, converted once and shared by the linears of this input."""
         if self.matrix.dtype == dtype:

@@ -102,16 +102,24 @@ class _Layer:
         """tr(E H Eᵀ) of a candidate for each part (default: all), float64 0-dim on the device.
 
         s·(q − z) is exact in float32 (an fp16 scale times an integer below 2⁸), so only the
-        difference to the target needs float64. Each part's E is its own contiguous [in, out_k]
-        tensor, as when its linear is solved alone."""
+        difference to the target needs float64. Where the products run in TF32 (a GPU,
+        `products.mode`) E stays float32 (rounded once, 2⁻²⁴ relative) and the product is split TF32
+        (`InputHessian.error_split`). Each part's E is its own contiguous [in, out_k] tensor, as when
+        its linear is solved alone."""
         import torch
 
+        from oftsurgery.merge.solve import products
+
+        split = self.dtype == torch.float32 and products.mode(self.target_t) == "tf32"
         found = []
         for k in range(len(self.parts)) if parts is None else parts:
             sl = self.parts[k]
             zeros = self.zeros[:, sl][self.g_idx].float()
             weight = self.scales_t(scales[:, sl], torch.float32) * (codes_t[:, sl].float() - zeros)
             del zeros
+            if split:
+                found.append(self.hessian.error_split(weight.sub_(self.target_t[:, sl]).contiguous()))
+                continue
             err = weight.double().sub_(self.target_t[:, sl].to(torch.float64))
             found.append(self.hessian.error(err.contiguous()))
         return found
