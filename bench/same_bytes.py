@@ -1,7 +1,8 @@
 """Does a change alter what the merge writes? This tree against a git revision, output by output.
 
 Merges the tiny synthetic checkpoint (`oftsurgery.testing.synthetic`, 2 decoder layers, rotations of
-strength 0.05 so that codes change) four ways on the CPU — calibrated and rtn, GPTQ and AWQ output —
+strength 0.05 so that codes change) five ways on the CPU — calibrated and rtn, GPTQ and AWQ output, and
+calibrated with `--tune-steps 10` —
 once with this tree and once with `--compare REV` (or `--code DIR`, a directory holding an
 `oftsurgery` package), each tree in its own process, and prints the SHA-256 of every output's
 shards, the modes its report chose and whether the report's lines (every figure but the seconds)
@@ -39,7 +40,9 @@ built = synthetic_checkpoint("tiny", num_layers=2, rotation_strength=0.05, cache
 runs = {"calibrated": (built.gptq, built.rotations, dict(method="calibrated", calib_tokens=1024)),
         "rtn": (built.gptq, built.rotations, dict(method="rtn")),
         "calibrated, AWQ output": (built.gptq, built.rotations, dict(method="calibrated", calib_tokens=1024, requant="awq")),
-        "rtn, AWQ output": (built.gptq, built.rotations, dict(method="rtn", requant="awq"))}
+        "rtn, AWQ output": (built.gptq, built.rotations, dict(method="rtn", requant="awq")),
+        "calibrated, tuned 10 steps": (built.gptq, built.rotations, dict(method="calibrated", calib_tokens=1024,
+                                                                         tune_steps=10))}
 runs.update({name: tuple(run) for name, run in json.loads(sys.argv[2]).items()})
 found = {}
 for name, (checkpoint, rotations, options) in runs.items():
