@@ -18,17 +18,12 @@ goes through one of them:
   writing the [in, out] result) the three are one product over the inner dimension stacked three
   times, so the result is read and written once.
 
-One use needs no float32 accuracy: the layer tuning's gradient steps (`merge --tune-steps`, layer_tuning.py)
-use only the signs of their gradients, so they run in plain TF32 (`approximate`); the tuning's reference
-outputs and the held-out errors that decide whether it is kept stay float32.
-
 `OFTSURGERY_SOLVER_PRODUCTS` chooses: `auto` (default: as above on CUDA tensors, plain float32
 elsewhere, so CPU merges are unchanged), `float32` (plain float32 products everywhere: the GPU's
 old numerics), or `split` (the GPU's way on any device; on a CPU the products are float32, so this
 only shows the algebra, and with `oftsurgery.testing.tf32` the GPU's rounding). torch's TF32 switch
-is process-wide: it is on only for the duration of each product here (for the tuning, of its step
-loop, whose backward runs on autograd's GPU thread), on the calling thread's watch; the merge's other
-threads run no float32 products.
+is process-wide: it is on only for the duration of each product here, on the calling thread's
+watch; the merge's other threads run no float32 products.
 """
 
 from __future__ import annotations
@@ -68,17 +63,6 @@ def _tf32():
         yield
     finally:
         matmul.fp32_precision = before
-
-
-@contextmanager
-def approximate(tensor: "torch.Tensor"):
-    """Float32 products whose results need not be float32-accurate, within the block: plain TF32 where
-    `mode(tensor)` is "tf32" and `tensor` is on a GPU; elsewhere unchanged (a CPU has no TF32)."""
-    if tensor.is_cuda and mode(tensor) == "tf32":
-        with _tf32():
-            yield
-    else:
-        yield
 
 
 def split(x: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor]":
