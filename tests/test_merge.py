@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 
 import pytest
@@ -216,6 +218,8 @@ def test_report_says_per_layer_how_it_was_solved_and_when_the_text_ran_short(tin
     assert all(l.stages in (["rtn"], ["kept"]) and l.kernel is None for l in rtn.layers)
     assert "use --method calibrated" in rtn._remedy() and "--calib FILE" in report._remedy()
     assert "--residual-rank" in report._remedy()
+    assert "--tune-steps 20" in report._remedy()  # a CPU merge does not tune by default: the remedy says so
+    assert "--tune-steps" not in replace(report, tune_steps=20)._remedy()
     # where the time went: each phase of the loop and each solver stage, within the merge's own clock
     phases = saved["phase_seconds"]
     for phase in ("runner check", "embeddings", "build layer", "statistics", "solve", "solve/gptq",

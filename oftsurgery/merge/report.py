@@ -193,8 +193,9 @@ class MergeReport:
         lora = "" if self.residual_rank else ", or add --residual-rank 16 to keep the rest in a LoRA"
         if self.method == "rtn":
             return f"was the adapter trained? rounding keeps only moves beyond half a grid step: use --method calibrated{lora}"
+        tune = "" if self.tune_steps else ", tune each decoder layer with --tune-steps 20"
         return ("was the adapter trained? calibrate on text like the fine-tuning data (--calib FILE), "
-                f"with more --calib-tokens{lora}")
+                f"with more --calib-tokens{tune}{lora}")
 
     def summary(self) -> str:
         lines = [
