@@ -13,9 +13,9 @@ METHODS = ("calibrated", "rtn")
 FORWARD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_CALIB_TOKENS = 8192
 DEFAULT_SEQ_LEN = 256
-# --tune-steps when not given: this many for a calibrated merge on a GPU in one process (it pays 2–4
-# points of retention there for a fraction of the merge's time), off on a CPU (where it doubles the
-# merge) and under torchrun (it needs every calibration row in one process); docs/merge-methods.md
+# --tune-steps when not given: this many for a calibrated merge on a GPU in one process (it paid 1.6–4
+# points of retention wherever measured), off on a CPU (where it about doubles the merge) and under
+# torchrun (it needs every calibration row in one process); docs/merge-methods.md
 DEFAULT_GPU_TUNE_STEPS = 20
 
 
