@@ -64,6 +64,7 @@ report = merge_checkpoint(ckpt, adapter, out, MergeOptions(method=method, device
     calib_tokens=int(tokens), overwrite=True, progress=False, requant=requant or None, calib=calib or None,
     residual_rank=int(rank), tune_steps=int(tune) if tune else None, forward_dtype=forward_dtype))
 print(json.dumps({"seconds": time.perf_counter() - t, "codes_changed": report.codes_changed,
+    "tune_steps": report.tune_steps,
     "residual_lora_mb": report.residual_lora_bytes / 1e6,
     "residual_before": report.mean_residual_before, "residual_after": report.mean_residual_after,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -293,6 +294,8 @@ def main() -> None:
                                                       if method == "calibrated" else "")
                 label += (f" --tune-steps {tune}" if tune is not None and method == "calibrated" else "") \
                     + (f" --device {device}" if multi else "")
+                if tune is None and stats.get("tune_steps"):  # the merge's own default tuned (a GPU)
+                    label += f" (tuned {stats['tune_steps']} steps by default)"
                 label += f" (damp {damp:g})" if damp is not None else ""
                 label += f" --forward-dtype {args.forward_dtype}" if args.forward_dtype != "auto" and \
                     method == "calibrated" else ""
