@@ -9,8 +9,8 @@ only: code moves measured worse on held-out rows (docs/merge-methods.md).
 
 Everything runs in float32: the gradient is driven by the layer's output residual (relative to the
 output 8e-4 to 2e-2 on SmolLM2), not far above TF32's rounding (~5e-4), and TF32 steps measured
-0.6–1.1 points of retention worse (docs/merge-methods.md). Phases (merge_report.json `phase_seconds`): tune/reference, tune/held-out,
-tune/steps.
+0.6–1.1 points of retention worse (docs/merge-methods.md). Phases (merge_report.json
+`phase_seconds`): tune/reference, tune/held-out, tune/steps.
 """
 
 from __future__ import annotations
@@ -156,6 +156,7 @@ def tune_decoder_layer(runner, merger, index: int, hidden: "torch.Tensor", steps
     import torch
     from torch.func import functional_call
 
+    from oftsurgery.merge.report import PHASES
     from oftsurgery.merge.solve.hessian import holdout_rows
 
     plan = merger.plan
@@ -167,8 +168,6 @@ def tune_decoder_layer(runner, merger, index: int, hidden: "torch.Tensor", steps
     def adapted(name: str) -> "torch.Tensor":
         weight = merger.source_weight(name).dequantize()
         return plan.layers[name].target_weight(weight) if name in plan.layers and plan.layers[name].targeted else weight
-
-    from oftsurgery.merge.report import PHASES
 
     hidden = hidden.float()  # tuned in float32, whatever the calibration forward's dtype
     with PHASES.phase("tune/reference"):

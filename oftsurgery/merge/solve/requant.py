@@ -103,14 +103,15 @@ class _Layer:
 
         s·(q − z) is exact in float32 (an fp16 scale times an integer below 2⁸), so only the
         difference to the target needs float64. Where the products run in TF32 (a GPU,
-        `products.mode`) E stays float32 (rounded once, 2⁻²⁴ relative) and the product is split TF32
-        (`InputHessian.error_split`). Each part's E is its own contiguous [in, out_k] tensor, as when
+        `products.mode`) and X is kept, E stays float32 (rounded once, 2⁻²⁴ relative) and ‖X·E‖² comes
+        from split TF32 products (`InputHessian.error_split`). Each part's E is its own contiguous [in, out_k] tensor, as when
         its linear is solved alone."""
         import torch
 
         from oftsurgery.merge.solve import products
 
-        split = self.dtype == torch.float32 and products.mode(self.target_t) == "tf32"
+        # from X only: from H the difference stays exact in float64, as everywhere else
+        split = self.dtype == torch.float32 and products.mode(self.target_t) == "tf32" and self.hessian.rows is not None
         found = []
         for k in range(len(self.parts)) if parts is None else parts:
             sl = self.parts[k]
